@@ -1,0 +1,180 @@
+"""The `pipeline` command: compose the Hydra config, then build the requested stage(s).
+
+    pipeline                                    # the quickstart recipe: every stage, offline, CPU
+    pipeline stage=prepare run.name=t           # tokenizer + token shards only
+    pipeline recipe=gpt2_124m data=text data.paths='[corpus/]'
+    accelerate launch --num_processes 8 -m pipeline recipe=gpt2_124m
+
+Every rank of a multi-process launch composes the same config; only the main process writes
+`.hydra/`, manifests and logs, and the run directory is fixed by run.root/run.name (no
+timestamps, no chdir), so all ranks agree on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+STAGE_CHOICES = ("all", "tokenizer", "prepare", "pretrain", "finetune", "generate")
+DEFAULT_RECIPE = "quickstart"
+log = logging.getLogger("pipeline")
+
+
+def _shipped(name: str) -> Path:
+    """conf/ and recipes/ sit inside the package in a wheel, next to it in a source checkout."""
+    inside = PACKAGE_DIR / name
+    return inside if inside.is_dir() else PACKAGE_DIR.parent / name
+
+
+CONF_DIR, RECIPES_DIR = _shipped("conf"), _shipped("recipes")
+
+
+def recipe_location(recipe: str) -> tuple[Path, str]:
+    """(directory, config name) of a recipe given by name (recipes/NAME.yaml) or by path."""
+    if recipe.endswith((".yaml", ".yml")) or os.sep in recipe:
+        path = Path(recipe).expanduser().resolve()
+        if not path.is_file():
+            raise PipelineError(f"recipe file {recipe} does not exist; give a path to a .yaml recipe.")
+        return path.parent, path.stem
+    if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
+        names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise PipelineError(f"no recipe named {recipe!r}; choose one of: {names} (or recipe=path/to/file.yaml).")
+    return RECIPES_DIR, recipe
+
+
+def _register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from pipeline.data.sources import CorpusSpec
+
+    ConfigStore.instance().store(group="data", name="corpus_schema", node=CorpusSpec)
+
+
+def _one_line(error: Exception) -> str:
+    """Hydra's errors span lines and suggest `+key=` appends; keep the first sentence."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return first
+
+
+def compose_config(overrides: list[str]):
+    """Compose conf/ + a recipe + command-line overrides into one struct (typo-checked) config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    recipe = DEFAULT_RECIPE
+    rest = []
+    for arg in overrides:
+        if arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    recipe_dir, recipe_name = recipe_location(recipe)
+    _register_schemas()
+    search = f"hydra.searchpath=[file://{CONF_DIR}]"
+    try:
+        with initialize_config_dir(str(recipe_dir), version_base=None, job_name="pipeline"):
+            cfg = compose(recipe_name, overrides=[search, *rest])
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except (HydraException, OmegaConfBaseException) as e:
+        message = _one_line(e)
+        if "Could not override" in message or "not in struct" in message or "Key '" in message:
+            message += " There is no such config key; `pipeline --cfg` lists the valid ones."
+        raise PipelineError(f"config error: {message}") from None
+    if missing:
+        raise PipelineError(f"config error: {', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line.")
+    if cfg.stage not in STAGE_CHOICES:
+        raise PipelineError(f"stage={cfg.stage} is unknown; use one of {', '.join(STAGE_CHOICES)}.")
+    return cfg, overrides
+
+
+def print_help() -> None:
+    groups = {
+        g.name: ", ".join(sorted(p.stem for p in g.glob("*.yaml")))
+        for g in sorted(CONF_DIR.iterdir()) if g.is_dir() and g.name != "accelerate"
+    }
+    recipes = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    print(__doc__.strip().split("\n\n")[0])
+    print("\nUsage: pipeline [recipe=NAME|path.yaml] [stage=STAGE] [key=value ...] [--cfg] [--help]\n")
+    print(f"  stage     {' | '.join(STAGE_CHOICES)}  (default all; upstream stages are built as needed)")
+    print(f"  recipe    {recipes}  (default {DEFAULT_RECIPE})")
+    for name, choices in groups.items():
+        print(f"  {name:<9} {choices}")
+    print("\n  run.name=NAME run.root=DIR   artifacts in DIR/NAME/<stage>/ (default runs/<recipe>)")
+    print("  force=true | force=[stage]    rebuild even when up to date")
+    print("  --cfg                         print the composed config and exit")
+    print(f"\nConfig groups: {CONF_DIR}\nRecipes: {RECIPES_DIR}")
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="[%(asctime)s pipeline] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def write_run_config(run_dir: Path, cfg, overrides: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, hydra_dir / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
+
+
+def run(argv: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in argv):
+        print_help()
+        return
+    show_cfg = "--cfg" in argv
+    cfg, overrides = compose_config([a for a in argv if a != "--cfg"])
+    if show_cfg:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg), end="")
+        return
+
+    from accelerate import PartialState
+
+    from pipeline.runner import Runner
+    from pipeline.stages import ORDER, STAGES
+
+    state = PartialState()
+    setup_logging(state.is_main_process)
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    if state.is_main_process:
+        write_run_config(run_dir, cfg, overrides)
+    targets = ORDER if cfg.stage == "all" else [cfg.stage]
+    missing = [t for t in targets if t not in STAGES]
+    if missing:
+        raise PipelineError(f"stage {missing[0]} is not available in this version of pipeline.")
+    runner = Runner(cfg, run_dir)
+    for name in targets:
+        runner.ensure(name)
+    log.info("done: %s -> %s", ", ".join(targets), run_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("PIPELINE_DEBUG") == "1"
+    try:
+        run(argv)
+    except PipelineError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to continue (completed stages are kept).", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,185 @@
+"""Where documents come from: the embedded stdlib corpus, text/JSONL/Parquet files, or a hub dataset.
+
+Every source yields plain `str` documents in a deterministic order. The train/val split is a
+hash of the document's text, so it does not depend on file order, seeds or the source type.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+SOURCES = ("stdlib", "text", "jsonl", "parquet", "hf")
+# Folders of the stdlib that are test suites or vendored packages, not the library itself.
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass
+class CorpusSpec:
+    source: str = "stdlib"
+    paths: list[str] = field(default_factory=list)
+    glob: str = "**/*.txt"  # files taken from a directory given in `paths`
+    text_field: str = "text"
+    separator: str | None = None  # split each text file into documents at this string
+    name: str | None = None  # hf: dataset name
+    config: str | None = None  # hf: dataset config
+    split: str = "train"  # hf: dataset split
+    val_fraction: float = 0.05
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise PipelineError(f"data.source={self.source!r} is unknown; use one of {', '.join(SOURCES)}.")
+        if not 0 < self.val_fraction < 1:
+            raise PipelineError(f"data.val_fraction={self.val_fraction} must be between 0 and 1 (e.g. 0.05).")
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """Deterministic document-level split: the same text always lands in the same split."""
+    h = int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+def split_documents(spec: CorpusSpec, split: str) -> Iterator[str]:
+    want_val = split == "val"
+    for doc in iter_documents(spec):
+        if is_val(doc, spec.val_fraction) == want_val:
+            yield doc
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[Path]:
+    root = stdlib_root()
+    return [
+        p for p in sorted(root.rglob("*.py"))
+        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
+    ]
+
+
+def resolve_paths(paths: list[str], pattern: str, what: str) -> list[Path]:
+    """Expand files, globs and directories; every entry must match at least one file."""
+    if not paths:
+        raise PipelineError(f"data.paths is empty; give your {what} files, e.g. data.paths='[corpus/]'.")
+    files: list[Path] = []
+    for entry in paths:
+        p = Path(entry).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.glob(pattern) if f.is_file())
+            if not found:
+                raise PipelineError(f"{p}/ has no files matching {pattern!r}; add {what} files or set data.glob.")
+        elif p.is_file():
+            found = [p]
+        else:
+            found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+            if not found:
+                raise PipelineError(f"data.paths entry {entry!r} matches no file; check the path.")
+        files.extend(found)
+    return files
+
+
+def read_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
+        return data.decode("utf-8", errors="replace")
+
+
+def _text_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:
+    for path in files:
+        text = read_text(path)
+        for doc in text.split(spec.separator) if spec.separator else [text]:
+            if doc.strip():
+                yield doc
+
+
+def _jsonl_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PipelineError(
+                        f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line."
+                    ) from None
+                if not isinstance(row, dict) or spec.text_field not in row:
+                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise PipelineError(
+                        f"{path}:{lineno}: no {spec.text_field!r} field (found {keys}); "
+                        f"set data.text_field to the field holding the text."
+                    )
+                text = row[spec.text_field]
+                if isinstance(text, str) and text.strip():
+                    yield text
+
+
+def _parquet_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise PipelineError(f"{path} is not a readable Parquet file ({e}).") from None
+        if spec.text_field not in pf.schema_arrow.names:
+            raise PipelineError(
+                f"{path} has no column {spec.text_field!r} (columns: {pf.schema_arrow.names}); "
+                f"set data.text_field."
+            )
+        for batch in pf.iter_batches(columns=[spec.text_field]):
+            for text in batch.column(0).to_pylist():
+                if isinstance(text, str) and text.strip():
+                    yield text
+
+
+def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
+    import datasets
+
+    if not spec.name:
+        raise PipelineError("data=hf needs data.name, e.g. data.name=roneneldan/TinyStories.")
+    try:
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
+    except Exception as e:
+        raise PipelineError(f"could not load dataset {spec.name!r} ({type(e).__name__}: {e}).") from None
+    for row in ds:
+        if spec.text_field not in row:
+            raise PipelineError(f"dataset {spec.name!r} has no field {spec.text_field!r}; set data.text_field.")
+        text = row[spec.text_field]
+        if isinstance(text, str) and text.strip():
+            yield text
+
+
+def iter_documents(spec: CorpusSpec) -> Iterator[str]:
+    """All non-empty documents of the corpus, in a fixed order; errors if there are none."""
+    if spec.source == "stdlib":
+        docs = _text_documents(spec, stdlib_files())
+    elif spec.source == "text":
+        docs = _text_documents(spec, resolve_paths(spec.paths, spec.glob, "text"))
+    elif spec.source == "jsonl":
+        docs = _jsonl_documents(spec, resolve_paths(spec.paths, "**/*.jsonl", "JSONL"))
+    elif spec.source == "parquet":
+        docs = _parquet_documents(spec, resolve_paths(spec.paths, "**/*.parquet", "Parquet"))
+    else:
+        docs = _hf_documents(spec)
+    empty = True
+    for doc in docs:
+        empty = False
+        yield doc
+    if empty:
+        where = ", ".join(spec.paths) or spec.name or spec.source
+        raise PipelineError(f"the corpus ({where}) contains no text; point data.paths at non-empty files.")

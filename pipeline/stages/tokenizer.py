@@ -1,0 +1,69 @@
+"""Stage `tokenizer`: train byte-level BPE on the corpus' training split; save an HF tokenizer dir."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pipeline.bpe import take_bytes, to_hf_tokenizer, train_bpe
+from pipeline.data.sources import CorpusSpec, split_documents
+from pipeline.errors import PipelineError
+
+NAME = "tokenizer"
+log = logging.getLogger("pipeline")
+VAL_SAMPLE_BYTES = 20 * 2**20  # enough validation text for a stable bytes/token figure
+
+
+def upstream(cfg) -> list[str]:
+    return []
+
+
+def config_slice(cfg) -> dict:
+    return {"data": dict(cfg.data), "tokenizer": dict(cfg.tokenizer)}
+
+
+def run(cfg, inputs: dict, out: Path) -> dict:
+    spec = CorpusSpec(**cfg.data)
+    t0 = time.time()
+    stats = {"docs": 0, "bytes": 0}
+
+    def counted(docs):
+        with tqdm(desc="tokenizer: reading corpus", unit="B", unit_scale=True, leave=False) as bar:
+            for doc in docs:
+                n = len(doc.encode("utf-8", "surrogatepass"))
+                stats["docs"] += 1
+                stats["bytes"] += n
+                bar.update(n)
+                yield doc
+
+    budget = cfg.tokenizer.max_train_bytes
+    tok = train_bpe(counted(take_bytes(split_documents(spec, "train"), budget)),
+                    cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    if stats["docs"] == 0:
+        raise PipelineError(
+            "the training split is empty (every document fell into validation); "
+            "add more documents or lower data.val_fraction."
+        )
+    hf = to_hf_tokenizer(tok, cfg.tokenizer.model_max_length)
+    hf.save_pretrained(out)
+
+    val_docs = list(take_bytes(split_documents(spec, "val"), VAL_SAMPLE_BYTES))
+    val_bytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in val_docs)
+    val_tokens = sum(len(e.ids) for e in tok.encode_batch(val_docs))
+    secs = time.time() - t0
+    facts = {
+        "vocab_size": tok.get_vocab_size(),
+        "train_docs": stats["docs"],
+        "train_bytes": stats["bytes"],
+        "val_bytes_per_token": round(val_bytes / val_tokens, 4) if val_tokens else None,
+        "seconds": round(secs, 2),
+    }
+    log.info(
+        "tokenizer: %d-token BPE from %.1f MB of %d docs in %.1fs (%.1f MB/s), %s bytes/token on val -> %s",
+        facts["vocab_size"], stats["bytes"] / 1e6, stats["docs"], secs, stats["bytes"] / 1e6 / secs,
+        facts["val_bytes_per_token"], out,
+    )
+    return facts

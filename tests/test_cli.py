@@ -1,0 +1,88 @@
+"""The command-line contract, run as a user would run it (subprocess, real config)."""
+
+import json
+
+import pytest
+
+from tests.conftest import TINY, assert_clear_error, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def text_args(corpus, *extra):
+    return ["stage=prepare", "run.name=t", "data=text", f"data.paths=[{corpus}]", *TINY, *extra]
+
+
+def manifest(run, stage_dir):
+    return json.loads((run / stage_dir / "manifest.json").read_text())
+
+
+def test_prepare_builds_tokenizer_and_data_then_skips_then_forces(tmp_path, text_corpus):
+    run_cli(*text_args(text_corpus), cwd=tmp_path)
+    run = tmp_path / "runs" / "t"
+    tok, data = manifest(run, "tokenizer"), manifest(run, "data")
+    assert tok["status"] == data["status"] == "complete"
+    assert tok["facts"]["vocab_size"] == 320 and tok["facts"]["val_bytes_per_token"] > 1
+    assert data["facts"]["train"]["tokens"] > 10_000 and data["facts"]["val"]["docs"] > 0
+    assert data["inputs"]["tokenizer"]["manifest_hash"]
+    assert (run / ".hydra" / "config.yaml").exists()
+
+    again = run_cli(*text_args(text_corpus), cwd=tmp_path)
+    assert "tokenizer: up to date" in again.stderr and "prepare: up to date" in again.stderr
+    assert manifest(run, "data")["created"] == data["created"]
+
+    forced = run_cli(*text_args(text_corpus, "force=true"), cwd=tmp_path)
+    assert "tokenizer: building (forced)" in forced.stderr and "prepare: building" in forced.stderr
+
+    only = run_cli(*text_args(text_corpus, "force=[prepare]"), cwd=tmp_path)
+    assert "tokenizer: up to date" in only.stderr and "prepare: building (forced)" in only.stderr
+
+    vocab = run_cli(*text_args(text_corpus, "tokenizer.vocab_size=300"), cwd=tmp_path)
+    assert "tokenizer: building (stale)" in vocab.stderr and "prepare: building (stale)" in vocab.stderr
+    assert manifest(run, "data")["facts"]["vocab_size"] == 300
+
+
+def test_jsonl_source_end_to_end(tmp_path, jsonl_corpus):
+    run_cli("stage=prepare", "run.name=j", "data=jsonl", f"data.paths=[{jsonl_corpus}]", *TINY, cwd=tmp_path)
+    assert manifest(tmp_path / "runs" / "j", "data")["facts"]["train"]["docs"] > 80
+
+
+def test_corrupt_tokenizer_is_refused(tmp_path, text_corpus):
+    run_cli(*text_args(text_corpus), cwd=tmp_path)
+    tok_json = tmp_path / "runs" / "t" / "tokenizer" / "tokenizer.json"
+    tok_json.write_text(tok_json.read_text()[:100])
+    proc = run_cli(*text_args(text_corpus), cwd=tmp_path, check=False)
+    assert_clear_error(proc, "tokenizer is corrupt", "tokenizer.json", "force=true")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["data=text", "data.paths=[missing_dir/]"], ["missing_dir", "matches no file"]),
+    (["data=text", "data.paths=[empty/]"], ["empty", "has no files"]),
+    (["data=text", "data.paths=[empty.txt]"], ["contains no text"]),
+    (["data=jsonl", "data.paths=[bad.jsonl]"], ["bad.jsonl:2", "not valid JSON"]),
+    (["data=text"], ["data.paths is empty"]),
+    (["tokenizer.vocab_sise=100"], ["tokenizer.vocab_sise", "no such config key"]),
+    (["data=csv"], ["config error", "data/csv"]),
+    (["recipe=nope"], ["no recipe named 'nope'"]),
+    (["stage=train"], ["stage=train is unknown"]),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, args, needles):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    proc = run_cli("stage=prepare", "run.name=bad", *args, cwd=tmp_path, check=False)
+    assert_clear_error(proc, *needles)
+
+
+def test_help_and_cfg(tmp_path):
+    assert "stage" in run_cli("--help", cwd=tmp_path).stdout
+    cfg = run_cli("--cfg", "tokenizer.vocab_size=999", cwd=tmp_path).stdout
+    assert "vocab_size: 999" in cfg and "name: quickstart" in cfg
+
+
+def test_user_recipe_file(tmp_path, text_corpus):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"defaults:\n  - config\n  - override data: text\n  - _self_\n"
+                      f"run:\n  name: mine\ndata:\n  paths: [{text_corpus}]\ntokenizer:\n  vocab_size: 310\n")
+    out = run_cli(f"recipe={recipe}", "--cfg", cwd=tmp_path).stdout
+    assert "name: mine" in out and "vocab_size: 310" in out and "source: text" in out

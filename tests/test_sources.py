@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from pipeline.data.sources import CorpusSpec, is_val, iter_documents, split_documents, stdlib_files
+from pipeline.errors import PipelineError
+
+
+def test_split_is_deterministic_and_disjoint(text_corpus):
+    spec = CorpusSpec(source="text", paths=[str(text_corpus)], val_fraction=0.2)
+    train, val = list(split_documents(spec, "train")), list(split_documents(spec, "val"))
+    assert len(train) + len(val) == 120 and 10 < len(val) < 40
+    assert not set(train) & set(val)
+    assert val == list(split_documents(spec, "val"))
+    assert all(is_val(d, 0.2) for d in val)
+
+
+def test_text_folder_glob_and_separator(tmp_path):
+    (tmp_path / "a.txt").write_text("one<SEP>two<SEP> <SEP>three")
+    (tmp_path / "skip.md").write_text("not taken")
+    spec = CorpusSpec(source="text", paths=[str(tmp_path)], separator="<SEP>")
+    assert list(iter_documents(spec)) == ["one", "two", "three"]
+
+
+def test_jsonl_reads_text_field(jsonl_corpus):
+    docs = list(iter_documents(CorpusSpec(source="jsonl", paths=[str(jsonl_corpus)])))
+    assert len(docs) == 120 and docs[0].startswith("# doc 0")
+
+
+def test_jsonl_bad_line_reports_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": oops}\n')
+    with pytest.raises(PipelineError, match=r"bad.jsonl:3: not valid JSON"):
+        list(iter_documents(CorpusSpec(source="jsonl", paths=[str(path)])))
+
+
+def test_jsonl_missing_field_names_the_fix(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(PipelineError, match=r"x.jsonl:1: no 'text' field .*data.text_field"):
+        list(iter_documents(CorpusSpec(source="jsonl", paths=[str(path)])))
+
+
+def test_parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["alpha doc", "", "beta doc"]}), tmp_path / "d.parquet")
+    spec = CorpusSpec(source="parquet", paths=[str(tmp_path)], text_field="content")
+    assert list(iter_documents(spec)) == ["alpha doc", "beta doc"]
+    with pytest.raises(PipelineError, match="no column 'text'"):
+        list(iter_documents(CorpusSpec(source="parquet", paths=[str(tmp_path)])))
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: str(p / "nope.txt"), "matches no file"),
+    (lambda p: (p / "empty_dir").mkdir() or str(p / "empty_dir"), "has no files matching"),
+    (lambda p: (p / "e.txt").write_text("") and str(p / "e.txt") or str(p / "e.txt"), "contains no text"),
+])
+def test_bad_paths_give_clear_errors(tmp_path, setup, message):
+    with pytest.raises(PipelineError, match=message):
+        list(iter_documents(CorpusSpec(source="text", paths=[setup(tmp_path)])))
+
+
+def test_non_utf8_file_is_decoded_with_replacement(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    assert list(iter_documents(CorpusSpec(source="text", paths=[str(tmp_path)]))) == ["caf\ufffd"]
+
+
+def test_stdlib_corpus_excludes_tests():
+    files = stdlib_files()
+    assert len(files) > 300
+    assert not any("test" in p.parts[-2:-1] or "site-packages" in p.parts for p in files)
+
+
+def test_unknown_source_is_refused():
+    with pytest.raises(PipelineError, match="data.source='csv' is unknown"):
+        CorpusSpec(source="csv")
