@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, TrainingStopped
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 STAGE_CHOICES = ("all", "tokenizer", "prepare", "pretrain", "finetune", "generate")
@@ -51,8 +51,13 @@ def _register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
     from pipeline.data.sources import CorpusSpec
+    from pipeline.modeling import ModelSpec
+    from pipeline.training import TrainSpec
 
-    ConfigStore.instance().store(group="data", name="corpus_schema", node=CorpusSpec)
+    store = ConfigStore.instance()
+    store.store(group="data", name="corpus_schema", node=CorpusSpec)
+    store.store(group="model", name="model_schema", node=ModelSpec)
+    store.store(group="train", name="train_schema", node=TrainSpec)
 
 
 def _one_line(error: Exception) -> str:
@@ -120,8 +125,10 @@ def setup_logging(is_main: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # accelerate narrates every checkpoint file and warns that tied weights are saved once.
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
 def write_run_config(run_dir: Path, cfg, overrides: list[str]) -> None:
@@ -131,6 +138,21 @@ def write_run_config(run_dir: Path, cfg, overrides: list[str]) -> None:
     hydra_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, hydra_dir / "config.yaml")
     OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
+
+
+def keep_wandb_local(run_dir: Path) -> None:
+    """wandb stays offline unless the user chose a mode or logged in, and writes under the run."""
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    logged_in = "WANDB_API_KEY" in os.environ or "api.wandb.ai" in _read(Path.home() / ".netrc")
+    if "WANDB_MODE" not in os.environ and not logged_in:
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def run(argv: list[str]) -> None:
@@ -148,11 +170,15 @@ def run(argv: list[str]) -> None:
     from accelerate import PartialState
 
     from pipeline.runner import Runner
+    from pipeline.training import has_accelerator
     from pipeline.stages import ORDER, STAGES
 
-    state = PartialState()
+    # cpu=True lets a torchrun/`accelerate launch --multi_gpu` start on a machine without GPUs
+    # join a gloo process group instead of silently running N independent single processes.
+    state = PartialState(cpu=not has_accelerator())
     setup_logging(state.is_main_process)
     run_dir = Path(cfg.run.root) / cfg.run.name
+    keep_wandb_local(run_dir)
     if state.is_main_process:
         write_run_config(run_dir, cfg, overrides)
     targets = ORDER if cfg.stage == "all" else [cfg.stage]
@@ -175,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        resume = " ".join(["pipeline", *[a for a in argv if not a.startswith(("force=", "resume="))]])
+        print(f"{e}. Resume with: {resume}", file=sys.stderr)
+        sys.exit(0)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue (completed stages are kept).", file=sys.stderr)
         sys.exit(130)

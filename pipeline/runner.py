@@ -58,16 +58,18 @@ class Runner:
         else:
             reason = "forced" if status == "complete" else status
             log.info("%s: building (%s)", name, reason)
-            self._build(stage, config, inputs, out)
+            self._build(stage, config, inputs, out, keep_work=status == "incomplete")
         artifact = load_artifact(out, name, f"rerun `pipeline stage={name}`")
         self.done[name] = artifact
         return artifact
 
-    def _build(self, stage, config: dict, inputs: dict[str, Artifact], out: Path) -> None:
+    def _build(self, stage, config: dict, inputs: dict[str, Artifact], out: Path, keep_work: bool) -> None:
         distributed = getattr(stage, "DISTRIBUTED", False)
         if self.state.is_main_process:
             (out / MANIFEST).unlink(missing_ok=True)  # from here on the old artifact is untrusted
-            if not getattr(stage, "KEEPS_WORK", False):
+            # An interrupted run of a resumable stage keeps its checkpoints; a changed config,
+            # changed inputs or force=true start it over.
+            if not (keep_work and getattr(stage, "KEEPS_WORK", False)):
                 shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True, exist_ok=True)
         self.state.wait_for_everyone()

@@ -1,7 +1,7 @@
 """The stages in chain order. Each module has NAME, upstream(cfg), config_slice(cfg) and
 run(cfg, inputs, out) -> facts; `pipeline.runner` decides when to run them."""
 
-from pipeline.stages import prepare, tokenizer
+from pipeline.stages import prepare, pretrain, tokenizer
 
-STAGES = {m.NAME: m for m in (tokenizer, prepare)}
+STAGES = {m.NAME: m for m in (tokenizer, prepare, pretrain)}
 ORDER = list(STAGES)

@@ -44,7 +44,7 @@ def _batches(docs, batch_bytes: int):
 def tokenize_split(tok: Tokenizer, docs, writer: ShardWriter, eos_id: int, desc: str) -> dict:
     """Encode documents in parallel batches (Rust threads) and append them with EOS after each."""
     counts = {"docs": 0, "bytes": 0, "tokens": 0}
-    with tqdm(desc=desc, unit="B", unit_scale=True, leave=False) as bar:
+    with tqdm(desc=desc, unit="B", unit_scale=True, leave=False, disable=None) as bar:
         for batch in _batches(docs, BATCH_BYTES):
             encodings = tok.encode_batch(batch, add_special_tokens=False)
             ids = np.concatenate([np.array(e.ids + [eos_id], dtype=writer.dtype) for e in encodings])

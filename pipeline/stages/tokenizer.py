@@ -31,7 +31,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     stats = {"docs": 0, "bytes": 0}
 
     def counted(docs):
-        with tqdm(desc="tokenizer: reading corpus", unit="B", unit_scale=True, leave=False) as bar:
+        with tqdm(desc="tokenizer: reading corpus", unit="B", unit_scale=True, leave=False, disable=None) as bar:
             for doc in docs:
                 n = len(doc.encode("utf-8", "surrogatepass"))
                 stats["docs"] += 1

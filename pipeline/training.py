@@ -1,0 +1,371 @@
+"""The one training loop, shared by pretrain and finetune, on Accelerate.
+
+The strategy (single device, DDP, FSDP, DeepSpeed) comes from `accelerate launch`, not from
+here. The loop owns: batch derivation from a global batch in tokens, AdamW with warmup+decay,
+gradient accumulation, clipping, logging (tokens/s, MFU, memory), validation loss and bits per
+byte, checkpoints with exact resume, and stopping cleanly on SIGTERM/SIGINT or a NaN loss.
+
+Loss normalisation: every micro-batch adds sum(token losses) * world / (trained tokens in the
+whole global step). Gradient averaging across ranks then gives the mean over all trained tokens
+of the step, so 1 process, N processes and any accumulation split give the same update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from pipeline.checkpoints import clear_temps, latest_checkpoint, step_dir, write_checkpoint_state
+from pipeline.errors import PipelineError, TrainingStopped
+from pipeline.metrics import MetricsFile, bits_per_byte, peak_flops, peak_memory_gb
+
+log = logging.getLogger("pipeline")
+IGNORE = -100
+
+
+@dataclass
+class TrainSpec:
+    max_steps: int = 300
+    batch_tokens: int = 4096  # global batch per optimizer step, in tokens (sequences x seq_len)
+    micro_batch_size: int = 16  # sequences per device per forward pass
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # decay ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    decay: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs that support it, fp32 on CPU) | bf16 | fp16 | no
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 100  # 0 = only at the end
+    eval_tokens: int = 65536  # validation tokens per evaluation
+    ckpt_every: int = 100  # 0 = only at the end and on SIGTERM/SIGINT
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "log_every"):
+            if getattr(self, name) <= 0:
+                raise PipelineError(f"train.{name}={getattr(self, name)} must be a positive number.")
+        if not self.lr > 0:
+            raise PipelineError(f"train.lr={self.lr} must be positive (e.g. 3e-4).")
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise PipelineError(f"train.decay={self.decay!r} is unknown; use cosine, linear or constant.")
+
+
+def batch_layout(spec: TrainSpec, world: int) -> tuple[int, int, int]:
+    """(global sequences, per-device micro-batch, accumulation steps) for a global token batch."""
+    if spec.batch_tokens % spec.seq_len:
+        raise PipelineError(
+            f"train.batch_tokens={spec.batch_tokens} is not a multiple of train.seq_len={spec.seq_len}."
+        )
+    global_seqs = spec.batch_tokens // spec.seq_len
+    if global_seqs % world:
+        raise PipelineError(
+            f"the global batch of {global_seqs} sequences does not split over {world} processes; "
+            f"set train.batch_tokens to a multiple of {world * spec.seq_len}."
+        )
+    per_rank = global_seqs // world
+    micro = min(spec.micro_batch_size, per_rank)
+    if per_rank % micro:
+        raise PipelineError(
+            f"{per_rank} sequences per process is not a multiple of train.micro_batch_size={micro}; "
+            f"pick a micro batch that divides it."
+        )
+    return global_seqs, micro, per_rank // micro
+
+
+def lr_at(step: int, spec: TrainSpec) -> float:
+    """Linear warmup, then cosine/linear decay to lr * min_lr_ratio at max_steps."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    if spec.decay == "constant":
+        return spec.lr
+    progress = (step - spec.warmup_steps) / max(1, spec.max_steps - spec.warmup_steps)
+    progress = min(progress, 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if spec.decay == "cosine" else 1 - progress
+    return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * shape)
+
+
+def make_optimizer(model: torch.nn.Module, spec: TrainSpec, fused: bool) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norms/biases/embeddings do not."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), fused=fused)
+
+
+def has_accelerator() -> bool:
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # CPU: measured on the 2-core AVX-512-bf16 Xeon (scripts/bench/pretrain.py, model=small),
+    # fp32 eager ran at ~4.9k tokens/s and bf16 autocast at ~3.0k, so fp32 is the default there.
+    return "no"
+
+
+def token_losses(model, batch: dict) -> torch.Tensor:
+    """Per-token cross entropy in fp32 (0 where labels are IGNORE)."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs).logits
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE, reduction="none"
+    ).view_as(batch["labels"])
+
+
+class _StopSignal:
+    """Remember SIGTERM/SIGINT; the loop checkpoints and stops at the next step boundary."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    """Run `spec.max_steps` optimizer steps of `model` on batches from `batch_fn`.
+
+    batch_fn(first_sample, size) -> {"input_ids", "labels", ...} gives global samples
+    [first_sample, first_sample + size); eval_batches are fixed validation batches, with an
+    optional `token_bytes` (vocab,) tensor so that bits per byte can be reported.
+    """
+
+    def __init__(
+        self, model, spec: TrainSpec, out_dir: Path, batch_fn: Callable[[int, int], dict],
+        eval_batches: list[dict], fingerprint: str, token_bytes: torch.Tensor | None = None,
+        resume: str = "auto", trackers: tuple[str, ...] = (), tracker_config: dict | None = None,
+        project: str = "pipeline",
+    ):
+        self.spec, self.out_dir, self.batch_fn = spec, out_dir, batch_fn
+        self.eval_data, self.fingerprint, self.resume = eval_batches, fingerprint, resume
+        self.ckpt_root = out_dir / "checkpoints"
+        self.accelerator = Accelerator(
+            cpu=not has_accelerator(),
+            mixed_precision=resolve_mixed_precision(spec.mixed_precision),
+            log_with=list(trackers) or None,
+            project_dir=str(out_dir),
+        )
+        acc = self.accelerator
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.global_seqs, self.micro, self.accum = batch_layout(spec, self.world)
+        fused = acc.device.type == "cuda"
+        self.model, self.optimizer = acc.prepare(model, make_optimizer(model, spec, fused))
+        self.forward_model = torch.compile(self.model) if spec.compile else self.model
+        self.token_bytes = token_bytes.to(acc.device) if token_bytes is not None else None
+        self.peak = peak_flops(acc.device)
+        if trackers:
+            acc.init_trackers(project, config=tracker_config or {})
+        log.info(
+            "batch: %d sequences x %d tokens = %d tokens/step = %d processes x %d micro-batch x %d accumulation; "
+            "precision %s%s on %s",
+            self.global_seqs, spec.seq_len, spec.batch_tokens, self.world, self.micro, self.accum,
+            acc.mixed_precision, ", compiled" if spec.compile else "", acc.device,
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _restore(self) -> tuple[int, int]:
+        """(start step, tokens seen) from the newest valid checkpoint, or (0, 0)."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.ckpt_root.mkdir(parents=True, exist_ok=True)
+            clear_temps(self.ckpt_root)
+            if self.resume == "never":
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
+                self.ckpt_root.mkdir(parents=True)
+        acc.wait_for_everyone()
+        found = latest_checkpoint(self.ckpt_root, self.fingerprint) if self.resume != "never" else None
+        if found is None:
+            return 0, 0
+        path, state = found
+        acc.load_state(str(path))
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return state["step"], state["tokens_seen"]
+
+    def save_checkpoint(self, step: int, tokens_seen: int) -> Path:
+        acc = self.accelerator
+        final = step_dir(self.ckpt_root, step)
+        tmp = final.with_name(".tmp-" + final.name)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": step, "tokens_seen": tokens_seen, "fingerprint": self.fingerprint}
+            write_checkpoint_state(tmp, final, state, self.spec.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss per token and bits per byte (text tokens only) over all ranks."""
+        acc = self.accelerator
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss, tokens, text loss, bytes
+        for batch in self.eval_data[self.rank :: self.world]:
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            with acc.autocast():
+                losses = token_losses(self.forward_model, batch).double()
+            mask = batch["labels"] != IGNORE
+            sums[0] += losses[mask].sum()
+            sums[1] += mask.sum()
+            if self.token_bytes is not None:
+                nbytes = self.token_bytes[batch["labels"].clamp(min=0)] * mask
+                sums[2] += losses[nbytes > 0].sum()
+                sums[3] += nbytes.sum()
+        sums = acc.reduce(sums, reduction="sum") if self.world > 1 else sums
+        self.model.train()
+        out = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+        if self.token_bytes is not None:
+            out["val_bpb"] = bits_per_byte(sums[2].item(), int(sums[3].item()))
+        return out
+
+    # -- training ----------------------------------------------------------------------------
+    def _step_batches(self, step: int) -> tuple[list[dict], int]:
+        """This rank's micro-batches of global step `step`, on device, and their trained-token count."""
+        first = step * self.global_seqs + self.rank * self.micro * self.accum
+        dev = self.accelerator.device
+        pin = dev.type == "cuda"
+        batches, trained = [], 0
+        for m in range(self.accum):
+            b = self.batch_fn(first + m * self.micro, self.micro)
+            trained += int((b["labels"] != IGNORE).sum())
+            batches.append({k: (v.pin_memory() if pin else v).to(dev, non_blocking=pin) for k, v in b.items()})
+        return batches, trained
+
+    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        acc = self.accelerator
+        batches, trained = self._step_batches(step)
+        local = torch.tensor(trained, device=acc.device)
+        total = acc.reduce(local, reduction="sum") if self.world > 1 else local
+        if int(total) == 0:
+            raise PipelineError(f"step {step} has no trained tokens (every label is masked); check the data.")
+        scale = self.world / total.double()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        for m, batch in enumerate(batches):
+            sync = m == self.accum - 1
+            ctx = acc.no_sync(self.model) if not sync else nullcontext()
+            with ctx, acc.autocast():
+                losses = token_losses(self.forward_model, batch)
+                micro_sum = losses.sum()
+                acc.backward(micro_sum * scale.float())
+            loss_sum += micro_sum.detach().double()
+        grad_norm = (
+            acc.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
+            if self.spec.grad_clip > 0 else torch.zeros(())
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.spec)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = acc.reduce(loss_sum, reduction="sum") if self.world > 1 else loss_sum
+        return loss_sum / total, grad_norm, int(total)
+
+    def fit(self, flops_per_token: float | None = None, metrics_name: str = "metrics.jsonl") -> dict:
+        spec, acc = self.spec, self.accelerator
+        start, tokens_seen = self._restore()
+        metrics = MetricsFile(self.out_dir / metrics_name, acc.is_main_process, start if start else None)
+        self.metrics = metrics
+        last_ckpt = step_dir(self.ckpt_root, start) if start else None
+        summary = {"start_step": start}
+        if start == 0:
+            first = self.evaluate()
+            metrics.write({"step": 0, **first})
+            summary["initial"] = first
+            log.info("step 0: val loss %.4f%s", first["val_loss"], _bpb(first))
+        bar = tqdm(total=spec.max_steps, initial=start, desc="train", disable=None if acc.is_main_process else True,
+                   dynamic_ncols=True)
+        t_last, tok_last, train_time = time.time(), tokens_seen, 0.0
+        step = start
+        with _StopSignal() as stop:
+            while step < spec.max_steps:
+                loss, grad_norm, _ = self._train_step(step)
+                step += 1
+                tokens_seen += spec.batch_tokens
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+                    raise PipelineError(
+                        f"the loss became {loss_value} at step {step}; {where}. Lower train.lr, "
+                        f"raise train.warmup_steps or check the data, then rerun (resume=auto continues from it)."
+                    )
+                bar.update(1)
+                if step % spec.log_every == 0 or step == spec.max_steps:
+                    now = time.time()
+                    dt = now - t_last
+                    train_time += dt
+                    tps = (tokens_seen - tok_last) / max(dt, 1e-9)
+                    row = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, spec),
+                           "grad_norm": float(grad_norm), "tokens_per_s": tps, "tokens_seen": tokens_seen,
+                           "peak_mem_gb": peak_memory_gb(acc.device)}
+                    if self.peak and flops_per_token:
+                        row["mfu"] = flops_per_token * tps / (self.peak * self.world)
+                    metrics.write(row)
+                    if acc.trackers:
+                        acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}")
+                    t_last, tok_last = time.time(), tokens_seen
+                if (spec.eval_every and step % spec.eval_every == 0) or step == spec.max_steps:
+                    ev = self.evaluate()
+                    metrics.write({"step": step, **ev})
+                    if acc.trackers:
+                        acc.log(ev, step=step)
+                    log.info("step %d: train loss %.4f, val loss %.4f%s", step, loss_value, ev["val_loss"], _bpb(ev))
+                    summary["final"] = ev
+                    t_last = time.time()  # evaluation time is not training time
+                stopping = self._should_stop(stop)
+                if (spec.ckpt_every and step % spec.ckpt_every == 0) or step == spec.max_steps or stopping:
+                    last_ckpt = self.save_checkpoint(step, tokens_seen)
+                    t_last = time.time()
+                if stopping:
+                    bar.close()
+                    raise TrainingStopped(step, last_ckpt)
+        bar.close()
+        if acc.trackers:
+            acc.end_training()
+        summary.update(steps=step, tokens_seen=tokens_seen, train_seconds=round(train_time, 1),
+                       tokens_per_s=round((tokens_seen - start * spec.batch_tokens) / max(train_time, 1e-9), 1),
+                       last_checkpoint=str(last_ckpt) if last_ckpt else None)
+        return summary
+
+    def _should_stop(self, stop: _StopSignal) -> bool:
+        if self.world == 1:
+            return stop.signum is not None
+        flag = torch.tensor(1 if stop.signum is not None else 0, device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+
+def _bpb(ev: dict) -> str:
+    return f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""

@@ -1,0 +1,55 @@
+"""In-process building blocks for training tests: synthetic shards, a tiny model, a Trainer."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from accelerate.state import AcceleratorState, PartialState
+
+from pipeline.data.shards import TokenShards
+from pipeline.data.windows import PackedWindows
+from pipeline.modeling import ModelSpec, build_model, hf_config
+from pipeline.training import Trainer, TrainSpec
+
+VOCAB = 64
+
+
+def synthetic_shards(n_tokens: int = 20_000, seed: int = 0) -> TokenShards:
+    """Tokens with learnable structure: a noisy repeating ramp."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(n_tokens) % 17 + 3
+    noise = rng.integers(0, VOCAB, n_tokens)
+    tokens = np.where(rng.random(n_tokens) < 0.2, noise, base).astype(np.uint16)
+    return TokenShards([tokens[: n_tokens // 2], tokens[n_tokens // 2 :]], VOCAB, 1)
+
+
+def tiny_model(seed: int = 0):
+    spec = ModelSpec(d_model=32, n_layer=2, n_head=4, d_ff=64, max_seq_len=64)
+    return build_model(hf_config(spec, VOCAB, 0, 1, 2), seed)
+
+
+def reset_accelerate() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+def make_trainer(out, batch_fn=None, seed: int = 0, **spec_overrides) -> Trainer:
+    reset_accelerate()
+    spec = TrainSpec(**{
+        "max_steps": 8, "batch_tokens": 256, "micro_batch_size": 4, "seq_len": 32, "lr": 3e-3,
+        "warmup_steps": 2, "mixed_precision": "no", "log_every": 1, "eval_every": 4,
+        "eval_tokens": 256, "ckpt_every": 4, **spec_overrides,
+    })
+    windows = PackedWindows(synthetic_shards(), spec.seq_len, seed)
+    val = torch.from_numpy(np.stack([synthetic_shards(3000, 1).arrays[0][i * 33 : i * 33 + 33] for i in range(8)]).astype(np.int64))
+    evals = [{"input_ids": val[:, :-1], "labels": val[:, 1:]}]
+    return Trainer(tiny_model(seed), spec, out, batch_fn or windows.batch, evals, fingerprint="test")
+
+
+def losses(trainer: Trainer) -> list[float]:
+    return [r["loss"] for r in trainer.metrics.rows() if "loss" in r]
+
+
+def weights(trainer: Trainer) -> dict:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
