@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from pipeline.errors import PipelineError, TrainingStopped
@@ -52,12 +53,14 @@ def _register_schemas() -> None:
 
     from pipeline.data.sources import CorpusSpec
     from pipeline.modeling import ModelSpec
+    from pipeline.stages.finetune import FinetuneSpec
     from pipeline.training import TrainSpec
 
     store = ConfigStore.instance()
     store.store(group="data", name="corpus_schema", node=CorpusSpec)
     store.store(group="model", name="model_schema", node=ModelSpec)
     store.store(group="train", name="train_schema", node=TrainSpec)
+    store.store(group="finetune", name="finetune_schema", node=FinetuneSpec)
 
 
 def _one_line(error: Exception) -> str:
@@ -119,6 +122,7 @@ def print_help() -> None:
 
 
 def setup_logging(is_main: bool) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not user news
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING,
         format="[%(asctime)s pipeline] %(message)s",
@@ -182,9 +186,6 @@ def run(argv: list[str]) -> None:
     if state.is_main_process:
         write_run_config(run_dir, cfg, overrides)
     targets = ORDER if cfg.stage == "all" else [cfg.stage]
-    missing = [t for t in targets if t not in STAGES]
-    if missing:
-        raise PipelineError(f"stage {missing[0]} is not available in this version of pipeline.")
     runner = Runner(cfg, run_dir)
     for name in targets:
         runner.ensure(name)

@@ -72,16 +72,23 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def token_byte_strings(tokenizer) -> list[bytes]:
-    """The UTF-8 bytes each token id stands for; special tokens stand for no text (b"")."""
+    """The UTF-8 bytes each token id stands for; special tokens stand for no text (b"").
+
+    Exact for byte-level BPE (ours, GPT-2, Llama 3); other tokenizers (SentencePiece) fall back
+    to decoding each token alone, which is close but not exact for pieces of a character.
+    """
     decoder = _byte_decoder()
     special = set(tokenizer.all_special_ids)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    byte_level = all(c in decoder for p in pieces if p for c in p)
     out = []
-    for i in range(len(tokenizer)):
-        piece = tokenizer.convert_ids_to_tokens(i)
-        if i in special or piece is None or any(c not in decoder for c in piece):
+    for i, piece in enumerate(pieces):
+        if i in special or not piece:
             out.append(b"")
-        else:
+        elif byte_level:
             out.append(bytes(decoder[c] for c in piece))
+        else:
+            out.append(tokenizer.decode([i]).encode("utf-8"))
     return out
 
 

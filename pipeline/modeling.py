@@ -78,3 +78,44 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
         n -= model.get_input_embeddings().weight.numel()
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len
+
+
+def load_tokenizer(path_or_name: str, trust_remote_code: bool = False):
+    """A tokenizer from a local HF dir (or a hub name, which needs network)."""
+    from transformers import AutoTokenizer
+
+    _check_source(path_or_name)
+    try:
+        return AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"could not load a tokenizer from {path_or_name} ({_first_line(e)}).") from None
+
+
+def load_causal_lm(path_or_name: str, trust_remote_code: bool = False, dtype=torch.float32):
+    """A causal LM from a local HF dir (or a hub name). Weights load from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(path_or_name)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path_or_name, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        raise PipelineError(
+            f"could not load a causal LM from {path_or_name} ({_first_line(e)}); it must be a Hugging Face "
+            f"model directory with config.json and *.safetensors weights."
+        ) from None
+
+
+def _check_source(path_or_name: str) -> None:
+    from pathlib import Path
+
+    p = Path(path_or_name).expanduser()
+    looks_local = path_or_name.startswith((".", "/", "~")) or p.exists() or path_or_name.count("/") > 1
+    if looks_local and not p.is_dir():
+        raise PipelineError(f"model directory {path_or_name} does not exist; give a local HF model dir or a hub name.")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -129,7 +129,7 @@ def resolve_mixed_precision(choice: str) -> str:
 def token_losses(model, batch: dict) -> torch.Tensor:
     """Per-token cross entropy in fp32 (0 where labels are IGNORE)."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs).logits
+    logits = model(**inputs, use_cache=False).logits  # no cache: packed position ids then split attention
     return F.cross_entropy(
         logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE, reduction="none"
     ).view_as(batch["labels"])
@@ -253,26 +253,28 @@ class Trainer:
         return out
 
     # -- training ----------------------------------------------------------------------------
-    def _step_batches(self, step: int) -> tuple[list[dict], int]:
-        """This rank's micro-batches of global step `step`, on device, and their trained-token count."""
+    def _step_batches(self, step: int) -> tuple[list[dict], list[int]]:
+        """This rank's micro-batches of global step `step`, on device, and [trained, input] token counts."""
         first = step * self.global_seqs + self.rank * self.micro * self.accum
         dev = self.accelerator.device
         pin = dev.type == "cuda"
-        batches, trained = [], 0
+        batches, counts = [], [0, 0]
         for m in range(self.accum):
             b = self.batch_fn(first + m * self.micro, self.micro)
-            trained += int((b["labels"] != IGNORE).sum())
+            counts[0] += int((b["labels"] != IGNORE).sum())
+            counts[1] += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
             batches.append({k: (v.pin_memory() if pin else v).to(dev, non_blocking=pin) for k, v in b.items()})
-        return batches, trained
+        return batches, counts
 
     def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step; returns (mean loss per trained token, grad norm, input tokens of the step)."""
         acc = self.accelerator
-        batches, trained = self._step_batches(step)
-        local = torch.tensor(trained, device=acc.device)
-        total = acc.reduce(local, reduction="sum") if self.world > 1 else local
-        if int(total) == 0:
+        batches, counts = self._step_batches(step)
+        counts = torch.tensor(counts, device=acc.device)
+        total, tokens = (acc.reduce(counts, reduction="sum") if self.world > 1 else counts).tolist()
+        if total == 0:
             raise PipelineError(f"step {step} has no trained tokens (every label is masked); check the data.")
-        scale = self.world / total.double()
+        scale = self.world / total
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         for m, batch in enumerate(batches):
             sync = m == self.accum - 1
@@ -280,7 +282,7 @@ class Trainer:
             with ctx, acc.autocast():
                 losses = token_losses(self.forward_model, batch)
                 micro_sum = losses.sum()
-                acc.backward(micro_sum * scale.float())
+                acc.backward(micro_sum * scale)
             loss_sum += micro_sum.detach().double()
         grad_norm = (
             acc.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
@@ -291,11 +293,12 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = acc.reduce(loss_sum, reduction="sum") if self.world > 1 else loss_sum
-        return loss_sum / total, grad_norm, int(total)
+        return loss_sum / total, grad_norm, tokens
 
     def fit(self, flops_per_token: float | None = None, metrics_name: str = "metrics.jsonl") -> dict:
         spec, acc = self.spec, self.accelerator
         start, tokens_seen = self._restore()
+        start_tokens = tokens_seen
         metrics = MetricsFile(self.out_dir / metrics_name, acc.is_main_process, start if start else None)
         self.metrics = metrics
         last_ckpt = step_dir(self.ckpt_root, start) if start else None
@@ -311,9 +314,9 @@ class Trainer:
         step = start
         with _StopSignal() as stop:
             while step < spec.max_steps:
-                loss, grad_norm, _ = self._train_step(step)
+                loss, grad_norm, step_tokens = self._train_step(step)
                 step += 1
-                tokens_seen += spec.batch_tokens
+                tokens_seen += step_tokens
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
@@ -356,7 +359,7 @@ class Trainer:
         if acc.trackers:
             acc.end_training()
         summary.update(steps=step, tokens_seen=tokens_seen, train_seconds=round(train_time, 1),
-                       tokens_per_s=round((tokens_seen - start * spec.batch_tokens) / max(train_time, 1e-9), 1),
+                       tokens_per_s=round((tokens_seen - start_tokens) / max(train_time, 1e-9), 1),
                        last_checkpoint=str(last_ckpt) if last_ckpt else None)
         return summary
 

@@ -67,23 +67,23 @@ def stdlib_files() -> list[Path]:
     ]
 
 
-def resolve_paths(paths: list[str], pattern: str, what: str) -> list[Path]:
+def resolve_paths(paths: list[str], pattern: str, what: str, key: str = "data.paths") -> list[Path]:
     """Expand files, globs and directories; every entry must match at least one file."""
     if not paths:
-        raise PipelineError(f"data.paths is empty; give your {what} files, e.g. data.paths='[corpus/]'.")
+        raise PipelineError(f"{key} is empty; give your {what} files, e.g. {key}='[corpus/]'.")
     files: list[Path] = []
     for entry in paths:
         p = Path(entry).expanduser()
         if p.is_dir():
             found = sorted(f for f in p.glob(pattern) if f.is_file())
             if not found:
-                raise PipelineError(f"{p}/ has no files matching {pattern!r}; add {what} files or set data.glob.")
+                raise PipelineError(f"{p}/ has no files matching {pattern!r}; add {what} files there.")
         elif p.is_file():
             found = [p]
         else:
             found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
             if not found:
-                raise PipelineError(f"data.paths entry {entry!r} matches no file; check the path.")
+                raise PipelineError(f"{key} entry {entry!r} matches no file; check the path.")
         files.extend(found)
     return files
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline.data.order import EpochShuffle
 from pipeline.data.shards import TokenShards
 from pipeline.errors import PipelineError
 
@@ -27,17 +28,10 @@ class PackedWindows:
                 f"the training split has {shards.num_tokens} tokens, fewer than one window of "
                 f"train.seq_len={seq_len}+1; add text or lower train.seq_len."
             )
-        self._perm_epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._perm_epoch = epoch
-        return self._perm
+        self.order = EpochShuffle(self.num_windows, seed)
 
     def window(self, sample: int) -> np.ndarray:
-        epoch, i = divmod(sample, self.num_windows)
-        k = int(self._permutation(epoch)[i])
+        k = self.order(sample)
         shard = int(np.searchsorted(self.starts, k, side="right") - 1)
         offset = (k - int(self.starts[shard])) * self.seq_len
         return np.asarray(self.shards.arrays[shard][offset : offset + self.seq_len + 1], dtype=np.int64)

@@ -1,0 +1,168 @@
+"""Chat data for fine-tuning: conversations in the OpenAI/HF `messages` format.
+
+Sources: the embedded default (docstring -> function pairs mined from the standard library with
+`ast`), JSONL with `messages` or alpaca fields (`instruction`, optional `input`, `output`), or a
+hub dataset. Every conversation is checked: roles known, contents strings, at least one
+assistant turn. A bad line is an error naming file and line, or, with `skip_bad`, counted.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import textwrap
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from pipeline.data.sources import is_val, read_text, resolve_paths, stdlib_files
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ChatDataSpec:
+    source: str = "stdlib"  # stdlib | jsonl | hf
+    paths: list[str] = field(default_factory=list)
+    format: str = "auto"  # auto | messages | alpaca (per line, for jsonl and hf)
+    messages_field: str = "messages"
+    name: str | None = None  # hf dataset name
+    config: str | None = None
+    split: str = "train"
+    val_fraction: float = 0.05
+    max_val_examples: int = 256  # validation is run before and after training: keep it quick
+    max_examples: int | None = None
+    max_code_chars: int = 800  # stdlib: skip functions longer than this (they would be truncated)
+    skip_bad: bool = False  # true: skip and count malformed lines instead of stopping
+
+    def __post_init__(self):
+        if self.source not in ("stdlib", "jsonl", "hf"):
+            raise PipelineError(f"finetune.data.source={self.source!r} is unknown; use stdlib, jsonl or hf.")
+        if self.format not in ("auto", "messages", "alpaca"):
+            raise PipelineError(f"finetune.data.format={self.format!r} is unknown; use auto, messages or alpaca.")
+
+
+def to_messages(row: dict, spec: ChatDataSpec) -> list[dict]:
+    """A conversation from one record, or ValueError saying what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    fmt = spec.format
+    if fmt == "auto":
+        fmt = "messages" if spec.messages_field in row else "alpaca" if "instruction" in row else None
+        if fmt is None:
+            raise ValueError(f"no {spec.messages_field!r} or 'instruction' field (found {sorted(row)})")
+    if fmt == "alpaca":
+        if not isinstance(row.get("instruction"), str) or not isinstance(row.get("output"), str):
+            raise ValueError("alpaca records need string 'instruction' and 'output' fields")
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    else:
+        messages = row.get(spec.messages_field)
+        if not isinstance(messages, list):
+            raise ValueError(f"{spec.messages_field!r} must be a list of {{role, content}} objects")
+    return check_messages(messages)
+
+
+def check_messages(messages: list) -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be {{'role': one of {ROLES}, 'content': a string}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" and m["content"] for m in out):
+        raise ValueError("the conversation has no assistant turn to learn from")
+    return out
+
+
+def _jsonl_conversations(spec: ChatDataSpec, counts: dict) -> Iterator[list[dict]]:
+    for path in resolve_paths(spec.paths, "**/*.jsonl", "JSONL chat", "finetune.data.paths"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield to_messages(json.loads(line), spec)
+                except ValueError as e:  # JSONDecodeError is a ValueError
+                    reason = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+                    if not spec.skip_bad:
+                        raise PipelineError(
+                            f"{path}:{lineno}: {reason}; fix the line or set finetune.data.skip_bad=true to skip such lines."
+                        ) from None
+                    counts["bad"] += 1
+
+
+def _hf_conversations(spec: ChatDataSpec, counts: dict) -> Iterator[list[dict]]:
+    import datasets
+
+    if not spec.name:
+        raise PipelineError("finetune.data.source=hf needs finetune.data.name.")
+    try:
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
+    except Exception as e:
+        raise PipelineError(f"could not load dataset {spec.name!r} ({type(e).__name__}: {e}).") from None
+    for i, row in enumerate(ds):
+        try:
+            yield to_messages(row, spec)
+        except ValueError as e:
+            if not spec.skip_bad:
+                raise PipelineError(f"dataset {spec.name!r} row {i}: {e}; set finetune.data.skip_bad=true to skip.") from None
+            counts["bad"] += 1
+
+
+def stdlib_conversations(max_code_chars: int) -> Iterator[list[dict]]:
+    """(docstring summary -> function source) pairs from the standard library."""
+    for path in stdlib_files():
+        source = read_text(path)
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        lines = source.splitlines(keepends=True)  # ast.get_source_segment re-splits per call: too slow
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+                continue
+            if node.end_lineno - node.lineno > max_code_chars // 10:
+                continue
+            doc = ast.get_docstring(node)
+            code = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno])).rstrip()
+            if not doc or not code.startswith(("def ", "async def ")) or len(code) > max_code_chars:
+                continue
+            summary = doc.strip().split("\n\n")[0].replace("\n", " ")
+            yield [
+                {"role": "user", "content": f"Write a Python function `{node.name}`: {summary}"},
+                {"role": "assistant", "content": code},
+            ]
+
+
+def load_conversations(spec: ChatDataSpec) -> tuple[list[list[dict]], list[list[dict]], dict]:
+    """(train, val, counts): a deterministic split by a hash of each conversation."""
+    counts = {"bad": 0}
+    if spec.source == "stdlib":
+        convs = stdlib_conversations(spec.max_code_chars)
+    elif spec.source == "jsonl":
+        convs = _jsonl_conversations(spec, counts)
+    else:
+        convs = _hf_conversations(spec, counts)
+    train, val = [], []
+    for conv in convs:
+        key = json.dumps(conv, sort_keys=True)
+        if is_val(key, spec.val_fraction):
+            if len(val) < spec.max_val_examples:
+                val.append(conv)
+        else:
+            train.append(conv)
+        if spec.max_examples and len(train) >= spec.max_examples:
+            break
+    if counts["bad"]:
+        log.warning("finetune data: skipped %d malformed records (finetune.data.skip_bad=true)", counts["bad"])
+    where = ", ".join(spec.paths) or spec.name or spec.source
+    if not train:
+        raise PipelineError(f"no training conversations in {where}; check finetune.data.paths.")
+    if not val:
+        raise PipelineError(
+            f"no validation conversations in {where} ({len(train)} in all); add data or raise finetune.data.val_fraction."
+        )
+    return train, val, counts
+

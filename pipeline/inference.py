@@ -1,0 +1,180 @@
+"""Find, load and sample from a model: shared by the `generate` stage and `scripts/chat.py`.
+
+Resolution of a target path:
+  run dir     -> finetune/merged, else finetune/adapter on its base, else pretrain/model
+  model dir   -> itself (any HF causal-LM directory)
+  adapter dir -> the adapter on the base recorded in its adapter_config.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.artifacts import read_manifest
+from pipeline.bpe import END_OF_TURN
+from pipeline.errors import PipelineError
+from pipeline.modeling import load_causal_lm, load_tokenizer
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class ModelChoice:
+    model_dir: str
+    adapter_dir: str | None
+    kind: str  # merged | adapter | pretrain | model
+    chat: bool  # fine-tuned for chat (else plain completion)
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.adapter_dir or self.model_dir
+
+    def describe(self) -> str:
+        return f"{self.model_dir} + adapter {self.adapter_dir}" if self.adapter_dir else self.model_dir
+
+
+def _complete(stage_dir: Path) -> bool:
+    try:
+        m = read_manifest(stage_dir)
+    except PipelineError:
+        return False
+    return bool(m) and m.get("status") == "complete"
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise PipelineError(f"{adapter_dir}/adapter_config.json names no base model; pass the base model dir explicitly.")
+    return base
+
+
+def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
+    p = Path(target).expanduser()
+    if adapter:
+        return ModelChoice(str(p), adapter, "adapter", chat=True)
+    if (p / "adapter_config.json").is_file():
+        return ModelChoice(_adapter_base(p), str(p), "adapter", chat=True)
+    if (p / "config.json").is_file():
+        return ModelChoice(str(p), None, "model", chat=False)
+    if p.is_dir():
+        ft, pre = p / "finetune", p / "pretrain"
+        if _complete(ft) and (ft / "merged").is_dir():
+            return ModelChoice(str(ft / "merged"), None, "merged", chat=True)
+        if _complete(ft) and (ft / "adapter").is_dir():
+            return ModelChoice(_adapter_base(ft / "adapter"), str(ft / "adapter"), "adapter", chat=True)
+        if _complete(pre) and (pre / "model").is_dir():
+            return ModelChoice(str(pre / "model"), None, "pretrain", chat=False)
+        raise PipelineError(
+            f"{p} has no finished model yet; run `pipeline stage=pretrain run.name={p.name} run.root={p.parent}` "
+            f"(or stage=finetune) first."
+        )
+    raise PipelineError(f"{target} does not exist; give a run dir (runs/NAME), an HF model dir or an adapter dir.")
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if torch.backends.mps.is_available():
+        return torch.device("mps"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+def load_model(choice: ModelChoice, trust_remote_code: bool = False):
+    """(model in eval mode on the best device, tokenizer with left padding)."""
+    device, dtype = pick_device()
+    tokenizer = load_tokenizer(choice.tokenizer_dir, trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_causal_lm(choice.model_dir, trust_remote_code, dtype=dtype)
+    if choice.adapter_dir:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, choice.adapter_dir)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise PipelineError(
+                f"the adapter {choice.adapter_dir} does not fit the model {choice.model_dir} ({str(e).splitlines()[0]}); "
+                f"use the base model it was trained on."
+            ) from None
+    return model.to(device).eval(), tokenizer
+
+
+def stop_ids(tokenizer, model) -> list[int]:
+    """Token ids that end an answer: EOS, our end-of-turn marker, and the model's own."""
+    ids = {tokenizer.eos_token_id}
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        ids.add(end)
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+def format_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> str:
+    """A chat prompt through the template (with the assistant turn opened), or plain text."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    if chat:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise PipelineError("generate: max_new_tokens must be > 0, temperature >= 0 and 0 < top_p <= 1.")
+
+    def generate_kwargs(self) -> dict:
+        kw = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.temperature == 0:
+            kw.update(do_sample=False)
+        else:
+            kw.update(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return kw
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, texts: list[str], sampling: Sampling) -> list[dict]:
+    """Left-padded batched generation with the KV cache; one record per prompt."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    torch.manual_seed(sampling.seed)
+    t0 = time.perf_counter()
+    out = model.generate(
+        **enc, **sampling.generate_kwargs(), eos_token_id=stop_ids(tokenizer, model),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    seconds = time.perf_counter() - t0
+    new = out[:, enc["input_ids"].shape[1] :]
+    stops = set(stop_ids(tokenizer, model))
+    records = []
+    for i, text in enumerate(texts):
+        ids = new[i].tolist()
+        n = next((k for k, t in enumerate(ids) if t in stops), len(ids))
+        records.append({
+            "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
+            "prompt_tokens": int(enc["attention_mask"][i].sum()),
+            "completion_tokens": n,
+        })
+    total = sum(r["completion_tokens"] for r in records)
+    for r in records:
+        r["batch_tokens_per_s"] = round(total / seconds, 1)
+    return records

@@ -1,0 +1,185 @@
+"""Stage `finetune`: LoRA (or full) supervised fine-tuning on chat data, loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.artifacts import canonical_hash, replace_dir, staging_dir
+from pipeline.bpe import CHAT_TEMPLATE
+from pipeline.data.chat import ChatSamples, build_examples, eval_batches, pack, show_trained_span
+from pipeline.data.conversations import ChatDataSpec, load_conversations
+from pipeline.errors import PipelineError
+from pipeline.metrics import token_byte_strings
+from pipeline.modeling import count_params, flops_per_token, load_causal_lm, load_tokenizer
+from pipeline.training import Trainer, TrainSpec
+
+NAME = "finetune"
+DISTRIBUTED = True
+KEEPS_WORK = True
+UNTRACKED = ("checkpoints", "wandb", "tensorboard")
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # every linear of the blocks
+    modules_to_save: list[str] | None = None  # e.g. [lm_head] to train it fully as well
+
+
+@dataclass
+class FinetuneSpec:
+    base: str | None = None  # null: this run's pretrain/model; else a local HF dir (or hub name)
+    method: str = "lora"  # lora | full
+    merge: bool = True  # also write merged/: base + adapter as one plain HF model
+    packing: bool = False
+    trust_remote_code: bool = False
+    data: ChatDataSpec = field(default_factory=ChatDataSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def __post_init__(self):
+        if self.method not in ("lora", "full"):
+            raise PipelineError(f"finetune.method={self.method!r} is unknown; use lora or full.")
+
+
+def upstream(cfg) -> list[str]:
+    return [] if cfg.finetune.base else ["pretrain"]
+
+
+def _base_fingerprint(base: str) -> dict:
+    """An external base dir is an input too: its file names and sizes stand for its content."""
+    p = Path(base).expanduser()
+    files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()} if p.is_dir() else {}
+    return {"path": str(p.resolve()) if p.is_dir() else base, "files": files}
+
+
+def config_slice(cfg) -> dict:
+    out = {"finetune": cfg.finetune, "seed": cfg.seed}
+    if cfg.finetune.base:
+        out["base"] = _base_fingerprint(cfg.finetune.base)
+    return out
+
+
+def _spec(cfg) -> FinetuneSpec:
+    f = cfg.finetune
+    return FinetuneSpec(
+        base=f.base, method=f.method, merge=f.merge, packing=f.packing, trust_remote_code=f.trust_remote_code,
+        data=ChatDataSpec(**f.data), lora=LoraSpec(**f.lora), train=TrainSpec(**f.train),
+    )
+
+
+def prepare_tokenizer(base: str, trust_remote_code: bool):
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    if not tokenizer.chat_template:
+        log.warning("%s has no chat template; using pipeline's (<|user|> ... <|end|>)", base)
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def apply_lora(model, spec: LoraSpec):
+    from peft import LoraConfig, get_peft_model
+
+    targets = spec.target_modules
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
+        target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
+        modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
+    )
+    return get_peft_model(model, config)
+
+
+def save_results(trainer: Trainer, tokenizer, spec: FinetuneSpec, out: Path) -> None:
+    """adapter/ (PEFT) and/or merged/ (plain HF model), each with the tokenizer + chat template."""
+    acc = trainer.accelerator
+    state_dict = acc.get_state_dict(trainer.model)
+    if acc.is_main_process:
+        model = acc.unwrap_model(trainer.model)
+        if spec.method == "lora":
+            with staging_dir(out / "adapter") as tmp:
+                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                replace_dir(tmp, out / "adapter")
+        if spec.merge or spec.method == "full":
+            merged = model.merge_and_unload() if spec.method == "lora" else model
+            with staging_dir(out / "merged") as tmp:
+                merged.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                replace_dir(tmp, out / "merged")
+    acc.wait_for_everyone()
+
+
+def run(cfg, inputs: dict, out: Path) -> dict:
+    spec = _spec(cfg)
+    base = spec.base or str(inputs["pretrain"].path / "model")
+    tokenizer = prepare_tokenizer(base, spec.trust_remote_code)
+    model = load_causal_lm(base, spec.trust_remote_code)
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embed:
+        raise PipelineError(
+            f"the tokenizer in {base} has {len(tokenizer)} tokens but the model only {n_embed} embeddings; "
+            f"use the tokenizer that came with the model."
+        )
+    tspec = spec.train
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and tspec.seq_len > max_pos:
+        raise PipelineError(f"finetune.train.seq_len={tspec.seq_len} exceeds the model's {max_pos} positions; lower it.")
+
+    train_convs, val_convs, counts = load_conversations(spec.data)
+    train_ex, dropped = build_examples(tokenizer, train_convs, tspec.seq_len)
+    val_ex, _ = build_examples(tokenizer, val_convs, tspec.seq_len)
+    pad_id = tokenizer.pad_token_id
+    log.info("finetune: one training example, trained tokens in [[ ]]:\n%s", show_trained_span(tokenizer, train_ex[0]))
+    packed = pack(train_ex, tspec.seq_len, pad_id) if spec.packing else None
+    samples = ChatSamples(train_ex, cfg.seed, pad_id, packed)
+
+    fpt = flops_per_token(model, tspec.seq_len) if hasattr(model.config, "num_hidden_layers") else None
+    if spec.method == "lora":
+        model = apply_lora(model, spec.lora)
+    trainable, total = count_params(model, trainable_only=True), count_params(model)
+    log.info(
+        "finetune: %s on %s, %d/%d params trainable (%.2f%%), %d train / %d val conversations (%d too long, %d bad)%s",
+        spec.method, base, trainable, total, 100 * trainable / total, len(train_ex), len(val_ex), dropped,
+        counts["bad"], f", packed into {len(packed)} rows" if packed else "",
+    )
+    token_bytes = torch.tensor([len(p) for p in token_byte_strings(tokenizer)], dtype=torch.float64)
+    fingerprint = canonical_hash({"config": config_slice(cfg), "inputs": {k: a.hash for k, a in inputs.items()}})
+    trainer = Trainer(
+        model, tspec, out, samples.batch, eval_batches(val_ex, pad_id, tspec.micro_batch_size), fingerprint,
+        token_bytes=token_bytes, resume=cfg.resume, trackers=tuple(cfg.logger.trackers),
+        tracker_config=dict(tspec.__dict__), project=cfg.logger.project,
+    )
+    summary = trainer.fit(flops_per_token=fpt)
+    save_results(trainer, tokenizer, spec, out)
+
+    first, final = summary.get("initial", {}), summary.get("final", {})
+    log.info(
+        "finetune: val loss %.4f -> %.4f, val bpb %.4f -> %.4f, %.0f tokens/s -> %s",
+        first.get("val_loss", float("nan")), final.get("val_loss", float("nan")),
+        first.get("val_bpb", float("nan")), final.get("val_bpb", float("nan")), summary["tokens_per_s"], out,
+    )
+    return {
+        "base": base,
+        "method": spec.method,
+        "trainable_params": trainable,
+        "train_conversations": len(train_ex),
+        "val_conversations": len(val_ex),
+        "dropped_too_long": dropped,
+        "skipped_bad": counts["bad"],
+        "packed_rows": len(packed) if packed else None,
+        "initial_val_loss": first.get("val_loss"),
+        "initial_val_bpb": first.get("val_bpb"),
+        "final_val_loss": final.get("val_loss"),
+        "final_val_bpb": final.get("val_bpb"),
+        "steps": summary["steps"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "outputs": [d for d in ("adapter", "merged") if (out / d).is_dir()],
+    }

@@ -1,0 +1,67 @@
+"""Generation speed: prefill and decode tokens/s at batch 1 and batch 8, as JSON.
+
+    python scripts/bench/generate.py runs/quickstart            # the run's newest model
+    python scripts/bench/generate.py path/to/hf_model --prompt-tokens 512 --new-tokens 128
+
+Prefill = one forward over the prompts; decode = the rest of generate() with the KV cache
+(greedy, EOS ignored so every sequence decodes exactly --new-tokens tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pipeline.inference import load_model, resolve_model  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(model, vocab: int, batch: int, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    ids = torch.randint(10, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
+    mask = torch.ones_like(ids)
+    model(input_ids=ids, attention_mask=mask)  # warm-up
+    prefill, total = [], []
+    for _ in range(repeats):
+        sync(model.device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask)
+        sync(model.device)
+        prefill.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)
+        sync(model.device)
+        total.append(time.perf_counter() - t0)
+    p, t = min(prefill), min(total)
+    return {"batch": batch, "prefill_tokens_per_s": round(batch * prompt_tokens / p, 1),
+            "decode_tokens_per_s": round(batch * new_tokens / max(t - p, 1e-9), 1)}
+
+
+def main() -> None:
+    a = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a.add_argument("target", help="run dir, HF model dir or adapter dir")
+    a.add_argument("--prompt-tokens", type=int, default=128)
+    a.add_argument("--new-tokens", type=int, default=64)
+    a.add_argument("--repeats", type=int, default=3)
+    args = a.parse_args()
+    choice = resolve_model(args.target)
+    model, tokenizer = load_model(choice)
+    results = [measure(model, len(tokenizer), b, args.prompt_tokens, args.new_tokens, args.repeats) for b in (1, 8)]
+    print(json.dumps({"model": choice.describe(), "device": str(model.device), "dtype": str(model.dtype),
+                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

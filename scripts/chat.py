@@ -1,0 +1,143 @@
+"""Streaming multi-turn chat with the newest model of a run (or any HF model / adapter dir).
+
+    python scripts/chat.py runs/quickstart
+    python scripts/chat.py /models/my-llama --adapter runs/exp1/finetune/adapter --system "Be brief."
+    printf 'Write a function that reverses a list\n' | python scripts/chat.py runs/quickstart
+
+In a terminal: tokens stream as they are generated; /reset clears the conversation,
+/system TEXT sets the system prompt, /exit (or Ctrl-D) quits. When stdin is not a terminal,
+every line is one user message and the answers go to stdout, so the script can be scripted.
+A base (not fine-tuned) model gets plain completion mode: each message is continued as text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from threading import Thread
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.inference import Sampling, format_prompt, load_model, resolve_model, stop_ids  # noqa: E402
+
+
+def context_window(model, tokenizer) -> int:
+    n = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return min(n, tokenizer.model_max_length or n)
+
+
+def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], str]:
+    """Drop the oldest turns (never the system prompt or the newest message) until the prompt fits."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while True:
+        prompt = format_prompt(tokenizer, system + turns, chat=True)
+        if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget or len(turns) <= 1:
+            return system + turns, prompt
+        turns = turns[2:] if len(turns) > 2 else turns[1:]
+
+
+def stream_answer(model, tokenizer, prompt: str, sampling: Sampling, out) -> tuple[str, int, float]:
+    """Generate in a thread and print tokens as they arrive; returns (text, tokens, seconds)."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    torch.manual_seed(sampling.seed)
+    kwargs = dict(**enc, **sampling.generate_kwargs(), streamer=streamer,
+                  eos_token_id=stop_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id)
+    result = {}
+
+    def work():
+        result["ids"] = model.generate(**kwargs)
+
+    t0 = time.perf_counter()
+    thread = Thread(target=work, daemon=True)
+    thread.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    thread.join()
+    seconds = time.perf_counter() - t0
+    new_tokens = result["ids"].shape[1] - enc["input_ids"].shape[1]
+    out.write("\n")
+    return "".join(pieces), new_tokens, seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Streaming multi-turn chat in the terminal.",
+                                epilog="Commands: /reset, /system TEXT, /exit (or Ctrl-D).")
+    p.add_argument("target", help="a run dir (runs/NAME), an HF model dir, or an adapter dir")
+    p.add_argument("--adapter", help="a PEFT adapter dir to apply on the model")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--completion", action="store_true", help="plain completion mode even for chat models")
+    p.add_argument("--trust-remote-code", action="store_true")
+    args = p.parse_args()
+
+    try:
+        choice = resolve_model(args.target, args.adapter)
+        model, tokenizer = load_model(choice, args.trust_remote_code)
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                            args.repetition_penalty, args.seed)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    chat = choice.chat and not args.completion and bool(tokenizer.chat_template)
+    interactive = sys.stdin.isatty()
+    budget = max(16, context_window(model, tokenizer) - args.max_new_tokens)
+    print(f"[{choice.describe()} | {'chat' if chat else 'completion'} mode | {model.device}]"
+          + (" /reset /system TEXT /exit" if interactive else ""), file=sys.stderr)
+
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            messages = [m for m in messages if m["role"] == "system"]
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            messages = [{"role": "system", "content": text[len("/system"):].strip()}] + [
+                m for m in messages if m["role"] != "system"]
+            print("[system prompt set]", file=sys.stderr)
+            continue
+        if chat:
+            messages, prompt = fit_history(tokenizer, messages + [{"role": "user", "content": text}], budget)
+        else:
+            prompt = text
+        if interactive:
+            sys.stdout.write("bot> ")
+        try:
+            answer, n, seconds = stream_answer(model, tokenizer, prompt, sampling, sys.stdout)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            continue
+        if chat:
+            messages.append({"role": "assistant", "content": answer})
+        print(f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Chat rendering, the assistant-only loss mask, packing without cross-talk, and chat data sources."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from pipeline.bpe import to_hf_tokenizer, train_bpe
+from pipeline.data.chat import IGNORE, ChatSamples, build_examples, pack, render, show_trained_span
+from pipeline.data.conversations import ChatDataSpec, load_conversations, stdlib_conversations, to_messages
+from pipeline.errors import PipelineError
+from tests.conftest import make_documents
+
+SINGLE = [{"role": "user", "content": "add two numbers"}, {"role": "assistant", "content": "def add(a, b): return a + b"}]
+MULTI = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "first question"},
+    {"role": "assistant", "content": "first answer"},
+    {"role": "user", "content": "second question"},
+    {"role": "assistant", "content": "second answer"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    to_hf_tokenizer(train_bpe(make_documents(60), 400), 512).save_pretrained(d)
+    return AutoTokenizer.from_pretrained(d)
+
+
+def trained_text(tok, ex):
+    return tok.decode([t for t in ex.labels if t != IGNORE])
+
+
+def test_single_turn_trains_exactly_the_answer_and_end_of_turn(tok):
+    ex = render(tok, SINGLE)
+    assert trained_text(tok, ex) == "def add(a, b): return a + b<|end|>"
+
+
+def test_multi_turn_trains_every_assistant_turn_and_nothing_else(tok):
+    ex = render(tok, MULTI)
+    assert trained_text(tok, ex) == "first answer<|end|>second answer<|end|>"
+    spans = show_trained_span(tok, build_examples(tok, [MULTI], 512)[0][0])
+    assert spans.count("[[") == 2 and "[[first answer<|end|>]]" in spans
+
+
+def test_foreign_template_without_generation_markers_gets_the_same_mask(tok):
+    plain = tok.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    tok2 = AutoTokenizer.from_pretrained(tok.name_or_path)
+    tok2.chat_template = plain
+    ex = render(tok2, MULTI)
+    # Without markers the span runs to the end of the turn as the template renders it.
+    assert trained_text(tok2, ex) == "first answer<|end|>\nsecond answer<|end|>\n"
+
+
+def test_shifted_examples_and_truncation_never_leave_an_empty_mask(tok):
+    long_prompt = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]
+    examples, dropped = build_examples(tok, [SINGLE, long_prompt], max_len=64)
+    assert dropped == 1 and len(examples) == 1
+    ex = examples[0]
+    full = render(tok, SINGLE)
+    assert ex.input_ids == full.input_ids[:-1] and ex.labels == full.labels[1:]
+    with pytest.raises(PipelineError, match="seq_len"):
+        build_examples(tok, [long_prompt], max_len=64)
+
+
+def tiny_llama(vocab):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=256, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_packed_examples_do_not_attend_to_each_other(tok):
+    convs = [SINGLE, MULTI, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y z"}]]
+    examples, _ = build_examples(tok, convs, 128)
+    rows = pack(examples, 128, tok.pad_token_id)
+    assert len(rows) == 1
+    row = rows[0]
+    model = tiny_llama(len(tok))
+    with torch.no_grad():
+        packed = model(input_ids=torch.tensor([row["input_ids"]]), position_ids=torch.tensor([row["position_ids"]]),
+                       use_cache=False).logits[0]
+        offset = 0
+        for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
+            n = len(ex.input_ids)
+            alone = model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[offset : offset + n], alone, rtol=1e-4, atol=1e-4)
+            assert row["labels"][offset : offset + n] == ex.labels  # masks survive packing
+            offset += n
+    assert all(t == IGNORE for t in row["labels"][offset:])
+
+
+def test_padded_batches_mask_padding(tok):
+    examples, _ = build_examples(tok, [SINGLE, MULTI], 128)
+    b = ChatSamples(examples, seed=0, pad_id=tok.pad_token_id).batch(0, 2)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+    assert ((b["attention_mask"] == 0) <= (b["labels"] == IGNORE)).all()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "message 0"),
+    ({"instruction": "x"}, "alpaca"),
+    ({"text": "x"}, "no 'messages' or 'instruction'"),
+])
+def test_bad_records_say_what_is_wrong(row, message):
+    with pytest.raises(ValueError, match=message):
+        to_messages(row, ChatDataSpec(source="jsonl"))
+
+
+def test_alpaca_record_becomes_a_conversation():
+    conv = to_messages({"instruction": "Sum", "input": "1 2", "output": "3"}, ChatDataSpec(source="jsonl"))
+    assert conv == [{"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}]
+
+
+def test_jsonl_errors_name_file_and_line_or_skip(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": SINGLE})
+    path.write_text("\n".join([good] * 30 + ["{broken", json.dumps({"messages": [{"role": "user", "content": "q"}]})]) + "\n")
+    with pytest.raises(PipelineError, match=r"chat.jsonl:31: not valid JSON"):
+        load_conversations(ChatDataSpec(source="jsonl", paths=[str(path)], val_fraction=0.5))
+    spec = ChatDataSpec(source="jsonl", paths=[str(path)], val_fraction=0.5, skip_bad=True)
+    varied = "\n".join(json.dumps({"messages": [SINGLE[0], {"role": "assistant", "content": f"a{i}"}]}) for i in range(30))
+    path.write_text(varied + "\n{broken\n")
+    train, val, counts = load_conversations(spec)
+    assert counts["bad"] == 1 and len(train) + len(val) == 30
+
+
+def test_stdlib_pairs_ask_for_the_function_and_answer_with_its_source():
+    pairs = []
+    for conv in stdlib_conversations(800):
+        pairs.append(conv)
+        if len(pairs) == 50:
+            break
+    assert len(pairs) == 50
+    for user, assistant in pairs:
+        name = user["content"].split("`")[1]
+        assert assistant["content"].startswith((f"def {name}(", f"async def {name}("))
