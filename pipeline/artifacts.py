@@ -192,19 +192,12 @@ def replace_dir(src: Path, dst: Path) -> None:
 def staging_dir(final: Path):
     """Yield a fresh temp dir next to `final`; it is removed unless the caller renames it."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def remove_stale_temps(parent: Path) -> None:
-    """Delete temp/old dirs left by a crashed publish (names start with '.' and hold '.tmp-'/'.old-')."""
-    if not parent.exists():
-        return
-    for p in parent.iterdir():
-        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)

@@ -86,6 +86,9 @@ def main() -> None:
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args()
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the chat
     try:
         choice = resolve_model(args.target, args.adapter)
         model, tokenizer = load_model(choice, args.trust_remote_code)

@@ -155,3 +155,26 @@ def test_chat_script_answers_piped_messages(finetuned):
     assert "chat mode" in proc.stderr and proc.stderr.count("tokens/s]") == 2
     assert "[conversation cleared]" in proc.stderr
     assert len([line for line in proc.stdout.splitlines()]) >= 2
+
+
+def test_full_finetune_writes_a_plain_model(tmp_path, chat_jsonl):
+    base = make_base(tmp_path / "base")
+    run_cli("stage=finetune", "run.name=full", f"finetune.base={base}", "finetune.method=full", "finetune.data.source=jsonl",
+            f"finetune.data.paths=[{chat_jsonl}]", "finetune.data.val_fraction=0.2", "finetune.packing=true", *FT,
+            "finetune.train.lr=1e-3", cwd=tmp_path)
+    stage = tmp_path / "runs/full/finetune"
+    facts = json.loads((stage / "manifest.json").read_text())["facts"]
+    assert facts["outputs"] == ["merged"] and facts["packed_rows"] > 0
+    assert facts["trainable_params"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    assert facts["final_val_loss"] < facts["initial_val_loss"]
+
+
+def test_tensorboard_and_offline_wandb_trackers(tmp_path, chat_jsonl):
+    base = make_base(tmp_path / "base")
+    common = ["stage=finetune", f"finetune.base={base}", "finetune.data.source=jsonl",
+              f"finetune.data.paths=[{chat_jsonl}]", "finetune.data.val_fraction=0.2", "finetune.merge=false", *FT]
+    run_cli(*common, "run.name=tb", "logger=tensorboard", cwd=tmp_path)
+    assert list((tmp_path / "runs/tb/finetune").rglob("events.out.tfevents.*"))
+    env = {"WANDB_API_KEY": "", "HOME": str(tmp_path)}
+    run_cli(*common, "run.name=wb", "logger=wandb", cwd=tmp_path, env={k: v for k, v in env.items() if k == "HOME"})
+    assert list((tmp_path / "runs/wb").rglob("offline-run-*")), "wandb should log offline under the run dir"

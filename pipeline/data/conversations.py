@@ -15,7 +15,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from pipeline.data.sources import is_val, read_text, resolve_paths, stdlib_files
+from pipeline.data.sources import is_val, read_text, resolve_paths, stdlib_files, stream_hf_dataset
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -94,15 +94,7 @@ def _jsonl_conversations(spec: ChatDataSpec, counts: dict) -> Iterator[list[dict
 
 
 def _hf_conversations(spec: ChatDataSpec, counts: dict) -> Iterator[list[dict]]:
-    import datasets
-
-    if not spec.name:
-        raise PipelineError("finetune.data.source=hf needs finetune.data.name.")
-    try:
-        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
-    except Exception as e:
-        raise PipelineError(f"could not load dataset {spec.name!r} ({type(e).__name__}: {e}).") from None
-    for i, row in enumerate(ds):
+    for i, row in enumerate(stream_hf_dataset(spec.name, spec.config, spec.split, "finetune.data.name")):
         try:
             yield to_messages(row, spec)
         except ValueError as e:

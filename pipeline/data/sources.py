@@ -147,16 +147,20 @@ def _parquet_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:
                     yield text
 
 
-def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
+def stream_hf_dataset(name: str | None, config: str | None, split: str, key: str):
+    """A streamed hub dataset (needs network); `key` names the setting in errors."""
     import datasets
 
-    if not spec.name:
-        raise PipelineError("data=hf needs data.name, e.g. data.name=roneneldan/TinyStories.")
+    if not name:
+        raise PipelineError(f"{key} is not set; give a hub dataset name, e.g. {key}=roneneldan/TinyStories.")
     try:
-        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
-    except Exception as e:
-        raise PipelineError(f"could not load dataset {spec.name!r} ({type(e).__name__}: {e}).") from None
-    for row in ds:
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:  # network, auth and missing-dataset errors come in many types
+        raise PipelineError(f"could not load dataset {name!r} ({type(e).__name__}: {e}).") from None
+
+
+def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
+    for row in stream_hf_dataset(spec.name, spec.config, spec.split, "data.name"):
         if spec.text_field not in row:
             raise PipelineError(f"dataset {spec.name!r} has no field {spec.text_field!r}; set data.text_field.")
         text = row[spec.text_field]
