@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 from pipeline.errors import PipelineError, TrainingStopped
@@ -145,8 +146,10 @@ def write_run_config(run_dir: Path, cfg, overrides: list[str]) -> None:
 
 
 def keep_wandb_local(run_dir: Path) -> None:
-    """wandb stays offline unless the user chose a mode or logged in, and writes under the run."""
+    """wandb stays offline unless the user chose a mode or logged in, and writes under the run
+    (so does matplotlib's font cache)."""
     os.environ.setdefault("WANDB_DIR", str(run_dir))
+    os.environ.setdefault("MPLCONFIGDIR", str(run_dir / ".cache" / "matplotlib"))
     logged_in = "WANDB_API_KEY" in os.environ or "api.wandb.ai" in _read(Path.home() / ".netrc")
     if "WANDB_MODE" not in os.environ and not logged_in:
         os.environ["WANDB_MODE"] = "offline"
@@ -173,9 +176,10 @@ def run(argv: list[str]) -> None:
 
     from accelerate import PartialState
 
+    from pipeline.lock import RunLock
     from pipeline.runner import Runner
     from pipeline.training import has_accelerator
-    from pipeline.stages import ORDER, STAGES
+    from pipeline.stages import ORDER
 
     # cpu=True lets a torchrun/`accelerate launch --multi_gpu` start on a machine without GPUs
     # join a gloo process group instead of silently running N independent single processes.
@@ -183,12 +187,14 @@ def run(argv: list[str]) -> None:
     setup_logging(state.is_main_process)
     run_dir = Path(cfg.run.root) / cfg.run.name
     keep_wandb_local(run_dir)
-    if state.is_main_process:
-        write_run_config(run_dir, cfg, overrides)
-    targets = ORDER if cfg.stage == "all" else [cfg.stage]
-    runner = Runner(cfg, run_dir)
-    for name in targets:
-        runner.ensure(name)
+    # The main process owns the run dir for the whole command; other ranks of a launch share it.
+    with RunLock(run_dir) if state.is_main_process else nullcontext():
+        if state.is_main_process:
+            write_run_config(run_dir, cfg, overrides)
+        targets = ORDER if cfg.stage == "all" else [cfg.stage]
+        runner = Runner(cfg, run_dir)
+        for name in targets:
+            runner.ensure(name)
     log.info("done: %s -> %s", ", ".join(targets), run_dir)
 
 

@@ -55,9 +55,31 @@ def _adapter_base(adapter_dir: Path) -> str:
     return base
 
 
+def _model_fingerprint(d: Path) -> tuple:
+    return ((d / "config.json").read_text(), sorted((f.name, f.stat().st_size) for f in d.glob("*.safetensors")))
+
+
+def check_adapter_base(model_dir: str, adapter_dir: str) -> None:
+    """Refuse an adapter on a different base than the one it was trained on (as recorded with it)."""
+    recorded, given = Path(_adapter_base(Path(adapter_dir))), Path(model_dir)
+    if not (recorded / "config.json").is_file():
+        log.warning("cannot check %s: its base %s is not here; make sure %s is that model", adapter_dir, recorded, given)
+        return
+    if recorded.resolve() != given.resolve() and _model_fingerprint(recorded) != _model_fingerprint(given):
+        raise PipelineError(
+            f"the adapter {adapter_dir} was trained on {recorded}, not on {given}; "
+            f"use that base model (or fine-tune a new adapter for this one)."
+        )
+
+
 def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
     p = Path(target).expanduser()
     if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise PipelineError(f"{adapter} is not a PEFT adapter dir (no adapter_config.json).")
+        if not (p / "config.json").is_file():
+            raise PipelineError(f"{target} is not a model dir (no config.json); --adapter needs its base model dir.")
+        check_adapter_base(str(p), adapter)
         return ModelChoice(str(p), adapter, "adapter", chat=True)
     if (p / "adapter_config.json").is_file():
         return ModelChoice(_adapter_base(p), str(p), "adapter", chat=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import shutil
 import signal
 import time
@@ -56,6 +57,7 @@ class TrainSpec:
     eval_tokens: int = 65536  # validation tokens per evaluation
     ckpt_every: int = 100  # 0 = only at the end and on SIGTERM/SIGINT
     keep_checkpoints: int = 2
+    skip_nonfinite: int = 0  # skip up to this many steps whose loss or gradients are NaN/inf (0 = stop)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "log_every"):
@@ -210,20 +212,34 @@ class Trainer:
         if found is None:
             return 0, 0
         path, state = found
-        acc.load_state(str(path))
+        try:
+            acc.load_state(str(path))
+        except pickle.UnpicklingError as e:
+            raise PipelineError(
+                f"refused to load {path}: it holds more than plain tensors ({str(e).splitlines()[0][:120]}); "
+                f"only weights_only state is loaded. Delete that checkpoint if you did not write it."
+            ) from None
         log.info("resumed from %s (step %d)", path, state["step"])
         return state["step"], state["tokens_seen"]
 
-    def save_checkpoint(self, step: int, tokens_seen: int) -> Path:
+    def save_checkpoint(self, step: int, tokens_seen: int, previous: Path | None) -> Path:
         acc = self.accelerator
         final = step_dir(self.ckpt_root, step)
         tmp = final.with_name(".tmp-" + final.name)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"step": step, "tokens_seen": tokens_seen, "fingerprint": self.fingerprint}
-            write_checkpoint_state(tmp, final, state, self.spec.keep_checkpoints)
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {"step": step, "tokens_seen": tokens_seen, "fingerprint": self.fingerprint}
+                write_checkpoint_state(tmp, final, state, self.spec.keep_checkpoints)
+        except OSError as e:  # disk full, quota, permissions: keep what is already on disk
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise PipelineError(
+                f"could not write checkpoint {final} ({e.strerror or e}); {kept}. Free disk space or fix "
+                f"permissions under {self.ckpt_root}, then rerun to resume."
+            ) from None
         acc.wait_for_everyone()
         return final
 
@@ -288,12 +304,16 @@ class Trainer:
             acc.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
             if self.spec.grad_clip > 0 else torch.zeros(())
         )
+        loss_sum = acc.reduce(loss_sum, reduction="sum") if self.world > 1 else loss_sum
+        loss = loss_sum / total
+        if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))):
+            self.optimizer.zero_grad(set_to_none=True)  # never apply a NaN/inf update
+            return loss, grad_norm, tokens
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.spec)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = acc.reduce(loss_sum, reduction="sum") if self.world > 1 else loss_sum
-        return loss_sum / total, grad_norm, tokens
+        return loss, grad_norm, tokens
 
     def fit(self, flops_per_token: float | None = None, metrics_name: str = "metrics.jsonl") -> dict:
         spec, acc = self.spec, self.accelerator
@@ -306,8 +326,12 @@ class Trainer:
         if start == 0:
             first = self.evaluate()
             metrics.write({"step": 0, **first})
-            summary["initial"] = first
             log.info("step 0: val loss %.4f%s", first["val_loss"], _bpb(first))
+        else:  # resumed: the step-0 evaluation is already in metrics.jsonl
+            first = next((r for r in metrics.rows() if r.get("step") == 0 and "val_loss" in r), None)
+        if first:
+            summary["initial"] = {k: v for k, v in first.items() if k != "step"}
+        skipped = 0
         bar = tqdm(total=spec.max_steps, initial=start, desc="train", disable=None if acc.is_main_process else True,
                    dynamic_ncols=True)
         t_last, tok_last, train_time = time.time(), tokens_seen, 0.0
@@ -318,12 +342,19 @@ class Trainer:
                 step += 1
                 tokens_seen += step_tokens
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-                    raise PipelineError(
-                        f"the loss became {loss_value} at step {step}; {where}. Lower train.lr, "
-                        f"raise train.warmup_steps or check the data, then rerun (resume=auto continues from it)."
-                    )
+                if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                    what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {float(grad_norm)}"
+                    if skipped < spec.skip_nonfinite:
+                        skipped += 1
+                        log.warning("step %d: %s; update skipped (%d of train.skip_nonfinite=%d)",
+                                    step, what, skipped, spec.skip_nonfinite)
+                    else:
+                        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+                        raise PipelineError(
+                            f"the {what} at step {step} is not finite; {where}. Lower train.lr, raise "
+                            f"train.warmup_steps, check the data or allow skips with train.skip_nonfinite=N, "
+                            f"then rerun (resume=auto continues from the checkpoint)."
+                        )
                 bar.update(1)
                 if step % spec.log_every == 0 or step == spec.max_steps:
                     now = time.time()
@@ -350,12 +381,14 @@ class Trainer:
                     t_last = time.time()  # evaluation time is not training time
                 stopping = self._should_stop(stop)
                 if (spec.ckpt_every and step % spec.ckpt_every == 0) or step == spec.max_steps or stopping:
-                    last_ckpt = self.save_checkpoint(step, tokens_seen)
+                    last_ckpt = self.save_checkpoint(step, tokens_seen, last_ckpt)
                     t_last = time.time()
                 if stopping:
                     bar.close()
                     raise TrainingStopped(step, last_ckpt)
         bar.close()
+        if "final" not in summary:  # resumed at the last step: nothing left to train, still report
+            summary["final"] = self.evaluate()
         if acc.trackers:
             acc.end_training()
         summary.update(steps=step, tokens_seen=tokens_seen, train_seconds=round(train_time, 1),

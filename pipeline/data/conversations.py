@@ -107,6 +107,8 @@ def stdlib_conversations(max_code_chars: int) -> Iterator[list[dict]]:
     """(docstring summary -> function source) pairs from the standard library."""
     for path in stdlib_files():
         source = read_text(path)
+        if source is None:
+            continue
         try:
             tree = ast.parse(source)
         except (SyntaxError, ValueError):

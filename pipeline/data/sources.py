@@ -48,9 +48,9 @@ def is_val(text: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-def split_documents(spec: CorpusSpec, split: str) -> Iterator[str]:
+def split_documents(spec: CorpusSpec, split: str, stats: dict | None = None) -> Iterator[str]:
     want_val = split == "val"
-    for doc in iter_documents(spec):
+    for doc in iter_documents(spec, stats):
         if is_val(doc, spec.val_fraction) == want_val:
             yield doc
 
@@ -88,18 +88,31 @@ def resolve_paths(paths: list[str], pattern: str, what: str, key: str = "data.pa
     return files
 
 
-def read_text(path: Path) -> str:
-    data = path.read_bytes()
+def read_text(path: Path, stats: dict | None = None) -> str | None:
+    """The file as text; None for a binary file (a NUL byte early on), which is skipped and counted.
+    Bytes that are not UTF-8 are replaced with U+FFFD and the file is counted."""
+    stats = stats if stats is not None else {}
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PipelineError(f"{path} cannot be read ({e.strerror or e}); fix its permissions or leave it out.") from None
+    if b"\x00" in data[:8192]:
+        log.warning("%s looks binary (NUL bytes); skipped", path)
+        stats["binary_skipped"] = stats.get("binary_skipped", 0) + 1
+        return None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
+        stats["non_utf8_replaced"] = stats.get("non_utf8_replaced", 0) + 1
         return data.decode("utf-8", errors="replace")
 
 
-def _text_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:
+def _text_documents(spec: CorpusSpec, files: list[Path], stats: dict) -> Iterator[str]:
     for path in files:
-        text = read_text(path)
+        text = read_text(path, stats)
+        if text is None:
+            continue
         for doc in text.split(spec.separator) if spec.separator else [text]:
             if doc.strip():
                 yield doc
@@ -168,12 +181,14 @@ def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
             yield text
 
 
-def iter_documents(spec: CorpusSpec) -> Iterator[str]:
-    """All non-empty documents of the corpus, in a fixed order; errors if there are none."""
+def iter_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[str]:
+    """All non-empty documents of the corpus, in a fixed order; errors if there are none.
+    `stats` (optional) collects counts of skipped binary and repaired non-UTF-8 files."""
+    stats = stats if stats is not None else {}
     if spec.source == "stdlib":
-        docs = _text_documents(spec, stdlib_files())
+        docs = _text_documents(spec, stdlib_files(), stats)
     elif spec.source == "text":
-        docs = _text_documents(spec, resolve_paths(spec.paths, spec.glob, "text"))
+        docs = _text_documents(spec, resolve_paths(spec.paths, spec.glob, "text"), stats)
     elif spec.source == "jsonl":
         docs = _jsonl_documents(spec, resolve_paths(spec.paths, "**/*.jsonl", "JSONL"))
     elif spec.source == "parquet":

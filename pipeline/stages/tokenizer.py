@@ -29,6 +29,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     spec = CorpusSpec(**cfg.data)
     t0 = time.time()
     stats = {"docs": 0, "bytes": 0}
+    files: dict = {}
 
     def counted(docs):
         with tqdm(desc="tokenizer: reading corpus", unit="B", unit_scale=True, leave=False, disable=None) as bar:
@@ -40,7 +41,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
                 yield doc
 
     budget = cfg.tokenizer.max_train_bytes
-    tok = train_bpe(counted(take_bytes(split_documents(spec, "train"), budget)),
+    tok = train_bpe(counted(take_bytes(split_documents(spec, "train", files), budget)),
                     cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
     if stats["docs"] == 0:
         raise PipelineError(
@@ -60,6 +61,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
         "train_bytes": stats["bytes"],
         "val_bytes_per_token": round(val_bytes / val_tokens, 4) if val_tokens else None,
         "seconds": round(secs, 2),
+        **files,  # binary_skipped / non_utf8_replaced, when any
     }
     log.info(
         "tokenizer: %d-token BPE from %.1f MB of %d docs in %.1fs (%.1f MB/s), %s bytes/token on val -> %s",
