@@ -148,8 +148,11 @@ def write_run_config(run_dir: Path, cfg, overrides: list[str]) -> None:
 def keep_wandb_local(run_dir: Path) -> None:
     """wandb stays offline unless the user chose a mode or logged in, and writes under the run
     (so does matplotlib's font cache)."""
+    cache = run_dir / ".cache"
     os.environ.setdefault("WANDB_DIR", str(run_dir))
-    os.environ.setdefault("MPLCONFIGDIR", str(run_dir / ".cache" / "matplotlib"))
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        os.environ.setdefault(var, str(cache / "wandb"))
+    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
     logged_in = "WANDB_API_KEY" in os.environ or "api.wandb.ai" in _read(Path.home() / ".netrc")
     if "WANDB_MODE" not in os.environ and not logged_in:
         os.environ["WANDB_MODE"] = "offline"
