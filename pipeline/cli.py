@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import warnings
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 from pipeline.errors import PipelineError, TrainingStopped
@@ -186,7 +188,7 @@ def run(argv: list[str]) -> None:
 
     # cpu=True lets a torchrun/`accelerate launch --multi_gpu` start on a machine without GPUs
     # join a gloo process group instead of silently running N independent single processes.
-    state = PartialState(cpu=not has_accelerator())
+    state = PartialState(cpu=not has_accelerator(), timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     setup_logging(state.is_main_process)
     run_dir = Path(cfg.run.root) / cfg.run.name
     keep_wandb_local(run_dir)
@@ -201,6 +203,12 @@ def run(argv: list[str]) -> None:
     log.info("done: %s -> %s", ", ".join(targets), run_dir)
 
 
+def torch_distributed_errors() -> tuple[type, ...]:
+    import torch.distributed as dist
+
+    return tuple(t for t in (getattr(dist, "DistError", None),) if t is not None)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("PIPELINE_DEBUG") == "1"
@@ -211,6 +219,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except torch_distributed_errors() as e:
+        if debug:
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"error: rank {rank} on {socket.gethostname()}: a collective operation failed or timed out "
+              f"({str(e).strip().splitlines()[0][:200]}); check the other ranks' logs for the first error, or raise "
+              f"distributed.timeout_minutes.", file=sys.stderr)
+        sys.exit(3)
     except TrainingStopped as e:
         resume = " ".join(["pipeline", *[a for a in argv if not a.startswith(("force=", "resume="))]])
         print(f"{e}. Resume with: {resume}", file=sys.stderr)

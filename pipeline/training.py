@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import pickle
 import shutil
 import signal
+import socket
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+import psutil
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -31,6 +35,8 @@ from tqdm.auto import tqdm
 from pipeline.checkpoints import clear_temps, latest_checkpoint, step_dir, write_checkpoint_state
 from pipeline.errors import PipelineError, TrainingStopped
 from pipeline.metrics import MetricsFile, bits_per_byte, peak_flops, peak_memory_gb
+from pipeline.modeling import count_params
+from pipeline.preflight import activation_bytes, divisors_desc, find_micro_batch, report
 
 log = logging.getLogger("pipeline")
 IGNORE = -100
@@ -40,7 +46,7 @@ IGNORE = -100
 class TrainSpec:
     max_steps: int = 300
     batch_tokens: int = 4096  # global batch per optimizer step, in tokens (sequences x seq_len)
-    micro_batch_size: int = 16  # sequences per device per forward pass
+    micro_batch_size: Any = 16  # sequences per device per forward pass, or "auto" (largest that fits)
     seq_len: int = 256
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # decay ends at lr * min_lr_ratio
@@ -51,7 +57,8 @@ class TrainSpec:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that support it, fp32 on CPU) | bf16 | fp16 | no
-    compile: bool = False
+    compile: bool = False  # torch.compile; falls back to eager (with a log line) if it fails
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation
@@ -60,7 +67,9 @@ class TrainSpec:
     skip_nonfinite: int = 0  # skip up to this many steps whose loss or gradients are NaN/inf (0 = stop)
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_tokens", "micro_batch_size", "seq_len", "log_every"):
+        if self.micro_batch_size != "auto" and not (isinstance(self.micro_batch_size, int) and self.micro_batch_size > 0):
+            raise PipelineError(f"train.micro_batch_size={self.micro_batch_size} must be a positive number or auto.")
+        for name in ("max_steps", "batch_tokens", "seq_len", "log_every"):
             if getattr(self, name) <= 0:
                 raise PipelineError(f"train.{name}={getattr(self, name)} must be a positive number.")
         if not self.lr > 0:
@@ -69,8 +78,9 @@ class TrainSpec:
             raise PipelineError(f"train.decay={self.decay!r} is unknown; use cosine, linear or constant.")
 
 
-def batch_layout(spec: TrainSpec, world: int) -> tuple[int, int, int]:
-    """(global sequences, per-device micro-batch, accumulation steps) for a global token batch."""
+def batch_layout(spec: TrainSpec, world: int, micro_batch: int | None = None) -> tuple[int, int, int]:
+    """(global sequences, per-device micro-batch, accumulation steps) for a global token batch.
+    `micro_batch` overrides spec.micro_batch_size (used for "auto")."""
     if spec.batch_tokens % spec.seq_len:
         raise PipelineError(
             f"train.batch_tokens={spec.batch_tokens} is not a multiple of train.seq_len={spec.seq_len}."
@@ -82,7 +92,7 @@ def batch_layout(spec: TrainSpec, world: int) -> tuple[int, int, int]:
             f"set train.batch_tokens to a multiple of {world * spec.seq_len}."
         )
     per_rank = global_seqs // world
-    micro = min(spec.micro_batch_size, per_rank)
+    micro = min(micro_batch or spec.micro_batch_size, per_rank)
     if per_rank % micro:
         raise PipelineError(
             f"{per_rank} sequences per process is not a multiple of train.micro_batch_size={micro}; "
@@ -137,6 +147,24 @@ def token_losses(model, batch: dict) -> torch.Tensor:
     ).view_as(batch["labels"])
 
 
+class CompiledOrEager:
+    """torch.compile the model; if compiling fails (no C++ compiler, an unsupported op), say so
+    once and run eagerly rather than losing the run."""
+
+    def __init__(self, model):
+        self.model, self.compiled = model, torch.compile(model)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # inductor/dynamo raise many types
+                message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                log.warning("torch.compile failed (%s: %s); continuing without compilation", type(e).__name__, message)
+                self.compiled = None
+        return self.model(*args, **kwargs)
+
+
 class _StopSignal:
     """Remember SIGTERM/SIGINT; the loop checkpoints and stops at the next step boundary."""
 
@@ -161,18 +189,19 @@ class Trainer:
     """Run `spec.max_steps` optimizer steps of `model` on batches from `batch_fn`.
 
     batch_fn(first_sample, size) -> {"input_ids", "labels", ...} gives global samples
-    [first_sample, first_sample + size); eval_batches are fixed validation batches, with an
-    optional `token_bytes` (vocab,) tensor so that bits per byte can be reported.
+    [first_sample, first_sample + size); eval_batches are fixed validation batches (or a function
+    of the micro-batch size that makes them), with an optional `token_bytes` (vocab,) tensor so
+    that bits per byte can be reported.
     """
 
     def __init__(
         self, model, spec: TrainSpec, out_dir: Path, batch_fn: Callable[[int, int], dict],
-        eval_batches: list[dict], fingerprint: str, token_bytes: torch.Tensor | None = None,
+        eval_batches: list[dict] | Callable[[int], list[dict]], fingerprint: str, token_bytes: torch.Tensor | None = None,
         resume: str = "auto", trackers: tuple[str, ...] = (), tracker_config: dict | None = None,
         project: str = "pipeline",
     ):
         self.spec, self.out_dir, self.batch_fn = spec, out_dir, batch_fn
-        self.eval_data, self.fingerprint, self.resume = eval_batches, fingerprint, resume
+        self.fingerprint, self.resume = fingerprint, resume
         self.ckpt_root = out_dir / "checkpoints"
         self.accelerator = Accelerator(
             cpu=not has_accelerator(),
@@ -182,20 +211,72 @@ class Trainer:
         )
         acc = self.accelerator
         self.world, self.rank = acc.num_processes, acc.process_index
-        self.global_seqs, self.micro, self.accum = batch_layout(spec, self.world)
+        if self.world > 1:  # every rank reports in: after a hang, the missing line names the culprit
+            print(f"[pipeline] rank {self.rank}/{self.world} ready on {acc.device} (pid {os.getpid()}, "
+                  f"host {socket.gethostname()})", file=sys.stderr, flush=True)
+        if spec.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        micro = self._auto_micro_batch(model) if spec.micro_batch_size == "auto" else None
+        self.global_seqs, self.micro, self.accum = batch_layout(spec, self.world, micro)
+        self.eval_data = eval_batches(self.micro) if callable(eval_batches) else eval_batches
         fused = acc.device.type == "cuda"
         self.model, self.optimizer = acc.prepare(model, make_optimizer(model, spec, fused))
-        self.forward_model = torch.compile(self.model) if spec.compile else self.model
+        self.forward_model = CompiledOrEager(self.model) if spec.compile else self.model
         self.token_bytes = token_bytes.to(acc.device) if token_bytes is not None else None
         self.peak = peak_flops(acc.device)
         if trackers:
             acc.init_trackers(project, config=tracker_config or {})
         log.info(
             "batch: %d sequences x %d tokens = %d tokens/step = %d processes x %d micro-batch x %d accumulation; "
-            "precision %s%s on %s",
+            "precision %s%s on %s, strategy %s",
             self.global_seqs, spec.seq_len, spec.batch_tokens, self.world, self.micro, self.accum,
             acc.mixed_precision, ", compiled" if spec.compile else "", acc.device,
+            str(acc.distributed_type).split(".")[-1],
         )
+
+    def _auto_micro_batch(self, model) -> int:
+        """Largest micro-batch that fits, agreed by all ranks (the minimum). GPUs probe a real
+        forward+backward with OOM back-off; CPUs cap it at a quarter of free RAM (an OOM there
+        kills the process instead of raising)."""
+        acc, spec = self.accelerator, self.spec
+        global_seqs, _, _ = batch_layout(spec, self.world, micro_batch=1)  # validates the split first
+        per_rank = global_seqs // self.world
+        cfg = model.config
+        half = acc.mixed_precision in ("bf16", "fp16")
+
+        def act(size):
+            return activation_bytes(cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, size * spec.seq_len,
+                                    half, spec.activation_checkpointing)
+
+        cap = None
+        if acc.device.type == "cpu":
+            free = psutil.virtual_memory().available
+            cap = max([d for d in divisors_desc(per_rank) if act(d) <= free / 4] or [1])
+        model.to(acc.device)
+        gen = torch.Generator().manual_seed(0)
+
+        def probe(size):
+            ids = torch.randint(0, cfg.vocab_size, (size, spec.seq_len + 1), generator=gen).to(acc.device)
+            with acc.autocast():
+                loss = token_losses(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}).mean()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        size = torch.tensor(find_micro_batch(per_rank, probe, cap), device=acc.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
+        log.info("micro_batch_size=auto: %d sequences per device fit", int(size))
+        return int(size)
+
+    def preflight(self, flops_per_token: float | None) -> None:
+        cfg = self.accelerator.unwrap_model(self.model).config
+        for line in report(
+            count_params(self.model), count_params(self.model, trainable_only=True), flops_per_token,
+            getattr(cfg, "num_hidden_layers", 1), getattr(cfg, "hidden_size", 1), getattr(cfg, "vocab_size", 1),
+            self.micro * self.spec.seq_len, self.world, self.accelerator.mixed_precision in ("bf16", "fp16"),
+            self.spec.activation_checkpointing, self.spec.max_steps * self.spec.batch_tokens, self.peak,
+        ):
+            log.info(line)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _restore(self) -> tuple[int, int]:
@@ -317,6 +398,7 @@ class Trainer:
 
     def fit(self, flops_per_token: float | None = None, metrics_name: str = "metrics.jsonl") -> dict:
         spec, acc = self.spec, self.accelerator
+        self.preflight(flops_per_token)
         start, tokens_seen = self._restore()
         start_tokens = tokens_seen
         metrics = MetricsFile(self.out_dir / metrics_name, acc.is_main_process, start if start else None)

@@ -1,4 +1,5 @@
-"""A real 2-process CPU launch (gloo): one artifact, one log, same losses as 1 process."""
+"""A real 2-process CPU launch (gloo): one artifact, one log, same losses as 1 process with the
+same global batch, the micro-batch found automatically on each side."""
 
 import json
 import os
@@ -27,7 +28,8 @@ def losses(run):
 
 
 def test_two_process_launch_matches_one_process(tmp_path, text_corpus):
-    args = ["stage=pretrain", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny", "train=tiny"]
+    args = ["stage=pretrain", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny", "train=tiny",
+            "train.micro_batch_size=auto"]
     run_cli(*args, "run.name=one", cwd=tmp_path)
     one, two = tmp_path / "runs/one", tmp_path / "runs/two"
     for stage in ("tokenizer", "data"):  # same upstream artifacts, so only training differs
@@ -42,6 +44,7 @@ def test_two_process_launch_matches_one_process(tmp_path, text_corpus):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("pretrain: val bpb") == 1  # only the main process reports
+    assert proc.stderr.count("ready on cpu") == 2 and "pre-flight: per-device memory" in proc.stderr
     layout = [line for line in proc.stderr.splitlines() if "tokens/step" in line]
     assert len(layout) == 1 and "2 processes x 4 micro-batch x 1 accumulation" in layout[0], layout
 

@@ -153,7 +153,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     token_bytes = torch.tensor([len(p) for p in token_byte_strings(tokenizer)], dtype=torch.float64)
     fingerprint = canonical_hash({"config": config_slice(cfg), "inputs": {k: a.hash for k, a in inputs.items()}})
     trainer = Trainer(
-        model, tspec, out, samples.batch, eval_batches(val_ex, pad_id, tspec.micro_batch_size), fingerprint,
+        model, tspec, out, samples.batch, lambda micro: eval_batches(val_ex, pad_id, micro), fingerprint,
         token_bytes=token_bytes, resume=cfg.resume, trackers=tuple(cfg.logger.trackers),
         tracker_config=dict(tspec.__dict__), project=cfg.logger.project,
     )

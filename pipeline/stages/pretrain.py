@@ -93,7 +93,7 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     log.info("reference: gzip -9 compresses the same validation text to %.4f bits/byte", reference)
     fingerprint = canonical_hash({"config": config_slice(cfg), "inputs": {k: a.hash for k, a in inputs.items()}})
     trainer = Trainer(
-        model, tspec, out, windows.batch, eval_batches_from(val_rows, tspec.micro_batch_size), fingerprint,
+        model, tspec, out, windows.batch, lambda micro: eval_batches_from(val_rows, micro), fingerprint,
         token_bytes=token_bytes, resume=cfg.resume, trackers=tuple(cfg.logger.trackers),
         tracker_config=dict(cfg.train), project=cfg.logger.project,
     )

@@ -12,9 +12,9 @@ from tests.conftest import REPO, TINY, run_cli
 
 
 def test_wandb_is_offline_unless_chosen_or_logged_in(tmp_path, monkeypatch):
+    # keep_wandb_local sets several variables: give it a throwaway environment so none leak
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "MPL"))})
     monkeypatch.setenv("HOME", str(tmp_path))
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
-        monkeypatch.delenv(var, raising=False)
     keep_wandb_local(tmp_path / "run")
     assert os.environ["WANDB_MODE"] == "offline" and os.environ["WANDB_DIR"] == str(tmp_path / "run")
     monkeypatch.setenv("WANDB_MODE", "online")

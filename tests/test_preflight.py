@@ -1,0 +1,113 @@
+"""Pre-flight estimates, micro_batch_size=auto (including the GPU OOM back-off, with a fake OOM),
+compile fallback and activation checkpointing: the GPU-only branches tested through their logic."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.preflight import activation_bytes, divisors_desc, find_micro_batch, memory_table, report
+from pipeline.training import TrainSpec
+from tests.trainer_helpers import losses, make_trainer
+
+
+def test_memory_table_shards_what_each_strategy_shards():
+    p = 1_000_000
+    t = memory_table(p, p, n_layer=10, world=4, act=0)
+    assert t["ddp"] == 16 * p
+    assert t["zero2"] == 4 * p + 12 * p / 4
+    assert t["fsdp/zero3"] == 16 * p / 4 + 4 * p / 10
+    lora = memory_table(p, p // 100, 10, 1, 0)
+    assert lora["ddp"] < 4.2 * p  # frozen base: weights only, tiny grads and moments
+
+
+def test_activation_checkpointing_and_half_precision_shrink_activations():
+    full = activation_bytes(12, 768, 50304, 8 * 1024, half=False, checkpointing=False)
+    half = activation_bytes(12, 768, 50304, 8 * 1024, half=True, checkpointing=False)
+    ckpt = activation_bytes(12, 768, 50304, 8 * 1024, half=True, checkpointing=True)
+    logits = 10 * 50304 * 8 * 1024  # at a 50k vocabulary the logits are the biggest single item
+    assert ckpt < half < full
+    assert (ckpt - logits) < (half - logits) / 5
+
+
+def test_report_gives_time_only_with_a_known_peak():
+    args = dict(params=124_000_000, trainable=124_000_000, flops_per_token=8.5e8, n_layer=12, d_model=768,
+                vocab=50304, micro_tokens=16 * 1024, world=8, half=True, checkpointing=False,
+                budget_tokens=2_600_000_000)
+    gpu = report(**args, peak_flops=989e12)
+    assert len(gpu) == 3 and "h at 40% MFU" in gpu[2]
+    hours = float(gpu[2].split("~")[1].split(" h")[0])
+    assert hours == pytest.approx(2.6e9 * 8.5e8 / (0.4 * 989e12 * 8) / 3600, rel=0.01)
+    assert len(report(**args, peak_flops=None)) == 2
+
+
+def test_find_micro_batch_backs_off_on_oom():
+    tried = []
+
+    def probe(size):
+        tried.append(size)
+        if size > 6:
+            raise torch.OutOfMemoryError("fake CUDA OOM")
+
+    assert find_micro_batch(32, probe) == 4  # 32, 16, 8 fail; 4 is the largest divisor that fits
+    assert tried == [32, 16, 8, 4]
+    assert find_micro_batch(32, lambda s: None, cap=10) == 8
+    with pytest.raises(torch.OutOfMemoryError, match="not even a micro-batch of 1"):
+        find_micro_batch(4, lambda s: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    assert divisors_desc(12) == [12, 6, 4, 3, 2, 1]
+
+
+def test_auto_micro_batch_keeps_the_global_batch_and_the_losses(tmp_path):
+    fixed = make_trainer(tmp_path / "fixed", micro_batch_size=2)
+    fixed.fit()
+    auto = make_trainer(tmp_path / "auto", micro_batch_size="auto")
+    assert auto.micro * auto.accum == 8 and auto.micro == 8  # plenty of RAM for 8 tiny sequences
+    auto.fit()
+    np.testing.assert_allclose(losses(auto), losses(fixed), rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batch_size_must_be_positive_or_auto():
+    with pytest.raises(PipelineError, match="positive number or auto"):
+        TrainSpec(micro_batch_size="big")
+
+
+def test_failed_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+    def broken_compile(model, *a, **k):
+        def run(*args, **kwargs):
+            raise RuntimeError("inductor: no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    t = make_trainer(tmp_path / "c", compile=True)
+    t.fit()
+    assert "torch.compile failed (RuntimeError: inductor: no C++ compiler found)" in caplog.text
+    ref = make_trainer(tmp_path / "ref")
+    ref.fit()
+    np.testing.assert_allclose(losses(t), losses(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    plain = make_trainer(tmp_path / "p")
+    plain.fit()
+    ckpt = make_trainer(tmp_path / "c", activation_checkpointing=True)
+    ckpt.fit()
+    np.testing.assert_allclose(losses(ckpt), losses(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_peak_flops_and_precision_choice(monkeypatch):
+    from pipeline.metrics import peak_flops
+    from pipeline.training import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda", 0)) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-40GB")
+    assert peak_flops(torch.device("cuda", 0)) == 312e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Some Future GPU")
+    assert peak_flops(torch.device("cuda", 0)) is None  # unknown: MFU omitted, not guessed
+    assert peak_flops(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_mixed_precision("auto") == "fp16"  # pre-Ampere GPUs
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_mixed_precision("auto") == "bf16"
+    assert resolve_mixed_precision("no") == "no"
