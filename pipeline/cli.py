@@ -57,7 +57,7 @@ def _register_schemas() -> None:
     from pipeline.data.sources import CorpusSpec
     from pipeline.modeling import ModelSpec
     from pipeline.stages.finetune import FinetuneSpec
-    from pipeline.training import TrainSpec
+    from pipeline.train_setup import TrainSpec
 
     store = ConfigStore.instance()
     store.store(group="data", name="corpus_schema", node=CorpusSpec)
@@ -183,7 +183,7 @@ def run(argv: list[str]) -> None:
 
     from pipeline.lock import RunLock
     from pipeline.runner import Runner
-    from pipeline.training import has_accelerator
+    from pipeline.train_setup import has_accelerator
     from pipeline.stages import ORDER
 
     # cpu=True lets a torchrun/`accelerate launch --multi_gpu` start on a machine without GPUs

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.preflight import activation_bytes, divisors_desc, find_micro_batch, memory_table, report
-from pipeline.training import TrainSpec
+from pipeline.train_setup import TrainSpec
 from tests.trainer_helpers import losses, make_trainer
 
 
@@ -96,7 +96,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 
 def test_gpu_peak_flops_and_precision_choice(monkeypatch):
     from pipeline.metrics import peak_flops
-    from pipeline.training import resolve_mixed_precision
+    from pipeline.train_setup import resolve_mixed_precision
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
     assert peak_flops(torch.device("cuda", 0)) == 989e12

@@ -10,7 +10,7 @@ from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.errors import PipelineError, TrainingStopped
 from pipeline.metrics import token_byte_strings
 from pipeline.modeling import count_params, flops_per_token
-from pipeline.training import TrainSpec, batch_layout, lr_at, make_optimizer
+from pipeline.train_setup import TrainSpec, batch_layout, lr_at, make_optimizer
 from tests.trainer_helpers import losses, make_trainer, synthetic_shards, tiny_model, weights
 
 

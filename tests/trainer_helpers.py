@@ -9,7 +9,8 @@ from accelerate.state import AcceleratorState, PartialState
 from pipeline.data.shards import TokenShards
 from pipeline.data.windows import PackedWindows
 from pipeline.modeling import ModelSpec, build_model, hf_config
-from pipeline.training import Trainer, TrainSpec
+from pipeline.train_setup import TrainSpec
+from pipeline.training import Trainer
 
 VOCAB = 64
 

@@ -15,7 +15,8 @@ from pipeline.data.conversations import ChatDataSpec, load_conversations
 from pipeline.errors import PipelineError
 from pipeline.metrics import token_byte_strings
 from pipeline.modeling import count_params, flops_per_token, load_causal_lm, load_tokenizer
-from pipeline.training import Trainer, TrainSpec
+from pipeline.train_setup import TrainSpec
+from pipeline.training import Trainer
 
 NAME = "finetune"
 DISTRIBUTED = True

@@ -15,7 +15,8 @@ from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.errors import PipelineError
 from pipeline.metrics import gzip_bits_per_byte, plot_curves, token_byte_strings
 from pipeline.modeling import ModelSpec, build_model, count_params, flops_per_token, hf_config
-from pipeline.training import Trainer, TrainSpec
+from pipeline.train_setup import TrainSpec
+from pipeline.training import Trainer
 
 NAME = "pretrain"
 DISTRIBUTED = True  # every rank trains; the runner publishes from the main process

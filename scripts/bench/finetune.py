@@ -27,7 +27,8 @@ from pretrain import model_spec  # noqa: E402
 from pipeline.metrics import peak_memory_gb  # noqa: E402
 from pipeline.modeling import build_model, count_params, hf_config  # noqa: E402
 from pipeline.stages.finetune import LoraSpec, apply_lora  # noqa: E402
-from pipeline.training import Trainer, TrainSpec  # noqa: E402
+from pipeline.train_setup import TrainSpec  # noqa: E402
+from pipeline.training import Trainer  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ from pipeline.data.shards import TokenShards  # noqa: E402
 from pipeline.data.windows import PackedWindows  # noqa: E402
 from pipeline.metrics import peak_flops, peak_memory_gb  # noqa: E402
 from pipeline.modeling import ModelSpec, build_model, count_params, flops_per_token, hf_config  # noqa: E402
-from pipeline.training import Trainer, TrainSpec, lr_at, make_optimizer, resolve_mixed_precision  # noqa: E402
+from pipeline.train_setup import TrainSpec, lr_at, make_optimizer, resolve_mixed_precision  # noqa: E402
+from pipeline.training import Trainer  # noqa: E402
 
 
 def model_spec(name: str) -> ModelSpec:
