@@ -178,15 +178,12 @@ class Sampling:
 def generate_batch(model, tokenizer, texts: list[str], sampling: Sampling) -> list[dict]:
     """Left-padded batched generation with the KV cache; one record per prompt."""
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    stops = stop_ids(tokenizer, model)
     torch.manual_seed(sampling.seed)
     t0 = time.perf_counter()
-    out = model.generate(
-        **enc, **sampling.generate_kwargs(), eos_token_id=stop_ids(tokenizer, model),
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    out = model.generate(**enc, **sampling.generate_kwargs(), eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     seconds = time.perf_counter() - t0
     new = out[:, enc["input_ids"].shape[1] :]
-    stops = set(stop_ids(tokenizer, model))
     records = []
     for i, text in enumerate(texts):
         ids = new[i].tolist()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from pipeline.artifacts import replace_dir, staging_dir
 from pipeline.errors import PipelineError
 
 
@@ -80,6 +82,15 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len
 
 
+def publish_hf_dir(model, tokenizer, final: Path, state_dict: dict | None = None) -> None:
+    """Write model (or PEFT adapter) + tokenizer to a temp dir and rename it to `final`, so the
+    directory any HF tool loads is never half-written."""
+    with staging_dir(final) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, final)
+
+
 def load_tokenizer(path_or_name: str, trust_remote_code: bool = False):
     """A tokenizer from a local HF dir (or a hub name, which needs network)."""
     from transformers import AutoTokenizer
@@ -108,8 +119,6 @@ def load_causal_lm(path_or_name: str, trust_remote_code: bool = False, dtype=tor
 
 
 def _check_source(path_or_name: str) -> None:
-    from pathlib import Path
-
     p = Path(path_or_name).expanduser()
     looks_local = path_or_name.startswith((".", "/", "~")) or p.exists() or path_or_name.count("/") > 1
     if looks_local and not p.is_dir():

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import canonical_hash, replace_dir, staging_dir
+from pipeline.artifacts import canonical_hash
 from pipeline.bpe import CHAT_TEMPLATE
 from pipeline.data.chat import ChatSamples, build_examples, eval_batches, pack, show_trained_span
 from pipeline.data.conversations import ChatDataSpec, load_conversations
 from pipeline.errors import PipelineError
 from pipeline.metrics import token_byte_strings
-from pipeline.modeling import count_params, flops_per_token, load_causal_lm, load_tokenizer
+from pipeline.modeling import count_params, flops_per_token, load_causal_lm, load_tokenizer, publish_hf_dir
 from pipeline.train_setup import TrainSpec
 from pipeline.training import Trainer
 
@@ -105,16 +105,10 @@ def save_results(trainer: Trainer, tokenizer, spec: FinetuneSpec, out: Path) -> 
     if acc.is_main_process:
         model = acc.unwrap_model(trainer.model)
         if spec.method == "lora":
-            with staging_dir(out / "adapter") as tmp:
-                model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                replace_dir(tmp, out / "adapter")
+            publish_hf_dir(model, tokenizer, out / "adapter", state_dict)
         if spec.merge or spec.method == "full":
             merged = model.merge_and_unload() if spec.method == "lora" else model
-            with staging_dir(out / "merged") as tmp:
-                merged.save_pretrained(tmp, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-                replace_dir(tmp, out / "merged")
+            publish_hf_dir(merged, tokenizer, out / "merged")
     acc.wait_for_everyone()
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from pipeline.artifacts import Artifact, canonical_hash, replace_dir, staging_dir
+from pipeline.artifacts import Artifact, canonical_hash
 from pipeline.bpe import END_OF_TURN
 from pipeline.data.shards import open_split
 from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.errors import PipelineError
 from pipeline.metrics import gzip_bits_per_byte, plot_curves, token_byte_strings
-from pipeline.modeling import ModelSpec, build_model, count_params, flops_per_token, hf_config
+from pipeline.modeling import ModelSpec, build_model, count_params, flops_per_token, hf_config, publish_hf_dir
 from pipeline.train_setup import TrainSpec
 from pipeline.training import Trainer
 
@@ -54,11 +54,7 @@ def save_hf_model(trainer: Trainer, tokenizer, out: Path) -> None:
     acc = trainer.accelerator
     state_dict = acc.get_state_dict(trainer.model)
     if acc.is_main_process:
-        model = acc.unwrap_model(trainer.model)
-        with staging_dir(out) as tmp:
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            replace_dir(tmp, out)
+        publish_hf_dir(acc.unwrap_model(trainer.model), tokenizer, out, state_dict)
     acc.wait_for_everyone()
 
 

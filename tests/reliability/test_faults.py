@@ -59,13 +59,13 @@ def test_signal_saves_a_checkpoint_exits_0_and_resumes(tmp_path, text_corpus, si
 
 KILL_IN_PUBLISH = """
 import os, signal, sys
-import pipeline.stages.pretrain as pre
-real = pre.replace_dir
+import pipeline.modeling as modeling
+real = modeling.replace_dir
 def die_while_publishing(tmp, final):
     if final.name == "model":
         os.kill(os.getpid(), signal.SIGKILL)  # model files written to the staging dir, not yet renamed
     real(tmp, final)
-pre.replace_dir = die_while_publishing
+modeling.replace_dir = die_while_publishing
 from pipeline.cli import main
 main(sys.argv[1:])
 """
