@@ -192,8 +192,9 @@ def replace_dir(src: Path, dst: Path) -> None:
 def staging_dir(final: Path):
     """Yield a fresh temp dir next to `final`; it is removed unless the caller renames it."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed earlier attempt
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):  # left by a killed earlier attempt
+        for stale in final.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     try:

@@ -22,6 +22,7 @@ from pipeline.artifacts import (
     build_manifest,
     canonical_hash,
     load_artifact,
+    read_manifest,
     write_json_atomic,
 )
 from pipeline.stages import STAGES
@@ -55,11 +56,12 @@ class Runner:
         status = artifact_state(out, canonical_hash(config), inputs)
         if status == "complete" and not forced(self.cfg, name):
             log.info("%s: up to date (%s)", name, out)
+            artifact = Artifact(name, out, read_manifest(out))  # artifact_state just verified its files
         else:
             reason = "forced" if status == "complete" else status
             log.info("%s: building (%s)", name, reason)
             self._build(stage, config, inputs, out, keep_work=status == "incomplete")
-        artifact = load_artifact(out, name, f"rerun `pipeline stage={name}`")
+            artifact = load_artifact(out, name, f"rerun `pipeline stage={name}`")
         self.done[name] = artifact
         return artifact
 
