@@ -65,7 +65,7 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
         if id(p) in seen or (trainable_only and not p.requires_grad):
             continue
         seen.add(id(p))
-        total += p.numel()
+        total += getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty local tensor
     return total
 
 

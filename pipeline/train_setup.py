@@ -29,7 +29,7 @@ class TrainSpec:
     mixed_precision: str = "auto"  # auto (bf16 on GPUs that support it, fp32 on CPU) | bf16 | fp16 | no
     compile: bool = False  # torch.compile; falls back to eager (with a log line) if it fails
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    log_every: int = 10
+    log_every: int = 10  # also how often values are read back from the GPU (and several processes agree to stop)
     eval_every: int = 100  # 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation
     ckpt_every: int = 100  # 0 = only at the end and on SIGTERM/SIGINT

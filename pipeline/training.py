@@ -29,6 +29,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from pipeline.checkpoints import clear_temps, latest_checkpoint, step_dir, write_checkpoint_state
@@ -130,6 +131,9 @@ class Trainer:
         micro = self._auto_micro_batch(model) if spec.micro_batch_size == "auto" else None
         self.global_seqs, self.micro, self.accum = batch_layout(spec, self.world, micro)
         self.eval_data = eval_batches(self.micro) if callable(eval_batches) else eval_batches
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:
+            self._configure_deepspeed()
         fused = acc.device.type == "cuda"
         self.model, self.optimizer = acc.prepare(model, make_optimizer(model, spec, fused))
         self.forward_model = CompiledOrEager(self.model) if spec.compile else self.model
@@ -144,6 +148,18 @@ class Trainer:
             acc.mixed_precision, ", compiled" if spec.compile else "", acc.device,
             str(acc.distributed_type).split(".")[-1],
         )
+
+    def _configure_deepspeed(self) -> None:
+        """DeepSpeed owns the micro-batch, accumulation and clipping; give it this run's values."""
+        if self.spec.skip_nonfinite:
+            raise PipelineError(
+                "train.skip_nonfinite needs the loss before the optimizer steps, but DeepSpeed steps inside "
+                "backward(); set train.skip_nonfinite=0 or launch with a DDP/FSDP config."
+            )
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        config.update(train_micro_batch_size_per_gpu=self.micro, gradient_accumulation_steps=self.accum,
+                      gradient_clipping=self.spec.grad_clip)
+        self.accelerator.gradient_accumulation_steps = self.accum
 
     def _auto_micro_batch(self, model) -> int:
         """Largest micro-batch that fits, agreed by all ranks (the minimum). GPUs probe a real
@@ -188,6 +204,18 @@ class Trainer:
             self.spec.activation_checkpointing, self.spec.max_steps * self.spec.batch_tokens, self.peak,
         ):
             log.info(line)
+
+    def consolidated_state_dict(self) -> dict:
+        """The full model state dict on the main process (FSDP and ZeRO-3 shards gathered); every
+        rank must call it. Afterwards transformers no longer treats new models as ZeRO-3 partitioned:
+        from_pretrained would partition a model loaded on one rank, and generate would wait for the
+        other ranks."""
+        state_dict = self.accelerator.get_state_dict(self.model)
+        if self.deepspeed:
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+        return state_dict
 
     # -- checkpoints -------------------------------------------------------------------------
     def _restore(self) -> tuple[int, int]:
@@ -242,10 +270,14 @@ class Trainer:
         acc = self.accelerator
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss, tokens, text loss, bytes
-        for batch in self.eval_data[self.rank :: self.world]:
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+        n = len(self.eval_data)
+        for index in range(self.rank, -(-n // self.world) * self.world, self.world):
+            # Every rank runs the same number of forwards: a sharded model's forward is collective.
+            batch = {k: v.to(acc.device) for k, v in self.eval_data[min(index, n - 1)].items()}
             with acc.autocast():
                 losses = token_losses(self.forward_model, batch).double()
+            if index >= n:
+                continue  # a padding pass, only to keep the ranks in step
             mask = batch["labels"] != IGNORE
             sums[0] += losses[mask].sum()
             sums[1] += mask.sum()
@@ -261,51 +293,54 @@ class Trainer:
         return out
 
     # -- training ----------------------------------------------------------------------------
-    def _step_batches(self, step: int) -> tuple[list[dict], list[int]]:
-        """This rank's micro-batches of global step `step`, on device, and [trained, input] token counts."""
+    def _step_batches(self, step: int) -> tuple[list[dict], torch.Tensor]:
+        """This rank's micro-batches of global step `step`, on device, and their [trained, input]
+        token counts as a device tensor (counted there, so nothing waits for the GPU)."""
         first = step * self.global_seqs + self.rank * self.micro * self.accum
         dev = self.accelerator.device
         pin = dev.type == "cuda"
-        batches, counts = [], [0, 0]
+        batches, counts = [], torch.zeros(2, dtype=torch.int64, device=dev)
         for m in range(self.accum):
             b = self.batch_fn(first + m * self.micro, self.micro)
-            counts[0] += int((b["labels"] != IGNORE).sum())
-            counts[1] += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-            batches.append({k: (v.pin_memory() if pin else v).to(dev, non_blocking=pin) for k, v in b.items()})
+            b = {k: (v.pin_memory() if pin else v).to(dev, non_blocking=pin) for k, v in b.items()}
+            counts[0] += (b["labels"] != IGNORE).sum()
+            counts[1] += b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+            batches.append(b)
         return batches, counts
 
-    def _train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """One optimizer step; returns (mean loss per trained token, grad norm, input tokens of the step)."""
+    def _train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step. Returns [mean loss per trained token, grad norm, trained tokens, input
+        tokens] as one device tensor: nothing here waits for the GPU (unless train.skip_nonfinite
+        needs the loss before deciding to step)."""
         acc = self.accelerator
         batches, counts = self._step_batches(step)
-        counts = torch.tensor(counts, device=acc.device)
-        total, tokens = (acc.reduce(counts, reduction="sum") if self.world > 1 else counts).tolist()
-        if total == 0:
-            raise PipelineError(f"step {step} has no trained tokens (every label is masked); check the data.")
-        scale = self.world / total
+        counts = acc.reduce(counts, reduction="sum") if self.world > 1 else counts
+        total = counts[0].double()
+        scale = (self.world / total.clamp(min=1)).float()
+        for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside it
+            group["lr"] = lr_at(step, self.spec)
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
         for m, batch in enumerate(batches):
             sync = m == self.accum - 1
-            ctx = acc.no_sync(self.model) if not sync else nullcontext()
+            acc.sync_gradients = sync  # DeepSpeed's engine steps at the boundary
+            ctx = nullcontext() if sync or self.deepspeed else acc.no_sync(self.model)
             with ctx, acc.autocast():
-                losses = token_losses(self.forward_model, batch)
-                micro_sum = losses.sum()
-                acc.backward(micro_sum * scale)
+                micro_sum = token_losses(self.forward_model, batch).sum()
+                # DeepSpeed divides by its gradient_accumulation_steps; undo it, the scale already normalises
+                acc.backward(micro_sum * scale * (self.accum if self.deepspeed else 1))
             loss_sum += micro_sum.detach().double()
-        grad_norm = (
-            acc.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
-            if self.spec.grad_clip > 0 else torch.zeros(())
-        )
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip) if self.spec.grad_clip > 0 else 0.0
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, device=acc.device).double()
         loss_sum = acc.reduce(loss_sum, reduction="sum") if self.world > 1 else loss_sum
-        loss = loss_sum / total
-        if not (math.isfinite(loss.item()) and math.isfinite(float(grad_norm))):
-            self.optimizer.zero_grad(set_to_none=True)  # never apply a NaN/inf update
-            return loss, grad_norm, tokens
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.spec)
+        stats = torch.stack([loss_sum / total, grad_norm, total, counts[1].double()])
+        if self.spec.skip_nonfinite and not torch.isfinite(stats[:2]).all():
+            self.optimizer.zero_grad(set_to_none=True)  # skipping: never apply a NaN/inf update
+            return stats
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, tokens
+        return stats
 
     def fit(self, flops_per_token: float | None = None, metrics_name: str = "metrics.jsonl") -> dict:
         spec, acc = self.spec, self.accelerator
@@ -324,39 +359,33 @@ class Trainer:
             first = next((r for r in metrics.rows() if r.get("step") == 0 and "val_loss" in r), None)
         if first:
             summary["initial"] = {k: v for k, v in first.items() if k != "step"}
-        skipped = 0
+        self._skipped = 0
         bar = tqdm(total=spec.max_steps, initial=start, desc="train", disable=None if acc.is_main_process else True,
                    dynamic_ncols=True)
         t_last, tok_last, train_time = time.time(), tokens_seen, 0.0
-        step = start
+        step, pending = start, []
         with _StopSignal() as stop:
             while step < spec.max_steps:
-                loss, grad_norm, step_tokens = self._train_step(step)
+                pending.append(self._train_step(step))
                 step += 1
-                tokens_seen += step_tokens
-                loss_value = loss.item()
-                if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
-                    what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {float(grad_norm)}"
-                    if skipped < spec.skip_nonfinite:
-                        skipped += 1
-                        log.warning("step %d: %s; update skipped (%d of train.skip_nonfinite=%d)",
-                                    step, what, skipped, spec.skip_nonfinite)
-                    else:
-                        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-                        raise PipelineError(
-                            f"the {what} at step {step} is not finite; {where}. Lower train.lr, raise "
-                            f"train.warmup_steps, check the data or allow skips with train.skip_nonfinite=N, "
-                            f"then rerun (resume=auto continues from the checkpoint)."
-                        )
                 bar.update(1)
-                if step % spec.log_every == 0 or step == spec.max_steps:
+                logging_step = step % spec.log_every == 0 or step == spec.max_steps
+                eval_step = (spec.eval_every and step % spec.eval_every == 0) or step == spec.max_steps
+                ckpt_step = (spec.ckpt_every and step % spec.ckpt_every == 0) or step == spec.max_steps
+                # Device values are read back (one host sync) only at these steps; every step is
+                # still checked, and nothing is evaluated or checkpointed before it was.
+                if not (logging_step or eval_step or ckpt_step or spec.skip_nonfinite or self._may_stop(stop)):
+                    continue
+                loss_value, grad_norm, step_tokens = self._read_back(pending, step, last_ckpt)
+                tokens_seen += step_tokens
+                pending = []
+                if logging_step:
                     now = time.time()
                     dt = now - t_last
                     train_time += dt
                     tps = (tokens_seen - tok_last) / max(dt, 1e-9)
-                    row = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, spec),
-                           "grad_norm": float(grad_norm), "tokens_per_s": tps, "tokens_seen": tokens_seen,
-                           "peak_mem_gb": peak_memory_gb(acc.device)}
+                    row = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, spec), "grad_norm": grad_norm,
+                           "tokens_per_s": tps, "tokens_seen": tokens_seen, "peak_mem_gb": peak_memory_gb(acc.device)}
                     if self.peak and flops_per_token:
                         row["mfu"] = flops_per_token * tps / (self.peak * self.world)
                     metrics.write(row)
@@ -364,7 +393,7 @@ class Trainer:
                         acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
                     bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}")
                     t_last, tok_last = time.time(), tokens_seen
-                if (spec.eval_every and step % spec.eval_every == 0) or step == spec.max_steps:
+                if eval_step:
                     ev = self.evaluate()
                     metrics.write({"step": step, **ev})
                     if acc.trackers:
@@ -373,7 +402,7 @@ class Trainer:
                     summary["final"] = ev
                     t_last = time.time()  # evaluation time is not training time
                 stopping = self._should_stop(stop)
-                if (spec.ckpt_every and step % spec.ckpt_every == 0) or step == spec.max_steps or stopping:
+                if ckpt_step or stopping:
                     last_ckpt = self.save_checkpoint(step, tokens_seen, last_ckpt)
                     t_last = time.time()
                 if stopping:
@@ -389,11 +418,39 @@ class Trainer:
                        last_checkpoint=str(last_ckpt) if last_ckpt else None)
         return summary
 
+    def _may_stop(self, stop: _StopSignal) -> bool:
+        """A signal arrived here (one process). With several, ranks agree at the next read step."""
+        return self.world == 1 and stop.signum is not None
+
     def _should_stop(self, stop: _StopSignal) -> bool:
         if self.world == 1:
             return stop.signum is not None
         flag = torch.tensor(1 if stop.signum is not None else 0, device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item())
+
+    def _read_back(self, pending: list[torch.Tensor], step: int, last_ckpt: Path | None) -> tuple[float, float, int]:
+        """Read the steps since the last read in one host sync and check each of them, so a NaN is
+        reported at the step it happened. Returns (last loss, last grad norm, input tokens)."""
+        rows = torch.stack(pending).tolist()
+        for s, (loss, grad_norm, trained, _) in enumerate(rows, start=step - len(rows) + 1):
+            if trained == 0:
+                raise PipelineError(f"step {s} has no trained tokens (every label is masked); check the data.")
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                continue
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+            if self._skipped < self.spec.skip_nonfinite:
+                self._skipped += 1
+                log.warning("step %d: %s; update skipped (%d of train.skip_nonfinite=%d)",
+                            s, what, self._skipped, self.spec.skip_nonfinite)
+                continue
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+            raise PipelineError(
+                f"the {what} at step {s} is not finite; {where}. Lower train.lr, raise train.warmup_steps, "
+                f"check the data or allow skips with train.skip_nonfinite=N, then rerun (resume=auto "
+                f"continues from the checkpoint)."
+            )
+        loss, grad_norm, _, _ = rows[-1]
+        return loss, grad_norm, int(sum(r[3] for r in rows))
 
 
 def _bpb(ev: dict) -> str:

@@ -1,17 +1,19 @@
 import math
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import pipeline
 from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.errors import PipelineError, TrainingStopped
 from pipeline.metrics import token_byte_strings
 from pipeline.modeling import count_params, flops_per_token
 from pipeline.train_setup import TrainSpec, batch_layout, lr_at, make_optimizer
-from tests.trainer_helpers import losses, make_trainer, synthetic_shards, tiny_model, weights
+from tests.trainer_helpers import losses, make_trainer, nan_at, synthetic_shards, tiny_model, weights
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -144,3 +146,30 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
     t = make_trainer(tmp_path, lr=1e30, warmup_steps=0, grad_clip=0.0)
     with pytest.raises(PipelineError, match=r"the (loss|gradient norm) (nan|inf) at step \d+ is not finite"):
         t.fit()
+
+
+def test_a_nan_found_at_a_later_read_names_its_step_and_is_never_checkpointed(tmp_path):
+    t = make_trainer(tmp_path, log_every=4, eval_every=0, ckpt_every=4)  # values read at steps 4 and 8
+    nan_at(t, {5})
+    with pytest.raises(PipelineError, match=r"loss nan at step 6 is not finite; the last good checkpoint is .*step_000004"):
+        t.fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004"]
+
+
+def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """A host read of a device value (.item(), float(), bool() ...) stalls a GPU's queue; the
+    pipeline's code makes none inside a step, only when it reads the steps back."""
+    t = make_trainer(tmp_path, micro_batch_size=2)  # with accumulation
+    package, reads = os.path.dirname(pipeline.__file__), []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    pending = [t._train_step(0), t._train_step(1)]
+    assert reads == []
+    t._skipped = 0
+    loss, grad_norm, tokens = t._read_back(pending, 2, None)
+    assert reads and math.isfinite(loss) and grad_norm > 0 and tokens == 2 * 256

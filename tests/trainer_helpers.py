@@ -54,3 +54,20 @@ def losses(trainer: Trainer) -> list[float]:
 def weights(trainer: Trainer) -> dict:
     model = trainer.accelerator.unwrap_model(trainer.model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def nan_at(trainer, steps):
+    """Make the forward pass return NaN logits on the given (0-based) steps."""
+    calls = {"n": 0}
+    per_step = trainer.accum
+
+    def hook(module, inputs, output):
+        if not module.training:  # evaluation passes do not count
+            return output
+        step = calls["n"] // per_step
+        calls["n"] += 1
+        if step in steps:
+            output.logits = output.logits * float("nan")
+        return output
+
+    trainer.accelerator.unwrap_model(trainer.model).register_forward_hook(hook)

@@ -98,17 +98,38 @@ def apply_lora(model, spec: LoraSpec):
     return get_peft_model(model, config)
 
 
-def save_results(trainer: Trainer, tokenizer, spec: FinetuneSpec, out: Path) -> None:
-    """adapter/ (PEFT) and/or merged/ (plain HF model), each with the tokenizer + chat template."""
+def check_adapter_saveable(trainer: Trainer) -> None:
+    """Before training: PEFT must find the LoRA weights in the prepared model's state dict, or the
+    saved adapter would be empty (accelerate's FSDP activation checkpointing renames modules)."""
+    from peft import get_peft_model_state_dict
+
+    if not get_peft_model_state_dict(trainer.accelerator.unwrap_model(trainer.model)):
+        raise PipelineError(
+            "PEFT finds no LoRA weights in the prepared model, so the adapter would be saved empty; with FSDP, "
+            "set fsdp_activation_checkpointing: false in the accelerate config and use "
+            "train.activation_checkpointing=true instead."
+        )
+
+
+def save_results(trainer: Trainer, tokenizer, spec: FinetuneSpec, base: str, out: Path) -> None:
+    """adapter/ (PEFT) and/or merged/ (plain HF model), each with the tokenizer + chat template.
+
+    Everything is written from the consolidated state dict, never from the live model, whose
+    parameters may be shards (FSDP, ZeRO-3): merged/ is the base reloaded plus the saved adapter."""
     acc = trainer.accelerator
-    state_dict = acc.get_state_dict(trainer.model)
+    state_dict = trainer.consolidated_state_dict()
     if acc.is_main_process:
         model = acc.unwrap_model(trainer.model)
-        if spec.method == "lora":
+        if spec.method == "full":
+            publish_hf_dir(model, tokenizer, out / "merged", state_dict)
+        else:
             publish_hf_dir(model, tokenizer, out / "adapter", state_dict)
-        if spec.merge or spec.method == "full":
-            merged = model.merge_and_unload() if spec.method == "lora" else model
-            publish_hf_dir(merged, tokenizer, out / "merged")
+            if spec.merge:
+                from peft import PeftModel
+
+                base_model = load_causal_lm(base, spec.trust_remote_code)
+                merged = PeftModel.from_pretrained(base_model, str(out / "adapter")).merge_and_unload()
+                publish_hf_dir(merged, tokenizer, out / "merged")
     acc.wait_for_everyone()
 
 
@@ -152,8 +173,14 @@ def run(cfg, inputs: dict, out: Path) -> dict:
         token_bytes=token_bytes, resume=cfg.resume, trackers=tuple(cfg.logger.trackers),
         tracker_config=dict(tspec.__dict__), project=cfg.logger.project,
     )
+    if spec.method == "lora":
+        check_adapter_saveable(trainer)
+    ds = trainer.accelerator.state.deepspeed_plugin if trainer.deepspeed else None
+    if ds and ds.zero_stage == 3 and spec.method == "lora" and getattr(model.config, "tie_word_embeddings", False):
+        log.warning("DeepSpeed ZeRO-3 with LoRA on a model with tied embeddings: gradients differ from a 1-process "
+                    "run (the frozen tied weight; tests/test_sharded.py); prefer ZeRO-2 or FSDP for LoRA.")
     summary = trainer.fit(flops_per_token=fpt)
-    save_results(trainer, tokenizer, spec, out)
+    save_results(trainer, tokenizer, spec, base, out)
 
     first, final = summary.get("initial", {}), summary.get("final", {})
     log.info(

@@ -52,7 +52,7 @@ def eval_batches_from(rows: torch.Tensor, micro: int) -> list[dict]:
 def save_hf_model(trainer: Trainer, tokenizer, out: Path) -> None:
     """Consolidate (FSDP/DeepSpeed-safe) and write a plain HF model + tokenizer dir, atomically."""
     acc = trainer.accelerator
-    state_dict = acc.get_state_dict(trainer.model)
+    state_dict = trainer.consolidated_state_dict()
     if acc.is_main_process:
         publish_hf_dir(acc.unwrap_model(trainer.model), tokenizer, out, state_dict)
     acc.wait_for_everyone()

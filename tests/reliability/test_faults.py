@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline.errors import PipelineError
 from tests.conftest import TINY, assert_clear_error, run_cli
-from tests.trainer_helpers import losses, make_trainer
+from tests.trainer_helpers import losses, make_trainer, nan_at
 
 pytestmark = pytest.mark.slow
 
@@ -123,23 +123,6 @@ def test_checkpoint_holding_pickled_code_is_refused(tmp_path):
     with pytest.raises(PipelineError, match="refused to load"):
         make_trainer(tmp_path)._restore()
     assert not (tmp_path / "pwned").exists()
-
-
-def nan_at(trainer, steps):
-    """Make the forward pass return NaN logits on the given (0-based) steps."""
-    calls = {"n": 0}
-    per_step = trainer.accum
-
-    def hook(module, inputs, output):
-        if not module.training:  # evaluation passes do not count
-            return output
-        step = calls["n"] // per_step
-        calls["n"] += 1
-        if step in steps:
-            output.logits = output.logits * float("nan")
-        return output
-
-    trainer.accelerator.unwrap_model(trainer.model).register_forward_hook(hook)
 
 
 def test_nonfinite_steps_are_skipped_up_to_the_budget(tmp_path, caplog):
