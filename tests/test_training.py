@@ -51,6 +51,21 @@ def test_no_weight_decay_on_norms_and_embeddings():
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == count_params(model)
 
 
+def test_fused_adamw_of_the_cuda_path_takes_the_same_steps():
+    ids = torch.arange(64).remainder(60).view(2, 32)
+    trained = []
+    for fused in (False, True):
+        model = tiny_model()
+        opt = make_optimizer(model, TrainSpec(lr=1e-2), fused=fused)
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        trained.append(model.state_dict())
+    for k, v in trained[0].items():
+        torch.testing.assert_close(trained[1][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_flops_per_token_counts_matmul_params_and_attention():
     model = tiny_model()
     n = count_params(model)  # tied embeddings: the head matmul uses them
