@@ -59,6 +59,13 @@ def token_losses(model, batch: dict) -> torch.Tensor:
     ).view_as(batch["labels"])
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Copy a batch to the device; on CUDA from pinned memory without blocking, so the copy
+    overlaps the GPU's work instead of waiting for it."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
+
+
 class CompiledOrEager:
     """torch.compile the model; if compiling fails (no C++ compiler, an unsupported op), say so
     once and run eagerly rather than losing the run."""
@@ -298,11 +305,9 @@ class Trainer:
         token counts as a device tensor (counted there, so nothing waits for the GPU)."""
         first = step * self.global_seqs + self.rank * self.micro * self.accum
         dev = self.accelerator.device
-        pin = dev.type == "cuda"
         batches, counts = [], torch.zeros(2, dtype=torch.int64, device=dev)
         for m in range(self.accum):
-            b = self.batch_fn(first + m * self.micro, self.micro)
-            b = {k: (v.pin_memory() if pin else v).to(dev, non_blocking=pin) for k, v in b.items()}
+            b = to_device(self.batch_fn(first + m * self.micro, self.micro), dev)
             counts[0] += (b["labels"] != IGNORE).sum()
             counts[1] += b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
             batches.append(b)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.inference import pick_device
 from pipeline.preflight import activation_bytes, divisors_desc, find_micro_batch, memory_table, report
 from pipeline.train_setup import TrainSpec
+from pipeline.training import to_device
 from tests.trainer_helpers import losses, make_trainer
 
 
@@ -111,3 +113,23 @@ def test_gpu_peak_flops_and_precision_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_mixed_precision("auto") == "bf16"
     assert resolve_mixed_precision("no") == "no"
+    assert pick_device() == (torch.device("cuda"), torch.bfloat16)  # generation follows the same choice
+
+
+def test_gpu_batches_are_copied_from_pinned_memory_without_blocking(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False: calls.append(non_blocking) or self)
+    to_device({"input_ids": torch.zeros(2, 4)}, torch.device("cuda", 0))
+    assert calls == ["pin", True]
+    calls.clear()
+    to_device({"input_ids": torch.zeros(2, 4)}, torch.device("cpu"))
+    assert calls == [False]
+
+
+def test_gpu_peak_memory_is_read_from_the_allocator(monkeypatch):
+    from pipeline.metrics import peak_memory_gb
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12.5e9)
+    assert peak_memory_gb(torch.device("cuda", 0)) == 12.5
+    assert 0 < peak_memory_gb(torch.device("cpu")) < 1000  # resident memory of this process
