@@ -4,6 +4,8 @@ The strategy (single device, DDP, FSDP, DeepSpeed) comes from `accelerate launch
 here. The loop owns: batch derivation from a global batch in tokens, AdamW with warmup+decay,
 gradient accumulation, clipping, logging (tokens/s, MFU, memory), validation loss and bits per
 byte, checkpoints with exact resume, and stopping cleanly on SIGTERM/SIGINT or a NaN loss.
+A step leaves its loss, grad norm and token counts on the device; they are read back (one host
+sync) every log_every steps and before any evaluation or checkpoint.
 
 Loss normalisation: every micro-batch adds sum(token losses) * world / (trained tokens in the
 whole global step). Gradient averaging across ranks then gives the mean over all trained tokens
