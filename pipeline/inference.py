@@ -185,7 +185,7 @@ def generate_batch(model, tokenizer, texts: list[str], sampling: Sampling) -> li
     seconds = time.perf_counter() - t0
     new = out[:, enc["input_ids"].shape[1] :]
     records = []
-    for i, text in enumerate(texts):
+    for i in range(len(texts)):
         ids = new[i].tolist()
         n = next((k for k, t in enumerate(ids) if t in stops), len(ids))
         records.append({

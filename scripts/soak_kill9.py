@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
