@@ -100,16 +100,18 @@ def read_manifest(stage_dir: Path) -> dict | None:
         ) from None
 
 
+def _check_intact(stage_dir: Path, manifest: dict) -> None:
+    problem = verify_files(stage_dir, manifest.get("files", {}))
+    if problem:
+        raise PipelineError(f"{stage_dir} is corrupt: {problem}; delete it or rerun with force=true to rebuild it.")
+
+
 def load_artifact(stage_dir: Path, stage: str, hint: str) -> Artifact:
     """Load a complete, intact artifact or raise an error naming the fix (`hint`)."""
     manifest = read_manifest(stage_dir)
     if manifest is None or manifest.get("status") != "complete":
         raise PipelineError(f"{stage_dir} has no complete {stage} artifact; {hint}.")
-    problem = verify_files(stage_dir, manifest.get("files", {}))
-    if problem:
-        raise PipelineError(
-            f"{stage_dir} is corrupt: {problem}; delete it or rerun with force=true to rebuild it."
-        )
+    _check_intact(stage_dir, manifest)
     return Artifact(stage, stage_dir, manifest)
 
 
@@ -120,11 +122,7 @@ def artifact_state(stage_dir: Path, config_hash: str, inputs: dict[str, Artifact
     manifest = read_manifest(stage_dir)
     if manifest is None or manifest.get("status") != "complete":
         return "incomplete"
-    problem = verify_files(stage_dir, manifest.get("files", {}))
-    if problem:
-        raise PipelineError(
-            f"{stage_dir} is corrupt: {problem}; delete it or rerun with force=true to rebuild it."
-        )
+    _check_intact(stage_dir, manifest)
     if manifest.get("config_hash") != config_hash:
         return "stale"
     recorded = {name: i.get("manifest_hash") for name, i in manifest.get("inputs", {}).items()}

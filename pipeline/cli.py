@@ -21,7 +21,7 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
-from pipeline.errors import PipelineError, TrainingStopped
+from pipeline.errors import PipelineError, TrainingStopped, first_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 STAGE_CHOICES = ("all", "tokenizer", "prepare", "pretrain", "finetune", "generate")
@@ -52,28 +52,25 @@ def recipe_location(recipe: str) -> tuple[Path, str]:
 
 
 def _register_schemas() -> None:
+    """Typed schemas for the config groups: an unknown key or a wrong type fails at compose time."""
     from hydra.core.config_store import ConfigStore
 
-    from pipeline.data.sources import CorpusSpec
-    from pipeline.modeling import ModelSpec
-    from pipeline.stages.finetune import FinetuneSpec
-    from pipeline.train_setup import TrainSpec
+    from pipeline import specs
 
     store = ConfigStore.instance()
-    store.store(group="data", name="corpus_schema", node=CorpusSpec)
-    store.store(group="model", name="model_schema", node=ModelSpec)
-    store.store(group="train", name="train_schema", node=TrainSpec)
-    store.store(group="finetune", name="finetune_schema", node=FinetuneSpec)
+    for group, name, node in (
+        ("data", "corpus_schema", specs.CorpusSpec), ("tokenizer", "tokenizer_schema", specs.TokenizerSpec),
+        ("model", "model_schema", specs.ModelSpec), ("train", "train_schema", specs.TrainSpec),
+        ("finetune", "finetune_schema", specs.FinetuneSpec), ("generate", "generate_schema", specs.GenerateSpec),
+        ("logger", "logger_schema", specs.LoggerSpec),
+    ):
+        store.store(group=group, name=name, node=node)
 
 
-def _one_line(error: Exception) -> str:
-    """Hydra's errors span lines and suggest `+key=` appends; keep the first sentence."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return first
-
-
-def compose_config(overrides: list[str]):
-    """Compose conf/ + a recipe + command-line overrides into one struct (typo-checked) config."""
+def compose_config(overrides: list[str], validate: bool = True):
+    """Compose conf/ + a recipe + command-line overrides into one struct (typo-checked) config,
+    and build every stage's spec from it, so a bad value fails before any stage runs.
+    Returns (config, specs); specs is None when validate=False (for --cfg, to show a bad config)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -95,7 +92,7 @@ def compose_config(overrides: list[str]):
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))
     except (HydraException, OmegaConfBaseException) as e:
-        message = _one_line(e)
+        message = first_line(e, limit=400)  # Hydra's errors span lines and suggest `+key=` appends
         if "Could not override" in message or "not in struct" in message or "Key '" in message:
             message += " There is no such config key; `pipeline --cfg` lists the valid ones."
         raise PipelineError(f"config error: {message}") from None
@@ -103,7 +100,11 @@ def compose_config(overrides: list[str]):
         raise PipelineError(f"config error: {', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line.")
     if cfg.stage not in STAGE_CHOICES:
         raise PipelineError(f"stage={cfg.stage} is unknown; use one of {', '.join(STAGE_CHOICES)}.")
-    return cfg, overrides
+    if not validate:
+        return cfg, None
+    from pipeline.specs import build_specs
+
+    return cfg, build_specs(OmegaConf.to_container(cfg, resolve=True))
 
 
 def print_help() -> None:
@@ -171,20 +172,19 @@ def run(argv: list[str]) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print_help()
         return
-    show_cfg = "--cfg" in argv
-    cfg, overrides = compose_config([a for a in argv if a != "--cfg"])
-    if show_cfg:
-        from omegaconf import OmegaConf
+    overrides = [a for a in argv if a != "--cfg"]
+    cfg, specs = compose_config(overrides, validate="--cfg" not in argv)
+    from omegaconf import OmegaConf
 
+    if "--cfg" in argv:
         print(OmegaConf.to_yaml(cfg), end="")
         return
 
     from accelerate import PartialState
 
+    from pipeline.device import has_accelerator
     from pipeline.lock import RunLock
-    from pipeline.runner import Runner
-    from pipeline.train_setup import has_accelerator
-    from pipeline.stages import ORDER
+    from pipeline.runner import ORDER, Runner
 
     # cpu=True lets a torchrun/`accelerate launch --multi_gpu` start on a machine without GPUs
     # join a gloo process group instead of silently running N independent single processes.
@@ -197,7 +197,7 @@ def run(argv: list[str]) -> None:
         if state.is_main_process:
             write_run_config(run_dir, cfg, overrides)
         targets = ORDER if cfg.stage == "all" else [cfg.stage]
-        runner = Runner(cfg, run_dir)
+        runner = Runner(specs, run_dir, OmegaConf.to_container(cfg, resolve=True)["force"])
         for name in targets:
             runner.ensure(name)
     log.info("done: %s -> %s", ", ".join(targets), run_dir)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         rank = os.environ.get("RANK", "?")
         print(f"error: rank {rank} on {socket.gethostname()}: a collective operation failed or timed out "
-              f"({str(e).strip().splitlines()[0][:200]}); check the other ranks' logs for the first error, or raise "
+              f"({first_line(e)}); check the other ranks' logs for the first error, or raise "
               f"distributed.timeout_minutes.", file=sys.stderr)
         sys.exit(3)
     except TrainingStopped as e:

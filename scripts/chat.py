@@ -21,7 +21,8 @@ from threading import Thread
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.inference import Sampling, format_prompt, load_model, resolve_model, stop_ids  # noqa: E402
+from pipeline.model.inference import format_prompt, load_model, resolve_model, stop_ids  # noqa: E402
+from pipeline.model.sampling import Sampling  # noqa: E402
 
 
 def context_window(model, tokenizer) -> int:

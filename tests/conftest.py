@@ -60,6 +60,21 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True) 
     return proc
 
 
+def history(run: Path) -> list[dict]:
+    """The runner's decisions, oldest first: {"stage", "action": "reused" | "built (REASON)", ...}."""
+    path = run / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def last_actions(run: Path, count: int) -> dict[str, str]:
+    """{stage: action} of the last `count` decisions (one command's worth)."""
+    return {e["stage"]: e["action"] for e in history(run)[-count:]}
+
+
+def manifest_facts(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / "manifest.json").read_text())["facts"]
+
+
 def assert_clear_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     """Exit code != 0, no traceback, and the one error line mentions every needle."""
     assert proc.returncode != 0, proc.stderr

@@ -12,7 +12,7 @@ import sys
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
-import pipeline.training
+import pipeline.train.strategy
 from pipeline.cli import main
 
 _partial_state_init = PartialState.__init__
@@ -25,7 +25,7 @@ def _as_gpu_group(self, *args, **kwargs):
 
 
 PartialState.__init__ = _as_gpu_group
-pipeline.training.has_accelerator = lambda: True  # Accelerator(cpu=False): DeepSpeed is only enabled then
+pipeline.train.strategy.has_accelerator = lambda: True  # Accelerator(cpu=False): DeepSpeed is only enabled then
 
 if __name__ == "__main__":
     sys.exit(main())

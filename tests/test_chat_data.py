@@ -6,10 +6,22 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from pipeline.bpe import to_hf_tokenizer, train_bpe
-from pipeline.data.chat import IGNORE, ChatSamples, build_examples, pack, render, show_trained_span
-from pipeline.data.conversations import ChatDataSpec, load_conversations, stdlib_conversations, to_messages
+from pipeline.data.chat import (
+    IGNORE,
+    ChatSamples,
+    build_examples,
+    pack,
+    render,
+    show_trained_span,
+)
+from pipeline.data.conversations import (
+    ChatDataSpec,
+    load_conversations,
+    stdlib_conversations,
+    to_messages,
+)
 from pipeline.errors import PipelineError
+from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
 from tests.conftest import make_documents
 
 SINGLE = [{"role": "user", "content": "add two numbers"}, {"role": "assistant", "content": "def add(a, b): return a + b"}]

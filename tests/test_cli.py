@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY, assert_clear_error, run_cli
+from tests.conftest import TINY, assert_clear_error, last_actions, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +27,20 @@ def test_prepare_builds_tokenizer_and_data_then_skips_then_forces(tmp_path, text
     assert data["inputs"]["tokenizer"]["manifest_hash"]
     assert (run / ".hydra" / "config.yaml").exists()
 
-    again = run_cli(*text_args(text_corpus), cwd=tmp_path)
-    assert "tokenizer: up to date" in again.stderr and "prepare: up to date" in again.stderr
+    assert last_actions(run, 2) == {"tokenizer": "built (missing)", "prepare": "built (missing)"}
+
+    run_cli(*text_args(text_corpus), cwd=tmp_path)
+    assert last_actions(run, 2) == {"tokenizer": "reused", "prepare": "reused"}
     assert manifest(run, "data")["created"] == data["created"]
 
-    forced = run_cli(*text_args(text_corpus, "force=true"), cwd=tmp_path)
-    assert "tokenizer: building (forced)" in forced.stderr and "prepare: building" in forced.stderr
+    run_cli(*text_args(text_corpus, "force=true"), cwd=tmp_path)
+    assert last_actions(run, 2) == {"tokenizer": "built (forced)", "prepare": "built (forced)"}
 
-    only = run_cli(*text_args(text_corpus, "force=[prepare]"), cwd=tmp_path)
-    assert "tokenizer: up to date" in only.stderr and "prepare: building (forced)" in only.stderr
+    run_cli(*text_args(text_corpus, "force=[prepare]"), cwd=tmp_path)
+    assert last_actions(run, 2) == {"tokenizer": "reused", "prepare": "built (forced)"}
 
-    vocab = run_cli(*text_args(text_corpus, "tokenizer.vocab_size=300"), cwd=tmp_path)
-    assert "tokenizer: building (stale)" in vocab.stderr and "prepare: building (stale)" in vocab.stderr
+    run_cli(*text_args(text_corpus, "tokenizer.vocab_size=300"), cwd=tmp_path)
+    assert last_actions(run, 2) == {"tokenizer": "built (stale)", "prepare": "built (stale)"}
     assert manifest(run, "data")["facts"]["vocab_size"] == 300
 
 

@@ -45,10 +45,7 @@ def test_two_process_launch_matches_one_process(tmp_path, text_corpus):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("pretrain: val bpb") == 1  # only the main process reports
     assert proc.stderr.count("ready on cpu") == 2 and "pre-flight: per-device memory" in proc.stderr
-    layout = [line for line in proc.stderr.splitlines() if "tokens/step" in line]
-    assert len(layout) == 1 and "2 processes x 4 micro-batch x 1 accumulation" in layout[0], layout
-
-    manifest = json.loads((two / "pretrain/manifest.json").read_text())
-    assert manifest["facts"]["processes"] == 2
+    launch = json.loads((two / "pretrain/manifest.json").read_text())["facts"]["launch"]
+    assert (launch["processes"], launch["micro_batch"], launch["accumulation"]) == (2, 4, 1)
     assert (two / "pretrain/model/model.safetensors").exists()
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-4, atol=1e-5)

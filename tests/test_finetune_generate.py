@@ -6,10 +6,21 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
-from pipeline.bpe import to_hf_tokenizer, train_bpe
-from tests.conftest import REPO, assert_clear_error, make_documents, run_cli
+from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
+from tests.conftest import (
+    REPO,
+    assert_clear_error,
+    make_documents,
+    manifest_facts,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -47,20 +58,20 @@ def chat_jsonl(tmp_path_factory):
 def finetuned(tmp_path_factory, chat_jsonl):
     root = tmp_path_factory.mktemp("ft")
     base = make_base(root / "base")
-    proc = run_cli("stage=finetune", "run.name=ft", f"finetune.base={base}", "finetune.data.source=jsonl",
+    run_cli("stage=finetune", "run.name=ft", f"finetune.base={base}", "finetune.data.source=jsonl",
                    f"finetune.data.paths=[{chat_jsonl}]", "finetune.data.val_fraction=0.2", *FT, cwd=root)
-    return root, base, proc
+    return root, base
 
 
 def test_adapter_loads_and_merged_equals_base_plus_adapter(finetuned):
     from peft import PeftModel
 
-    root, base, proc = finetuned
+    root, base = finetuned
     stage = root / "runs/ft/finetune"
     facts = json.loads((stage / "manifest.json").read_text())["facts"]
     assert facts["method"] == "lora" and facts["outputs"] == ["adapter", "merged"]
     assert facts["final_val_loss"] < facts["initial_val_loss"]
-    assert "[[" in proc.stderr  # the rendered example with its trained span
+    assert "[[the number is" in facts["example_trained_span"]  # the rendered example with its trained span
 
     ids = torch.tensor([[5, 6, 7, 30, 31, 32, 33]])
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), stage / "adapter").eval()
@@ -71,7 +82,7 @@ def test_adapter_loads_and_merged_equals_base_plus_adapter(finetuned):
 
 
 def test_saved_chat_template_formats_prompts_like_training(finetuned):
-    root, base, _ = finetuned
+    root, base = finetuned
     conv = [{"role": "user", "content": "say the number 3"}]
     trained = AutoTokenizer.from_pretrained(base).apply_chat_template(conv, add_generation_prompt=True)
     for d in ("adapter", "merged"):
@@ -81,17 +92,17 @@ def test_saved_chat_template_formats_prompts_like_training(finetuned):
 
 def test_base_without_chat_template_gets_ours_with_a_warning(tmp_path, chat_jsonl):
     base = make_base(tmp_path / "plain", with_template=False)
-    proc = run_cli("stage=finetune", "run.name=p", f"finetune.base={base}", "finetune.data.source=jsonl",
+    run_cli("stage=finetune", "run.name=p", f"finetune.base={base}", "finetune.data.source=jsonl",
                    f"finetune.data.paths=[{chat_jsonl}]", "finetune.data.val_fraction=0.2", "finetune.merge=false",
                    *FT, cwd=tmp_path)
-    assert "has no chat template" in proc.stderr
+    assert manifest_facts(tmp_path / "runs/p/finetune")["chat_template"] == "pipeline"
     saved = AutoTokenizer.from_pretrained(tmp_path / "runs/p/finetune/adapter")
     assert "<|assistant|>" in saved.chat_template
     assert not (tmp_path / "runs/p/finetune/merged").exists()
 
 
 def test_generate_stage_greedy_equals_model_generate(finetuned, tmp_path):
-    root, _, _ = finetuned
+    root, _ = finetuned
     prompts = tmp_path / "p.txt"
     prompts.write_text("say the number 7\n\nsay the number 12\n")
     run_cli("stage=generate", "run.name=ft", f"generate.model={root / 'runs/ft'}", f"generate.prompts={prompts}",
@@ -114,7 +125,7 @@ def test_generate_stage_greedy_equals_model_generate(finetuned, tmp_path):
 
 
 def test_generate_prompt_formats_and_seeded_sampling(finetuned, tmp_path):
-    root, _, _ = finetuned
+    root, _ = finetuned
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text(json.dumps({"prompt": "say the number 1"}) + "\n" +
                      json.dumps({"messages": [{"role": "user", "content": "say the number 2"}]}) + "\n")
@@ -133,7 +144,7 @@ def test_generate_prompt_formats_and_seeded_sampling(finetuned, tmp_path):
     (lambda p: (p / "empty.txt").write_text("\n") and "generate.prompts=" + str(p / "empty.txt"), ["has no prompts"]),
 ])
 def test_generate_bad_prompt_files(finetuned, tmp_path, setup, needles):
-    root, _, _ = finetuned
+    root, _ = finetuned
     proc = run_cli("stage=generate", "run.name=x", f"generate.model={root / 'runs/ft'}", setup(tmp_path),
                    cwd=tmp_path, check=False)
     assert_clear_error(proc, *needles)
@@ -146,7 +157,7 @@ def test_run_without_a_model_names_the_stage_to_run(tmp_path):
 
 
 def test_chat_script_answers_piped_messages(finetuned):
-    root, _, _ = finetuned
+    root, _ = finetuned
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts/chat.py"), str(root / "runs/ft"), "--max-new-tokens", "6", "--temperature", "0"],
         input="say the number 4\n/reset\nsay the number 5\n", capture_output=True, text=True, timeout=300,

@@ -5,11 +5,17 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.device import DTYPES, best_device, half_precision
 from pipeline.errors import PipelineError
-from pipeline.inference import pick_device
-from pipeline.preflight import activation_bytes, divisors_desc, find_micro_batch, memory_table, report
-from pipeline.train_setup import TrainSpec
-from pipeline.training import to_device
+from pipeline.train.preflight import (
+    activation_bytes,
+    divisors_desc,
+    find_micro_batch,
+    memory_table,
+    report,
+)
+from pipeline.train.spec import TrainSpec
+from pipeline.train.strategy import to_device
 from tests.trainer_helpers import losses, make_trainer
 
 
@@ -63,7 +69,7 @@ def test_auto_micro_batch_keeps_the_global_batch_and_the_losses(tmp_path):
     fixed = make_trainer(tmp_path / "fixed", micro_batch_size=2)
     fixed.fit()
     auto = make_trainer(tmp_path / "auto", micro_batch_size="auto")
-    assert auto.micro * auto.accum == 8 and auto.micro == 8  # plenty of RAM for 8 tiny sequences
+    assert auto.layout.micro * auto.layout.accum == 8 and auto.layout.micro == 8  # plenty of RAM for 8 tiny sequences
     auto.fit()
     np.testing.assert_allclose(losses(auto), losses(fixed), rtol=1e-5, atol=1e-6)
 
@@ -81,7 +87,7 @@ def test_failed_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     t = make_trainer(tmp_path / "c", compile=True)
-    t.fit()
+    assert t.fit()["launch"]["compiled"] is False  # fell back to eager
     assert "torch.compile failed (RuntimeError: inductor: no C++ compiler found)" in caplog.text
     ref = make_trainer(tmp_path / "ref")
     ref.fit()
@@ -97,8 +103,8 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 
 
 def test_gpu_peak_flops_and_precision_choice(monkeypatch):
-    from pipeline.metrics import peak_flops
-    from pipeline.train_setup import resolve_mixed_precision
+    from pipeline.train.strategy import resolve_mixed_precision
+    from pipeline.train.throughput import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
     assert peak_flops(torch.device("cuda", 0)) == 989e12
@@ -113,7 +119,7 @@ def test_gpu_peak_flops_and_precision_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_mixed_precision("auto") == "bf16"
     assert resolve_mixed_precision("no") == "no"
-    assert pick_device() == (torch.device("cuda"), torch.bfloat16)  # generation follows the same choice
+    assert (best_device(), DTYPES[half_precision(best_device())]) == (torch.device("cuda"), torch.bfloat16)  # generation too
 
 
 def test_gpu_batches_are_copied_from_pinned_memory_without_blocking(monkeypatch):
@@ -128,7 +134,7 @@ def test_gpu_batches_are_copied_from_pinned_memory_without_blocking(monkeypatch)
 
 
 def test_gpu_peak_memory_is_read_from_the_allocator(monkeypatch):
-    from pipeline.metrics import peak_memory_gb
+    from pipeline.train.memory import peak_memory_gb
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12.5e9)
     assert peak_memory_gb(torch.device("cuda", 0)) == 12.5

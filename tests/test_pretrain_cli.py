@@ -8,7 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY, assert_clear_error, run_cli
+from tests.conftest import (
+    TINY,
+    assert_clear_error,
+    last_actions,
+    manifest_facts,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -39,21 +45,19 @@ def test_pretrain_writes_a_loadable_model_and_skips_when_up_to_date(tmp_path, te
     out = model.generate(**tok("the model", return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert out.shape[1] > 2
 
-    again = run_cli(*pretrain_args(text_corpus), cwd=tmp_path)
-    assert "pretrain: up to date" in again.stderr
+    run_cli(*pretrain_args(text_corpus), cwd=tmp_path)
+    assert last_actions(tmp_path / "runs/t", 3) == {"tokenizer": "reused", "prepare": "reused", "pretrain": "reused"}
 
 
 KILL_IN_CHECKPOINT = """
 import os, signal, sys
-import pipeline.checkpoints as ck
-real = ck.write_checkpoint_state
-def write_then_die(tmp, final, state, keep):
+import pipeline.train.checkpoints as ck
+real = ck.seal
+def seal_then_die(tmp, final, state, keep):
     if state["step"] == 20:
         os.kill(os.getpid(), signal.SIGKILL)  # the step-20 state is on disk in .tmp-, not yet sealed
     real(tmp, final, state, keep)
-ck.write_checkpoint_state = write_then_die
-import pipeline.training  # noqa: uses ck.write_checkpoint_state via its module attribute
-pipeline.training.write_checkpoint_state = write_then_die
+ck.seal = seal_then_die
 from pipeline.cli import main
 main(sys.argv[1:])
 """
@@ -72,8 +76,8 @@ def test_kill_9_mid_checkpoint_resumes_from_previous_and_matches(tmp_path, text_
     assert (ckpts / ".tmp-step_000020").is_dir() and not (ckpts / "step_000020").exists()
     assert not (tmp_path / "runs/b/pretrain/manifest.json").exists()
 
-    resumed = run_cli(*args_b, cwd=tmp_path)
-    assert "resumed from" in resumed.stderr and "step_000010" in resumed.stderr
+    run_cli(*args_b, cwd=tmp_path)
+    assert manifest_facts(tmp_path / "runs/b/pretrain")["resumed_from_step"] == 10
     got = load_file(tmp_path / "runs/b/pretrain/model/model.safetensors")
     for k, v in ref.items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6)

@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from pipeline.data.sources import CorpusSpec, is_val, iter_documents, split_documents, stdlib_files
+from pipeline.data.sources import (
+    CorpusSpec,
+    is_val,
+    iter_documents,
+    split_documents,
+    stdlib_files,
+)
 from pipeline.errors import PipelineError
 
 

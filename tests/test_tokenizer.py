@@ -1,7 +1,14 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.bpe import CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, take_bytes, to_hf_tokenizer, train_bpe
+from pipeline.data.sources import take_bytes
+from pipeline.model.tokenizer import (
+    CHAT_TEMPLATE,
+    EOS,
+    SPECIAL_TOKENS,
+    to_hf_tokenizer,
+    train_bpe,
+)
 from tests.conftest import make_documents
 
 SAMPLES = [

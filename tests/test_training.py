@@ -10,10 +10,19 @@ import torch
 import pipeline
 from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.errors import PipelineError, TrainingStopped
-from pipeline.metrics import token_byte_strings
-from pipeline.modeling import count_params, flops_per_token
-from pipeline.train_setup import TrainSpec, batch_layout, lr_at, make_optimizer
-from tests.trainer_helpers import losses, make_trainer, nan_at, synthetic_shards, tiny_model, weights
+from pipeline.model.build import count_params, flops_per_token
+from pipeline.train.bpb import token_byte_strings
+from pipeline.train.optim import lr_at, make_optimizer
+from pipeline.train.spec import TrainSpec, batch_layout
+from tests.trainer_helpers import (
+    losses,
+    make_trainer,
+    nan_at,
+    restored_step,
+    synthetic_shards,
+    tiny_model,
+    weights,
+)
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -92,7 +101,7 @@ def test_too_little_data_for_one_window_is_refused():
 def test_token_bytes_reassemble_the_text(tmp_path):
     from transformers import AutoTokenizer
 
-    from pipeline.bpe import to_hf_tokenizer, train_bpe
+    from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
     from tests.conftest import make_documents
 
     to_hf_tokenizer(train_bpe(make_documents(40), 300), 128).save_pretrained(tmp_path)
@@ -110,10 +119,10 @@ def test_loss_goes_down(tmp_path):
 
 def test_gradient_accumulation_equals_large_batch(tmp_path):
     big = make_trainer(tmp_path / "big", micro_batch_size=8)
-    assert big.accum == 1
+    assert big.layout.accum == 1
     big.fit()
     acc = make_trainer(tmp_path / "acc", micro_batch_size=2)
-    assert acc.accum == 4
+    assert acc.layout.accum == 4
     acc.fit()
     np.testing.assert_allclose(losses(big), losses(acc), rtol=1e-5, atol=1e-6)
     for k, v in weights(big).items():
@@ -127,14 +136,14 @@ def test_exact_resume_after_stop(tmp_path):
 
     stop_at = 3  # deliver SIGTERM while step 3 loads its data; the run stops after step 3
     t = make_trainer(tmp_path / "run")
-    real_batch = t.batch_fn
+    real_batch = t.job.batch
 
     def batch_then_signal(first, size):
-        if first == (stop_at - 1) * t.global_seqs:
+        if first == (stop_at - 1) * t.layout.global_seqs:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_batch(first, size)
 
-    t.batch_fn = batch_then_signal
+    t.job.batch = batch_then_signal
     with pytest.raises(TrainingStopped) as stopped:
         t.fit()
     assert stopped.value.step == stop_at and (tmp_path / "run/checkpoints/step_000003").is_dir()
@@ -153,7 +162,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
     newest = tmp_path / "checkpoints" / "step_000008" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])
     again = make_trainer(tmp_path)
-    assert again._restore()[0] == 4
+    assert restored_step(again) == 4
     assert "damaged" in caplog.text
 
 

@@ -8,9 +8,11 @@ from accelerate.state import AcceleratorState, PartialState
 
 from pipeline.data.shards import TokenShards
 from pipeline.data.windows import PackedWindows
-from pipeline.modeling import ModelSpec, build_model, hf_config
-from pipeline.train_setup import TrainSpec
-from pipeline.training import Trainer
+from pipeline.model.build import build_model, hf_config
+from pipeline.model.spec import ModelSpec
+from pipeline.train import checkpoints
+from pipeline.train.loop import Trainer, TrainingJob
+from pipeline.train.spec import TrainSpec
 
 VOCAB = 64
 
@@ -21,7 +23,7 @@ def synthetic_shards(n_tokens: int = 20_000, seed: int = 0) -> TokenShards:
     base = np.arange(n_tokens) % 17 + 3
     noise = rng.integers(0, VOCAB, n_tokens)
     tokens = np.where(rng.random(n_tokens) < 0.2, noise, base).astype(np.uint16)
-    return TokenShards([tokens[: n_tokens // 2], tokens[n_tokens // 2 :]], VOCAB, 1)
+    return TokenShards([tokens[: n_tokens // 2], tokens[n_tokens // 2 :]])
 
 
 def tiny_model(seed: int = 0):
@@ -44,7 +46,14 @@ def make_trainer(out, batch_fn=None, seed: int = 0, **spec_overrides) -> Trainer
     windows = PackedWindows(synthetic_shards(), spec.seq_len, seed)
     val = torch.from_numpy(np.stack([synthetic_shards(3000, 1).arrays[0][i * 33 : i * 33 + 33] for i in range(8)]).astype(np.int64))
     evals = [{"input_ids": val[:, :-1], "labels": val[:, 1:]}]
-    return Trainer(tiny_model(seed), spec, out, batch_fn or windows.batch, evals, fingerprint="test")
+    job = TrainingJob(tiny_model(seed), spec, out, "test", batch_fn or windows.batch, lambda micro: evals)
+    return Trainer(job)
+
+
+def restored_step(trainer: Trainer) -> int:
+    """The step a fresh fit() of this trainer would resume from (loading that checkpoint)."""
+    state = checkpoints.restore(trainer.strategy, trainer.ckpt_root, trainer.job.fingerprint, "auto")
+    return state["step"] if state else 0
 
 
 def losses(trainer: Trainer) -> list[float]:
@@ -52,14 +61,13 @@ def losses(trainer: Trainer) -> list[float]:
 
 
 def weights(trainer: Trainer) -> dict:
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.unwrapped_model.state_dict().items()}
 
 
 def nan_at(trainer, steps):
     """Make the forward pass return NaN logits on the given (0-based) steps."""
     calls = {"n": 0}
-    per_step = trainer.accum
+    per_step = trainer.layout.accum
 
     def hook(module, inputs, output):
         if not module.training:  # evaluation passes do not count
@@ -70,4 +78,4 @@ def nan_at(trainer, steps):
             output.logits = output.logits * float("nan")
         return output
 
-    trainer.accelerator.unwrap_model(trainer.model).register_forward_hook(hook)
+    trainer.unwrapped_model.register_forward_hook(hook)

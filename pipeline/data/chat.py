@@ -14,8 +14,7 @@ import torch
 
 from pipeline.data.order import EpochShuffle
 from pipeline.errors import PipelineError
-
-IGNORE = -100
+from pipeline.train.loss import IGNORE
 
 
 @dataclass

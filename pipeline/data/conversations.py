@@ -15,7 +15,14 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from pipeline.data.sources import is_val, read_text, resolve_paths, stdlib_files, stream_hf_dataset
+from pipeline.data.jsonl import read_jsonl
+from pipeline.data.sources import (
+    is_val,
+    read_text,
+    resolve_paths,
+    stdlib_files,
+    stream_hf_dataset,
+)
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -77,20 +84,9 @@ def check_messages(messages: list) -> list[dict]:
 
 
 def _jsonl_conversations(spec: ChatDataSpec, counts: dict) -> Iterator[list[dict]]:
+    fix = "fix the line or set finetune.data.skip_bad=true to skip such lines"
     for path in resolve_paths(spec.paths, "**/*.jsonl", "JSONL chat", "finetune.data.paths"):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield to_messages(json.loads(line), spec)
-                except ValueError as e:  # JSONDecodeError is a ValueError
-                    reason = f"not valid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-                    if not spec.skip_bad:
-                        raise PipelineError(
-                            f"{path}:{lineno}: {reason}; fix the line or set finetune.data.skip_bad=true to skip such lines."
-                        ) from None
-                    counts["bad"] += 1
+        yield from read_jsonl(path, lambda row: to_messages(row, spec), fix, spec.skip_bad, counts)
 
 
 def _hf_conversations(spec: ChatDataSpec, counts: dict) -> Iterator[list[dict]]:

@@ -62,8 +62,6 @@ class TokenShards:
     """The memory-mapped shards of one split."""
 
     arrays: list[np.ndarray]
-    vocab_size: int
-    eos_id: int
 
     @property
     def num_tokens(self) -> int:
@@ -78,4 +76,4 @@ def open_split(data_dir: Path, split: str) -> TokenShards:
         for s in index["splits"][split]
         if s["tokens"] > 0
     ]
-    return TokenShards(arrays, index["vocab_size"], index["eos_id"])
+    return TokenShards(arrays)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import logging
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
+from pipeline.data.jsonl import read_jsonl
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -53,6 +53,21 @@ def split_documents(spec: CorpusSpec, split: str, stats: dict | None = None) -> 
     for doc in iter_documents(spec, stats):
         if is_val(doc, spec.val_fraction) == want_val:
             yield doc
+
+
+def utf8_len(text: str) -> int:
+    """Bytes of text as stored (lone surrogates from a repaired file count as written)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def take_bytes(docs: Iterable[str], budget: int | None) -> Iterator[str]:
+    """Yield documents until about `budget` UTF-8 bytes have been yielded (None = all)."""
+    seen = 0
+    for doc in docs:
+        if budget is not None and seen >= budget:
+            return
+        seen += utf8_len(doc)
+        yield doc
 
 
 def stdlib_root() -> Path:
@@ -119,26 +134,16 @@ def _text_documents(spec: CorpusSpec, files: list[Path], stats: dict) -> Iterato
 
 
 def _jsonl_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:
+    def text_of(row) -> str | None:
+        if not isinstance(row, dict) or spec.text_field not in row:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"no {spec.text_field!r} field (found {keys})",
+                             "set data.text_field to the field holding the text")
+        text = row[spec.text_field]
+        return text if isinstance(text, str) and text.strip() else None
+
     for path in files:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PipelineError(
-                        f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line."
-                    ) from None
-                if not isinstance(row, dict) or spec.text_field not in row:
-                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise PipelineError(
-                        f"{path}:{lineno}: no {spec.text_field!r} field (found {keys}); "
-                        f"set data.text_field to the field holding the text."
-                    )
-                text = row[spec.text_field]
-                if isinstance(text, str) and text.strip():
-                    yield text
+        yield from read_jsonl(path, text_of)
 
 
 def _parquet_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from dataclasses import asdict
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from pipeline.bpe import EOS
 from pipeline.data.shards import ShardWriter, token_dtype, write_index
-from pipeline.data.sources import CorpusSpec, split_documents
+from pipeline.data.sources import split_documents, utf8_len
 from pipeline.errors import PipelineError
+from pipeline.model.tokenizer import EOS
+from pipeline.stages.context import StageContext
 
 NAME = "prepare"
 DIR = "data"  # runs/<name>/data/
@@ -21,12 +22,12 @@ log = logging.getLogger("pipeline")
 BATCH_BYTES = 8 * 2**20  # documents are encoded in batches of about this much text
 
 
-def upstream(cfg) -> list[str]:
+def upstream(specs) -> list[str]:
     return ["tokenizer"]
 
 
-def config_slice(cfg) -> dict:
-    return {"data": dict(cfg.data), "shard_tokens": cfg.prepare.shard_tokens}
+def config_slice(specs) -> dict:
+    return {"data": asdict(specs.data), "shard_tokens": specs.prepare.shard_tokens}
 
 
 def _batches(docs, batch_bytes: int):
@@ -49,7 +50,7 @@ def tokenize_split(tok: Tokenizer, docs, writer: ShardWriter, eos_id: int, desc:
             encodings = tok.encode_batch(batch, add_special_tokens=False)
             ids = np.concatenate([np.array(e.ids + [eos_id], dtype=writer.dtype) for e in encodings])
             writer.write(ids)
-            nbytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in batch)
+            nbytes = sum(utf8_len(d) for d in batch)
             counts["docs"] += len(batch)
             counts["bytes"] += nbytes
             counts["tokens"] += len(ids)
@@ -58,29 +59,28 @@ def tokenize_split(tok: Tokenizer, docs, writer: ShardWriter, eos_id: int, desc:
     return counts
 
 
-def run(cfg, inputs: dict, out: Path) -> dict:
-    spec = CorpusSpec(**cfg.data)
-    tok = Tokenizer.from_file(str(inputs["tokenizer"].path / "tokenizer.json"))
+def run(ctx: StageContext) -> dict:
+    tok = Tokenizer.from_file(str(ctx.inputs["tokenizer"].path / "tokenizer.json"))
     vocab_size, eos_id = tok.get_vocab_size(), tok.token_to_id(EOS)
     dtype = token_dtype(vocab_size)
     t0 = time.time()
     facts, splits = {"vocab_size": vocab_size, "dtype": dtype.name}, {}
     for split in ("train", "val"):
-        writer = ShardWriter(out, split, dtype, cfg.prepare.shard_tokens)
-        facts[split] = tokenize_split(tok, split_documents(spec, split), writer, eos_id, f"prepare: {split}")
+        writer = ShardWriter(ctx.out, split, dtype, ctx.specs.prepare.shard_tokens)
+        facts[split] = tokenize_split(tok, split_documents(ctx.specs.data, split), writer, eos_id, f"prepare: {split}")
         splits[split] = writer.shards
         if facts[split]["docs"] == 0:
             raise PipelineError(
                 f"the {split} split is empty ({facts['train']['docs']} documents in all); add documents, "
                 "change data.val_fraction, or set data.separator to cut files into documents (e.g. '\\n\\n')."
             )
-    write_index(out, dtype, vocab_size, eos_id, splits)
+    write_index(ctx.out, dtype, vocab_size, eos_id, splits)
     secs = time.time() - t0
     facts["seconds"] = round(secs, 2)
     total = facts["train"]["bytes"] + facts["val"]["bytes"]
     log.info(
         "prepare: %d train / %d val docs -> %.2fM / %.2fM tokens (%s) in %.1fs (%.1f MB/s) -> %s",
         facts["train"]["docs"], facts["val"]["docs"], facts["train"]["tokens"] / 1e6,
-        facts["val"]["tokens"] / 1e6, dtype.name, secs, total / 1e6 / secs, out,
+        facts["val"]["tokens"] / 1e6, dtype.name, secs, total / 1e6 / secs, ctx.out,
     )
     return facts

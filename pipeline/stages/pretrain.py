@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from dataclasses import asdict
 
-import torch
 from transformers import AutoTokenizer
 
-from pipeline.artifacts import Artifact, canonical_hash
-from pipeline.bpe import END_OF_TURN
+from pipeline.artifacts import Artifact
 from pipeline.data.shards import open_split
 from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.errors import PipelineError
-from pipeline.metrics import gzip_bits_per_byte, plot_curves, token_byte_strings
-from pipeline.modeling import ModelSpec, build_model, count_params, flops_per_token, hf_config, publish_hf_dir
-from pipeline.train_setup import TrainSpec
-from pipeline.training import Trainer
+from pipeline.model.build import build_model, count_params, flops_per_token, hf_config
+from pipeline.model.hf_dir import publish_hf_dir
+from pipeline.model.tokenizer import END_OF_TURN
+from pipeline.stages.context import StageContext
+from pipeline.train.bpb import gzip_reference, token_byte_strings
+from pipeline.train.loop import run_training
+from pipeline.train.metrics_file import MetricsFile, plot_curves
 
 NAME = "pretrain"
 DISTRIBUTED = True  # every rank trains; the runner publishes from the main process
@@ -25,12 +26,12 @@ UNTRACKED = ("checkpoints", "wandb", "tensorboard")
 log = logging.getLogger("pipeline")
 
 
-def upstream(cfg) -> list[str]:
+def upstream(specs) -> list[str]:
     return ["tokenizer", "prepare"]
 
 
-def config_slice(cfg) -> dict:
-    return {"model": dict(cfg.model), "train": dict(cfg.train), "seed": cfg.seed}
+def config_slice(specs) -> dict:
+    return {"model": asdict(specs.model), "train": asdict(specs.train), "seed": specs.seed}
 
 
 def check_lineage(tokenizer, tok: Artifact, data: Artifact) -> int:
@@ -45,40 +46,20 @@ def check_lineage(tokenizer, tok: Artifact, data: Artifact) -> int:
     return len(tokenizer)
 
 
-def eval_batches_from(rows: torch.Tensor, micro: int) -> list[dict]:
-    return [{"input_ids": r[:, :-1], "labels": r[:, 1:]} for r in rows.split(micro)]
-
-
-def save_hf_model(trainer: Trainer, tokenizer, out: Path) -> None:
-    """Consolidate (FSDP/DeepSpeed-safe) and write a plain HF model + tokenizer dir, atomically."""
-    acc = trainer.accelerator
-    state_dict = trainer.consolidated_state_dict()
-    if acc.is_main_process:
-        publish_hf_dir(acc.unwrap_model(trainer.model), tokenizer, out, state_dict)
-    acc.wait_for_everyone()
-
-
-def run(cfg, inputs: dict, out: Path) -> dict:
-    tok_art, data_art = inputs["tokenizer"], inputs["prepare"]
+def run(ctx: StageContext) -> dict:
+    tok_art, data_art = ctx.inputs["tokenizer"], ctx.inputs["prepare"]
+    specs, tspec = ctx.specs, ctx.specs.train
     tokenizer = AutoTokenizer.from_pretrained(tok_art.path)
     vocab_size = check_lineage(tokenizer, tok_art, data_art)
-    mspec, tspec = ModelSpec(**cfg.model), TrainSpec(**cfg.train)
-    if tspec.seq_len > mspec.max_seq_len:
-        raise PipelineError(
-            f"train.seq_len={tspec.seq_len} exceeds model.max_seq_len={mspec.max_seq_len}; lower one or raise the other."
-        )
-    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    config = hf_config(mspec, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model = build_model(config, cfg.seed)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_id]
+    config = hf_config(specs.model, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = build_model(config, specs.seed)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    windows = PackedWindows(open_split(data_art.path, "train"), tspec.seq_len, cfg.seed)
+    windows = PackedWindows(open_split(data_art.path, "train"), tspec.seq_len, specs.seed)
     val_rows = eval_windows(open_split(data_art.path, "val"), tspec.seq_len, tspec.eval_tokens)
     pieces = token_byte_strings(tokenizer)
-    token_bytes = torch.tensor([len(p) for p in pieces], dtype=torch.float64)
-    reference = gzip_bits_per_byte(b"".join(pieces[t] for t in val_rows[:, 1:].flatten().tolist()))
-
+    reference = gzip_reference(pieces, val_rows[:, 1:].flatten().tolist())
     n_params, fpt = count_params(model), flops_per_token(model, tspec.seq_len)
     budget = tspec.max_steps * tspec.batch_tokens
     log.info(
@@ -88,35 +69,26 @@ def run(cfg, inputs: dict, out: Path) -> dict:
         windows.num_windows, val_rows[:, 1:].numel(),
     )
     log.info("reference: gzip -9 compresses the same validation text to %.4f bits/byte", reference)
-    fingerprint = canonical_hash({"config": config_slice(cfg), "inputs": {k: a.hash for k, a in inputs.items()}})
-    trainer = Trainer(
-        model, tspec, out, windows.batch, lambda micro: eval_batches_from(val_rows, micro), fingerprint,
-        token_bytes=token_bytes, resume=cfg.resume, trackers=tuple(cfg.logger.trackers),
-        tracker_config=dict(cfg.train), project=cfg.logger.project,
-    )
-    summary = trainer.fit(flops_per_token=fpt)
-    save_hf_model(trainer, tokenizer, out / "model")
 
+    def eval_batches(micro):
+        return [{"input_ids": r[:, :-1], "labels": r[:, 1:]} for r in val_rows.split(micro)]
+
+    def publish(trained, state_dict):
+        publish_hf_dir(trained, tokenizer, ctx.out / "model", state_dict)
+        metrics = MetricsFile(ctx.out / "metrics.jsonl")
+        metrics.write({"step": tspec.max_steps, "reference": "gzip -9", "gzip_bpb": reference})
+        plot_curves(metrics.rows(), ctx.out / "curves.png", reference)
+
+    summary = run_training(ctx.training_job(model, tspec, pieces, windows.batch, eval_batches, fpt), publish)
     final = summary.get("final", {})
-    if trainer.accelerator.is_main_process:
-        trainer.metrics.write({"step": summary["steps"], "reference": "gzip -9", "gzip_bpb": reference})
-        plot_curves(trainer.metrics.rows(), out / "curves.png", reference)
-        verdict = "below" if final.get("val_bpb", 99) < reference else "NOT below"
-        log.info(
-            "pretrain: val bpb %.4f (%s gzip -9 at %.4f), val loss %.4f, %.0f tokens/s -> %s",
-            final.get("val_bpb", float("nan")), verdict, reference, final.get("val_loss", float("nan")),
-            summary["tokens_per_s"], out / "model",
-        )
+    verdict = "below" if final.get("val_bpb", 99) < reference else "NOT below"
+    log.info("pretrain: val bpb %.4f (%s gzip -9 at %.4f), val loss %.4f, %.0f tokens/s -> %s",
+             final.get("val_bpb", float("nan")), verdict, reference, final.get("val_loss", float("nan")),
+             summary["tokens_per_s"], ctx.out / "model")
     return {
-        "params": n_params,
-        "vocab_size": vocab_size,
-        "flops_per_token": fpt,
-        "tokens_seen": summary["tokens_seen"],
-        "steps": summary["steps"],
-        "tokens_per_s": summary["tokens_per_s"],
-        "final_val_loss": final.get("val_loss"),
-        "final_val_bpb": final.get("val_bpb"),
-        "gzip9_val_bpb": reference,
-        "processes": trainer.world,
-        "mixed_precision": trainer.accelerator.mixed_precision,
+        "params": n_params, "vocab_size": vocab_size, "flops_per_token": fpt, "tokens_seen": summary["tokens_seen"],
+        "steps": summary["steps"], "tokens_per_s": summary["tokens_per_s"], "final_val_loss": final.get("val_loss"),
+        "final_val_bpb": final.get("val_bpb"), "gzip9_val_bpb": reference, "resumed_from_step": summary["start_step"],
+        "processes": summary["launch"]["processes"], "mixed_precision": summary["launch"]["mixed_precision"],
+        "launch": summary["launch"],
     }

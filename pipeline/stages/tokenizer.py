@@ -4,29 +4,30 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from dataclasses import asdict
 
 from tqdm.auto import tqdm
 
-from pipeline.bpe import take_bytes, to_hf_tokenizer, train_bpe
-from pipeline.data.sources import CorpusSpec, split_documents
+from pipeline.data.sources import split_documents, take_bytes, utf8_len
 from pipeline.errors import PipelineError
+from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
+from pipeline.stages.context import StageContext
 
 NAME = "tokenizer"
 log = logging.getLogger("pipeline")
 VAL_SAMPLE_BYTES = 20 * 2**20  # enough validation text for a stable bytes/token figure
 
 
-def upstream(cfg) -> list[str]:
+def upstream(specs) -> list[str]:
     return []
 
 
-def config_slice(cfg) -> dict:
-    return {"data": dict(cfg.data), "tokenizer": dict(cfg.tokenizer)}
+def config_slice(specs) -> dict:
+    return {"data": asdict(specs.data), "tokenizer": asdict(specs.tokenizer)}
 
 
-def run(cfg, inputs: dict, out: Path) -> dict:
-    spec = CorpusSpec(**cfg.data)
+def run(ctx: StageContext) -> dict:
+    data, spec = ctx.specs.data, ctx.specs.tokenizer
     t0 = time.time()
     stats = {"docs": 0, "bytes": 0}
     files: dict = {}
@@ -34,25 +35,23 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     def counted(docs):
         with tqdm(desc="tokenizer: reading corpus", unit="B", unit_scale=True, leave=False, disable=None) as bar:
             for doc in docs:
-                n = len(doc.encode("utf-8", "surrogatepass"))
+                n = utf8_len(doc)
                 stats["docs"] += 1
                 stats["bytes"] += n
                 bar.update(n)
                 yield doc
 
-    budget = cfg.tokenizer.max_train_bytes
-    tok = train_bpe(counted(take_bytes(split_documents(spec, "train", files), budget)),
-                    cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    tok = train_bpe(counted(take_bytes(split_documents(data, "train", files), spec.max_train_bytes)),
+                    spec.vocab_size, spec.min_frequency)
     if stats["docs"] == 0:
         raise PipelineError(
             "the training split is empty (every document fell into validation); "
             "add more documents or lower data.val_fraction."
         )
-    hf = to_hf_tokenizer(tok, cfg.tokenizer.model_max_length)
-    hf.save_pretrained(out)
+    to_hf_tokenizer(tok, spec.model_max_length).save_pretrained(ctx.out)
 
-    val_docs = list(take_bytes(split_documents(spec, "val"), VAL_SAMPLE_BYTES))
-    val_bytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in val_docs)
+    val_docs = list(take_bytes(split_documents(data, "val"), VAL_SAMPLE_BYTES))
+    val_bytes = sum(utf8_len(d) for d in val_docs)
     val_tokens = sum(len(e.ids) for e in tok.encode_batch(val_docs))
     secs = time.time() - t0
     facts = {
@@ -66,6 +65,6 @@ def run(cfg, inputs: dict, out: Path) -> dict:
     log.info(
         "tokenizer: %d-token BPE from %.1f MB of %d docs in %.1fs (%.1f MB/s), %s bytes/token on val -> %s",
         facts["vocab_size"], stats["bytes"] / 1e6, stats["docs"], secs, stats["bytes"] / 1e6 / secs,
-        facts["val_bytes_per_token"], out,
+        facts["val_bytes_per_token"], ctx.out,
     )
     return facts

@@ -10,43 +10,31 @@ tokens/s here is the packed-SFT rate; padded batches train fewer real tokens per
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from common import (  # also puts the repo on sys.path
+    device_name,
+    model_spec,
+    timed_tokens_per_s,
+    train_spec,
+    training_parser,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from pretrain import model_spec  # noqa: E402
-
-from pipeline.metrics import peak_memory_gb  # noqa: E402
-from pipeline.modeling import build_model, count_params, hf_config  # noqa: E402
-from pipeline.stages.finetune import LoraSpec, apply_lora  # noqa: E402
-from pipeline.train_setup import TrainSpec  # noqa: E402
-from pipeline.training import Trainer  # noqa: E402
+from pipeline.model.build import build_model, count_params, hf_config
+from pipeline.model.lora import LoraSpec, apply_lora
+from pipeline.train.loop import Trainer, TrainingJob
+from pipeline.train.memory import peak_memory_gb
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="small")
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--precision", default="auto")
+    p = training_parser(__doc__, steps=20, warmup=4)
     p.add_argument("--rank", type=int, default=16)
     args = p.parse_args()
 
-    spec = TrainSpec(max_steps=args.steps, batch_tokens=args.batch_tokens, micro_batch_size=args.micro_batch,
-                     seq_len=args.seq_len, mixed_precision=args.precision, log_every=1, eval_every=0,
-                     ckpt_every=0, keep_checkpoints=1, warmup_steps=2, lr=1e-3)
+    spec = train_spec(args, lr=1e-3)
     model = apply_lora(build_model(hf_config(model_spec(args.model), args.vocab, 0, 1, 2), 0), LoraSpec(r=args.rank))
     gen = torch.Generator().manual_seed(0)
 
@@ -55,16 +43,15 @@ def main() -> None:
         return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
 
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, spec, Path(out), batch, [batch(0, 2)], fingerprint="bench")
+        val = [batch(0, 2)]
+        trainer = Trainer(TrainingJob(model, spec, Path(out), "bench", batch, lambda micro: val))
         trainer.fit()
-        rows = [r for r in trainer.metrics.rows() if "tokens_per_s" in r and r["step"] > args.warmup]
-    seconds = sum(spec.batch_tokens / r["tokens_per_s"] for r in rows)
-    device = trainer.accelerator.device
+        tps = timed_tokens_per_s(trainer.metrics.rows(), args.warmup, spec.batch_tokens)
+    device = trainer.strategy.device
     print(json.dumps({
-        "model": args.model, "device": str(device), "precision": trainer.accelerator.mixed_precision,
+        "model": args.model, "device": device_name(device), "precision": trainer.strategy.precision,
         "lora_rank": args.rank, "params": count_params(model), "trainable_params": count_params(model, True),
-        "seq_len": args.seq_len, "batch_tokens": args.batch_tokens,
-        "lora_tokens_per_s": round(len(rows) * spec.batch_tokens / seconds, 1),
+        "seq_len": args.seq_len, "batch_tokens": args.batch_tokens, "lora_tokens_per_s": round(tps, 1),
         "peak_mem_gb": round(peak_memory_gb(device), 3),
     }))
 

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline.inference import load_model, resolve_model  # noqa: E402
+from pipeline.model.inference import load_model, resolve_model  # noqa: E402
 
 
 def sync(device):

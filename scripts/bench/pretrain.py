@@ -1,19 +1,17 @@
 """Pretraining throughput: the pipeline's Trainer vs a bare PyTorch loop on the same model and batches.
 
-    python scripts/bench/pretrain.py --model small --steps 30                 # CPU, bf16 autocast
-    python scripts/bench/pretrain.py --model small --precision no             # CPU, fp32
+    python scripts/bench/pretrain.py --model small --steps 30                 # CPU, fp32 (auto)
+    python scripts/bench/pretrain.py --model small --precision bf16           # CPU, bf16 autocast
     python scripts/bench/pretrain.py --model gpt2_124m --vocab 50304 --seq-len 1024 \
         --micro-batch 16 --batch-tokens 524288 --precision bf16 --compile       # one GPU
 
-Prints one JSON object: tokens/s of both loops, their ratio, MFU (GPU), peak memory.
-Random tokens stand in for data: throughput does not depend on what the tokens are.
+Prints one JSON object: tokens/s of both loops, their ratio, MFU (GPU), peak memory, and the CPU
+or GPU it ran on. Random tokens stand in for data: throughput does not depend on what they are.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,23 +19,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
+from common import (  # also puts the repo on sys.path
+    device_name,
+    model_spec,
+    timed_tokens_per_s,
+    train_spec,
+    training_parser,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from pipeline.data.shards import TokenShards  # noqa: E402
-from pipeline.data.windows import PackedWindows  # noqa: E402
-from pipeline.metrics import peak_flops, peak_memory_gb  # noqa: E402
-from pipeline.modeling import ModelSpec, build_model, count_params, flops_per_token, hf_config  # noqa: E402
-from pipeline.train_setup import TrainSpec, lr_at, make_optimizer, resolve_mixed_precision  # noqa: E402
-from pipeline.training import Trainer  # noqa: E402
-
-
-def model_spec(name: str) -> ModelSpec:
-    cfg = yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())
-    cfg.pop("defaults", None)
-    return ModelSpec(**cfg)
+from pipeline.data.shards import TokenShards
+from pipeline.data.windows import PackedWindows
+from pipeline.model.build import build_model, count_params, flops_per_token, hf_config
+from pipeline.train.loop import Trainer, TrainingJob
+from pipeline.train.memory import peak_memory_gb
+from pipeline.train.optim import lr_at, make_optimizer
+from pipeline.train.spec import TrainSpec, batch_layout
+from pipeline.train.strategy import resolve_mixed_precision
+from pipeline.train.throughput import peak_flops
 
 
 def bare_loop(args, spec: TrainSpec, windows: PackedWindows, device: torch.device) -> float:
@@ -45,8 +43,7 @@ def bare_loop(args, spec: TrainSpec, windows: PackedWindows, device: torch.devic
     model = build_model(hf_config(model_spec(args.model), args.vocab, 0, 1, 2), 0).to(device)
     opt = make_optimizer(model, spec, fused=device.type == "cuda")
     fwd = torch.compile(model) if args.compile else model
-    micro = spec.micro_batch_size
-    accum = spec.batch_tokens // spec.seq_len // micro
+    _, micro, accum = batch_layout(spec, world=1)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_mixed_precision(args.precision))
     start = None
     for step in range(args.steps):
@@ -66,7 +63,7 @@ def bare_loop(args, spec: TrainSpec, windows: PackedWindows, device: torch.devic
             g["lr"] = lr_at(step, spec)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()  # the pipeline reads the loss every step too
+        loss.item()  # the pipeline reads the loss every step too (log_every=1)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (args.steps - args.warmup) * spec.batch_tokens / (time.perf_counter() - start)
@@ -76,44 +73,32 @@ def pipeline_loop(args, spec: TrainSpec, windows: PackedWindows) -> tuple[float,
     model = build_model(hf_config(model_spec(args.model), args.vocab, 0, 1, 2), 0)
     val = windows.batch(0, spec.micro_batch_size)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, spec, Path(out), windows.batch, [val], fingerprint="bench")
-        trainer.fit(flops_per_token(model, spec.seq_len))
-        rows = [r for r in trainer.metrics.rows() if "tokens_per_s" in r and r["step"] > args.warmup]
-    seconds = sum(spec.batch_tokens / r["tokens_per_s"] for r in rows)
-    return len(rows) * spec.batch_tokens / seconds, trainer
+        job = TrainingJob(model, spec, Path(out), "bench", windows.batch, lambda micro: [val],
+                          flops_per_token=flops_per_token(model, spec.seq_len))
+        trainer = Trainer(job)
+        trainer.fit()
+        tps = timed_tokens_per_s(trainer.metrics.rows(), args.warmup, spec.batch_tokens)
+    return tps, trainer
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="small", help="a conf/model/*.yaml name")
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing (compile, caches)")
-    p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | no")
+    p = training_parser(__doc__)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--skip-bare", action="store_true", help="time only the pipeline")
     args = p.parse_args()
 
-    spec = TrainSpec(
-        max_steps=args.steps, batch_tokens=args.batch_tokens, micro_batch_size=args.micro_batch,
-        seq_len=args.seq_len, mixed_precision=args.precision, compile=args.compile, log_every=1,
-        eval_every=0, ckpt_every=0, keep_checkpoints=1, warmup_steps=2,
-    )
+    spec = train_spec(args, compile=args.compile)
     rng = np.random.default_rng(0)
     n = max(args.steps * args.batch_tokens + args.seq_len + 1, 1 << 20)
-    windows = PackedWindows(TokenShards([rng.integers(0, args.vocab, n, dtype=np.int64)], args.vocab, 1), args.seq_len, 0)
+    windows = PackedWindows(TokenShards([rng.integers(0, args.vocab, n, dtype=np.int64)]), args.seq_len, 0)
 
     pipe_tps, trainer = pipeline_loop(args, spec, windows)
-    device = trainer.accelerator.device
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    fpt = flops_per_token(model, args.seq_len)
+    device = trainer.strategy.device
+    fpt = trainer.job.flops_per_token
     result = {
-        "model": args.model, "params": count_params(model), "device": str(device),
-        "precision": trainer.accelerator.mixed_precision, "compile": args.compile,
-        "seq_len": args.seq_len, "batch_tokens": args.batch_tokens, "micro_batch": trainer.micro,
+        "model": args.model, "params": count_params(trainer.model), "device": device_name(device),
+        "precision": trainer.strategy.precision, "compile": args.compile,
+        "seq_len": args.seq_len, "batch_tokens": args.batch_tokens, "micro_batch": trainer.layout.micro,
         "pipeline_tokens_per_s": round(pipe_tps, 1),
         "peak_mem_gb": round(peak_memory_gb(device), 3),
     }

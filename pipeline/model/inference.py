@@ -8,8 +8,6 @@ Resolution of a target path:
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +15,12 @@ from pathlib import Path
 import torch
 
 from pipeline.artifacts import read_manifest
-from pipeline.bpe import END_OF_TURN
-from pipeline.errors import PipelineError
-from pipeline.modeling import load_causal_lm, load_tokenizer
-
-log = logging.getLogger("pipeline")
+from pipeline.device import DTYPES, best_device, half_precision
+from pipeline.errors import PipelineError, first_line
+from pipeline.model.hf_dir import load_causal_lm, load_tokenizer
+from pipeline.model.lora import adapter_base, check_adapter_base
+from pipeline.model.sampling import Sampling
+from pipeline.model.tokenizer import END_OF_TURN, ensure_pad_token
 
 
 @dataclass
@@ -47,31 +46,6 @@ def _complete(stage_dir: Path) -> bool:
     return bool(m) and m.get("status") == "complete"
 
 
-def _adapter_base(adapter_dir: Path) -> str:
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise PipelineError(f"{adapter_dir}/adapter_config.json names no base model; pass the base model dir explicitly.")
-    return base
-
-
-def _model_fingerprint(d: Path) -> tuple:
-    return ((d / "config.json").read_text(), sorted((f.name, f.stat().st_size) for f in d.glob("*.safetensors")))
-
-
-def check_adapter_base(model_dir: str, adapter_dir: str) -> None:
-    """Refuse an adapter on a different base than the one it was trained on (as recorded with it)."""
-    recorded, given = Path(_adapter_base(Path(adapter_dir))), Path(model_dir)
-    if not (recorded / "config.json").is_file():
-        log.warning("cannot check %s: its base %s is not here; make sure %s is that model", adapter_dir, recorded, given)
-        return
-    if recorded.resolve() != given.resolve() and _model_fingerprint(recorded) != _model_fingerprint(given):
-        raise PipelineError(
-            f"the adapter {adapter_dir} was trained on {recorded}, not on {given}; "
-            f"use that base model (or fine-tune a new adapter for this one)."
-        )
-
-
 def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
     p = Path(target).expanduser()
     if adapter:
@@ -82,7 +56,7 @@ def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
         check_adapter_base(str(p), adapter)
         return ModelChoice(str(p), adapter, "adapter", chat=True)
     if (p / "adapter_config.json").is_file():
-        return ModelChoice(_adapter_base(p), str(p), "adapter", chat=True)
+        return ModelChoice(adapter_base(p), str(p), "adapter", chat=True)
     if (p / "config.json").is_file():
         return ModelChoice(str(p), None, "model", chat=False)
     if p.is_dir():
@@ -90,7 +64,7 @@ def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
         if _complete(ft) and (ft / "merged").is_dir():
             return ModelChoice(str(ft / "merged"), None, "merged", chat=True)
         if _complete(ft) and (ft / "adapter").is_dir():
-            return ModelChoice(_adapter_base(ft / "adapter"), str(ft / "adapter"), "adapter", chat=True)
+            return ModelChoice(adapter_base(ft / "adapter"), str(ft / "adapter"), "adapter", chat=True)
         if _complete(pre) and (pre / "model").is_dir():
             return ModelChoice(str(pre / "model"), None, "pretrain", chat=False)
         raise PipelineError(
@@ -100,22 +74,13 @@ def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
     raise PipelineError(f"{target} does not exist; give a run dir (runs/NAME), an HF model dir or an adapter dir.")
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if torch.backends.mps.is_available():
-        return torch.device("mps"), torch.float16
-    return torch.device("cpu"), torch.float32
-
-
 def load_model(choice: ModelChoice, trust_remote_code: bool = False):
     """(model in eval mode on the best device, tokenizer with left padding)."""
-    device, dtype = pick_device()
+    device = best_device()
     tokenizer = load_tokenizer(choice.tokenizer_dir, trust_remote_code)
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = load_causal_lm(choice.model_dir, trust_remote_code, dtype=dtype)
+    ensure_pad_token(tokenizer)
+    model = load_causal_lm(choice.model_dir, trust_remote_code, dtype=DTYPES[half_precision(device)])
     if choice.adapter_dir:
         from peft import PeftModel
 
@@ -123,7 +88,7 @@ def load_model(choice: ModelChoice, trust_remote_code: bool = False):
             model = PeftModel.from_pretrained(model, choice.adapter_dir)
         except (RuntimeError, ValueError, KeyError) as e:
             raise PipelineError(
-                f"the adapter {choice.adapter_dir} does not fit the model {choice.model_dir} ({str(e).splitlines()[0]}); "
+                f"the adapter {choice.adapter_dir} does not fit the model {choice.model_dir} ({first_line(e)}); "
                 f"use the base model it was trained on."
             ) from None
     return model.to(device).eval(), tokenizer
@@ -150,28 +115,6 @@ def format_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> str:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     return prompt
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int = 128
-    temperature: float = 0.8  # 0 = greedy
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise PipelineError("generate: max_new_tokens must be > 0, temperature >= 0 and 0 < top_p <= 1.")
-
-    def generate_kwargs(self) -> dict:
-        kw = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.temperature == 0:
-            kw.update(do_sample=False)
-        else:
-            kw.update(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-        return kw
 
 
 @torch.no_grad()

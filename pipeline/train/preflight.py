@@ -38,10 +38,10 @@ def memory_table(params: int, trainable: int, n_layer: int, world: int, act: flo
     }
 
 
-def report(params: int, trainable: int, flops_per_token: float | None, n_layer: int, d_model: int, vocab: int,
+def report(*, params: int, trainable: int, flops_per_token: float | None, n_layer: int, d_model: int, vocab: int,
            micro_tokens: int, world: int, half: bool, checkpointing: bool, budget_tokens: int,
            peak_flops: float | None, mfu: float = 0.4) -> list[str]:
-    """Lines to log before training starts."""
+    """Lines to log before training starts (keyword arguments only: they are easy to mix up)."""
     act = activation_bytes(n_layer, d_model, vocab, micro_tokens, half, checkpointing)
     table = memory_table(params, trainable, n_layer, world, act)
     lines = [

@@ -1,12 +1,15 @@
-"""Train a byte-level BPE tokenizer and save it as a Hugging Face tokenizer directory."""
+"""The tokenizer contract: pipeline's special tokens and chat template, BPE training, and what
+every tokenizer the chain uses must have (a chat template to fine-tune with, a pad token)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import logging
+from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+log = logging.getLogger("pipeline")
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 END_OF_TURN = "<|end|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -25,16 +28,6 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- endif %}"
 )
-
-
-def take_bytes(docs: Iterable[str], budget: int | None) -> Iterator[str]:
-    """Yield documents until about `budget` UTF-8 bytes have been yielded (None = all)."""
-    seen = 0
-    for doc in docs:
-        if budget is not None and seen >= budget:
-            return
-        seen += len(doc.encode("utf-8", "surrogatepass"))
-        yield doc
 
 
 def train_bpe(docs: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -66,3 +59,19 @@ def to_hf_tokenizer(tok: Tokenizer, model_max_length: int) -> PreTrainedTokenize
         clean_up_tokenization_spaces=False,
         padding_side="left",  # generation pads on the left; training builds its own batches
     )
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Batches need a pad id; a tokenizer without one pads with EOS (never trained: masked out)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def ensure_chat_template(tokenizer, source: str) -> str:
+    """Fine-tuning renders conversations with the base's own template; a base without one gets
+    pipeline's, with a warning. Returns whose template it is: "base" or "pipeline"."""
+    if tokenizer.chat_template:
+        return "base"
+    log.warning("%s has no chat template; using pipeline's (<|user|> ... <|end|>)", source)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return "pipeline"

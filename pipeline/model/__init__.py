@@ -1,0 +1,1 @@
+"""Model components: build from config, load and publish HF dirs, LoRA, the tokenizer contract, inference."""

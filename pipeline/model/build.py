@@ -1,0 +1,57 @@
+"""Build a Llama-style causal LM from `transformers` classes, and count its parameters and FLOPs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from pipeline.model.spec import ModelSpec
+
+
+def hf_config(spec: ModelSpec, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> LlamaConfig:
+    d_ff = spec.d_ff or 64 * -(-8 * spec.d_model // 3 // 64)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.d_model,
+        intermediate_size=d_ff,
+        num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head,
+        num_key_value_heads=spec.n_kv_head or spec.n_head,
+        max_position_embeddings=spec.max_seq_len,
+        rope_theta=spec.rope_theta,
+        tie_word_embeddings=spec.tie_embeddings,
+        initializer_range=spec.init_std,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        attn_implementation="sdpa",
+    )
+
+
+def build_model(config: LlamaConfig, seed: int) -> PreTrainedModel:
+    """A freshly initialised model; the same seed gives the same weights on every rank."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty local tensor
+    return total
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (parameters doing matmuls) + attention scores (PaLM appendix B).
+
+    The input embedding is a lookup, not a matmul, so it is left out unless tied to the head.
+    """
+    cfg = model.config
+    n = count_params(model)
+    if not cfg.tie_word_embeddings:
+        n -= model.get_input_embeddings().weight.numel()
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len

@@ -1,0 +1,75 @@
+"""LoRA through PEFT: apply adapters, merge them into their base, and check an adapter fits a base."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # every linear of the blocks
+    modules_to_save: list[str] | None = None  # e.g. [lm_head] to train it fully as well
+
+    def __post_init__(self):
+        if self.r <= 0 or self.alpha <= 0:
+            raise PipelineError(f"finetune.lora.r={self.r} and finetune.lora.alpha={self.alpha} must be positive.")
+        if not 0 <= self.dropout < 1:
+            raise PipelineError(f"finetune.lora.dropout={self.dropout} must be in [0, 1).")
+        if not self.target_modules:
+            raise PipelineError("finetune.lora.target_modules is empty; use [all-linear] or name the modules.")
+
+
+def apply_lora(model, spec: LoraSpec):
+    """The model wrapped by PEFT with trainable LoRA weights; everything else is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = spec.target_modules
+    config = LoraConfig(
+        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
+        target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
+        modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
+    )
+    return get_peft_model(model, config)
+
+
+def merge_adapter(base_model, adapter_dir: Path):
+    """A plain model: the base with the saved adapter folded into its weights."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on, as recorded in its adapter_config.json."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise PipelineError(f"{adapter_dir}/adapter_config.json names no base model; pass the base model dir explicitly.")
+    return base
+
+
+def _model_fingerprint(d: Path) -> tuple:
+    return ((d / "config.json").read_text(), sorted((f.name, f.stat().st_size) for f in d.glob("*.safetensors")))
+
+
+def check_adapter_base(model_dir: str, adapter_dir: str) -> None:
+    """Refuse an adapter on a different base than the one it was trained on (as recorded with it)."""
+    recorded, given = Path(adapter_base(Path(adapter_dir))), Path(model_dir)
+    if not (recorded / "config.json").is_file():
+        log.warning("cannot check %s: its base %s is not here; make sure %s is that model", adapter_dir, recorded, given)
+        return
+    if recorded.resolve() != given.resolve() and _model_fingerprint(recorded) != _model_fingerprint(given):
+        raise PipelineError(
+            f"the adapter {adapter_dir} was trained on {recorded}, not on {given}; "
+            f"use that base model (or fine-tune a new adapter for this one)."
+        )

@@ -1,0 +1,128 @@
+"""Every spec of a run, built from the composed config and checked before any stage runs.
+
+Hydra's schemas (registered in cli.py) catch unknown keys and wrong types; the dataclasses'
+own checks catch bad values (`train.decay=cosin`, a negative lr) and the checks below catch
+values that disagree with each other. So a typo in a late stage fails in a second, before the
+tokenizer or the corpus is touched. This module stays light (no torch, no transformers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from pipeline.data.conversations import ChatDataSpec
+from pipeline.data.sources import CorpusSpec
+from pipeline.errors import PipelineError
+from pipeline.model.lora import LoraSpec
+from pipeline.model.sampling import Sampling
+from pipeline.model.spec import ModelSpec
+from pipeline.train.spec import TrainSpec
+
+RESUME_CHOICES = ("auto", "never")
+
+
+@dataclass
+class TokenizerSpec:
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    max_train_bytes: int | None = 1_000_000_000  # train on at most this much of the training split
+    model_max_length: int = 2048
+
+    def __post_init__(self):
+        if self.vocab_size < 264:  # 256 bytes + pipeline's 7 special tokens + at least one merge
+            raise PipelineError(f"tokenizer.vocab_size={self.vocab_size} is too small; use at least 264 (e.g. 8192).")
+        if self.model_max_length <= 0 or (self.max_train_bytes is not None and self.max_train_bytes <= 0):
+            raise PipelineError("tokenizer.model_max_length and tokenizer.max_train_bytes must be positive.")
+
+
+@dataclass
+class PrepareSpec:
+    shard_tokens: int = 100_000_000  # tokens per shard file (uint16: 200 MB)
+
+    def __post_init__(self):
+        if not isinstance(self.shard_tokens, int) or self.shard_tokens <= 0:
+            raise PipelineError(f"prepare.shard_tokens={self.shard_tokens} must be a positive number.")
+
+
+@dataclass
+class FinetuneSpec:
+    base: str | None = None  # null: this run's pretrain/model; else a local HF dir (or hub name)
+    method: str = "lora"  # lora | full
+    merge: bool = True  # also write merged/: base + adapter as one plain HF model
+    packing: bool = False
+    trust_remote_code: bool = False
+    data: ChatDataSpec = field(default_factory=ChatDataSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    def __post_init__(self):
+        if self.method not in ("lora", "full"):
+            raise PipelineError(f"finetune.method={self.method!r} is unknown; use lora or full.")
+
+
+@dataclass
+class GenerateSpec(Sampling):
+    model: str | None = None  # null: this run's newest model; or an HF model dir / adapter dir / run dir
+    adapter: str | None = None
+    prompts: str | None = None  # .txt or .jsonl; null: built-in prompts
+    chat: str = "auto"  # auto | true | false
+    batch_size: int = 8
+    show: int = 3
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.chat = str(self.chat).lower()  # YAML and the command line may give a bool
+        if self.chat not in ("auto", "true", "false"):
+            raise PipelineError(f"generate.chat={self.chat!r} is unknown; use auto, true or false.")
+        if self.batch_size <= 0:
+            raise PipelineError(f"generate.batch_size={self.batch_size} must be a positive number.")
+
+    def sampling(self) -> Sampling:
+        return Sampling(**{f.name: getattr(self, f.name) for f in fields(Sampling)})
+
+    def chat_mode(self, fine_tuned: bool) -> bool:
+        """Chat template for fine-tuned models and plain completion for base ones, unless set."""
+        return fine_tuned if self.chat == "auto" else self.chat == "true"
+
+
+@dataclass
+class LoggerSpec:
+    trackers: list[str] = field(default_factory=list)  # wandb | tensorboard (metrics.jsonl is always written)
+    project: str = "pipeline"
+
+
+@dataclass
+class RunSpecs:
+    data: CorpusSpec
+    tokenizer: TokenizerSpec
+    prepare: PrepareSpec
+    model: ModelSpec
+    train: TrainSpec
+    finetune: FinetuneSpec
+    generate: GenerateSpec
+    logger: LoggerSpec
+    seed: int
+    resume: str
+
+
+def build_specs(cfg: dict) -> RunSpecs:
+    """Typed, checked specs from the composed config (a plain, resolved dict)."""
+    ft = dict(cfg["finetune"])
+    finetune = FinetuneSpec(**{**ft, "data": ChatDataSpec(**ft["data"]), "lora": LoraSpec(**ft["lora"]),
+                               "train": TrainSpec(**ft["train"], key="finetune.train")})
+    specs = RunSpecs(
+        data=CorpusSpec(**cfg["data"]), tokenizer=TokenizerSpec(**cfg["tokenizer"]),
+        prepare=PrepareSpec(**cfg["prepare"]), model=ModelSpec(**cfg["model"]),
+        train=TrainSpec(**cfg["train"]), finetune=finetune, generate=GenerateSpec(**cfg["generate"]),
+        logger=LoggerSpec(**cfg["logger"]), seed=cfg["seed"], resume=cfg["resume"],
+    )
+    if not isinstance(specs.seed, int) or isinstance(specs.seed, bool):
+        raise PipelineError(f"seed={specs.seed!r} must be a whole number.")
+    if specs.resume not in RESUME_CHOICES:
+        raise PipelineError(f"resume={specs.resume} is unknown; use auto or never.")
+    for key, train in (("train", specs.train), ("finetune.train", None if finetune.base else finetune.train)):
+        if train is not None and train.seq_len > specs.model.max_seq_len:
+            raise PipelineError(f"{key}.seq_len={train.seq_len} exceeds model.max_seq_len={specs.model.max_seq_len}; "
+                                f"lower one or raise the other.")
+    return specs

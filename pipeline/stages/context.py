@@ -1,0 +1,31 @@
+"""What a stage is given: the run's specs, its up-to-date inputs, its output dir and fingerprint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.artifacts import Artifact
+from pipeline.specs import RunSpecs
+
+
+@dataclass
+class StageContext:
+    specs: RunSpecs
+    inputs: dict[str, Artifact]
+    out: Path
+    fingerprint: str  # hash of this stage's config and its inputs' content: what checkpoints must match
+
+    def training_job(self, model, spec, token_pieces: list[bytes], batch, eval_batches, flops_per_token=None):
+        """The TrainingJob both training stages hand to run_training, from this context;
+        token_pieces (bpb.token_byte_strings) give each token's bytes, for bits per byte."""
+        import torch
+
+        from pipeline.train.loop import Tracking, TrainingJob
+
+        logger = self.specs.logger
+        return TrainingJob(
+            model=model, spec=spec, out_dir=self.out, fingerprint=self.fingerprint, batch=batch,
+            eval_batches=eval_batches, token_bytes=torch.tensor([len(p) for p in token_pieces], dtype=torch.float64), flops_per_token=flops_per_token,
+            resume=self.specs.resume, tracking=Tracking(tuple(logger.trackers), logger.project, asdict(spec)),
+        )

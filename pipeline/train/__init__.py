@@ -1,0 +1,1 @@
+"""Training shared by pretrain and finetune: the loop, the launch strategy, optimizer, checkpoints."""

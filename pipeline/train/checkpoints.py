@@ -1,0 +1,102 @@
+"""Training checkpoints: `checkpoints/step_NNNNNN/` = accelerate state + trainer_state.json.
+
+A checkpoint is written into `.tmp-step_NNNNNN/`, its files are checksummed into
+`trainer_state.json`, and only then renamed into place (`seal`). On resume the newest checkpoint
+whose files match their checksums and whose fingerprint matches this run's config is used; a
+damaged one is skipped with a warning, so a kill -9 mid-save never costs more than one interval.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.artifacts import list_files, verify_files, write_json_atomic
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+STATE_FILE = "trainer_state.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def seal(tmp: Path, final: Path, state: dict, keep: int) -> None:
+    """Main process, after every rank has saved into `tmp`: checksum, publish, prune old ones."""
+    state = dict(state, files=list_files(tmp))
+    write_json_atomic(tmp / STATE_FILE, state)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(final.parent.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(strategy, root: Path, state: dict, keep: int, previous: Path | None) -> Path:
+    """Write checkpoint `state["step"]` (every rank calls this); returns its directory."""
+    final = step_dir(root, state["step"])
+    tmp = final.with_name(".tmp-" + final.name)
+    strategy.wait()
+    try:
+        strategy.save_state(tmp)
+        strategy.wait()
+        if strategy.is_main:
+            seal(tmp, final, state, keep)
+    except OSError as e:  # disk full, quota, permissions: keep what is already on disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise PipelineError(
+            f"could not write checkpoint {final} ({e.strerror or e}); {kept}. Free disk space or fix "
+            f"permissions under {root}, then rerun to resume."
+        ) from None
+    strategy.wait()
+    return final
+
+
+def restore(strategy, root: Path, fingerprint: str, resume: str) -> dict | None:
+    """Load the newest valid checkpoint of this run into the strategy's objects and return its
+    state ({"step", "tokens_seen", ...}), or None to start from scratch (resume="never" clears them)."""
+    if strategy.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for tmp in root.glob(".tmp-step_*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if resume == "never":
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+    strategy.wait()
+    found = latest(root, fingerprint) if resume != "never" else None
+    if found is None:
+        return None
+    path, state = found
+    strategy.load_state(path)
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return dict(state, path=path)
+
+
+def read_valid_state(ckpt: Path, fingerprint: str) -> dict | None:
+    """trainer_state of an intact checkpoint of this run, else None (with the reason logged)."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        log.warning("checkpoint %s has no readable %s; skipping it", ckpt, STATE_FILE)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("checkpoint %s belongs to a different config; skipping it", ckpt)
+        return None
+    problem = verify_files(ckpt, state.get("files", {}))
+    if problem:
+        log.warning("checkpoint %s is damaged (%s); falling back to an older one", ckpt, problem)
+        return None
+    return state
+
+
+def latest(root: Path, fingerprint: str) -> tuple[Path, dict] | None:
+    for ckpt in sorted(root.glob("step_*"), reverse=True):
+        state = read_valid_state(ckpt, fingerprint)
+        if state is not None:
+            return ckpt, state
+    return None

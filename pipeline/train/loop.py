@@ -1,0 +1,320 @@
+"""The one training loop, shared by pretrain and finetune: `run_training(job, publish)`.
+
+A step: this rank's micro-batches, forward + backward each (gradients synced on the last),
+clip, AdamW. The loop asks the Strategy everything that depends on the launch. A step leaves its
+loss, grad norm and token counts on the device; they are read back (one host sync) every
+log_every steps and before any evaluation or checkpoint, and every step is checked then.
+
+Loss normalisation: every micro-batch adds sum(token losses) * world / (trained tokens in the
+whole global step). Gradient averaging across ranks then gives the mean over all trained tokens
+of the step, so 1 process, N processes and any accumulation split give the same update.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.errors import PipelineError, TrainingStopped
+from pipeline.model.build import count_params
+from pipeline.train import checkpoints
+from pipeline.train.bpb import bits_per_byte
+from pipeline.train.loss import IGNORE, token_losses
+from pipeline.train.memory import peak_memory_gb
+from pipeline.train.metrics_file import MetricsFile
+from pipeline.train.optim import lr_at
+from pipeline.train.preflight import report
+from pipeline.train.signals import StopSignal
+from pipeline.train.spec import TrainSpec
+from pipeline.train.strategy import Strategy, to_device
+from pipeline.train.throughput import mfu, peak_flops
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class Tracking:
+    """Experiment trackers besides metrics.jsonl (accelerate's: wandb, tensorboard)."""
+
+    trackers: tuple[str, ...] = ()
+    project: str = "pipeline"
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainingJob:
+    """What a training stage hands to run_training."""
+
+    model: torch.nn.Module
+    spec: TrainSpec
+    out_dir: Path
+    fingerprint: str  # the runner's hash of config + inputs: checkpoints of another run are never resumed
+    batch: Callable[[int, int], dict]  # (first global sample, count) -> {"input_ids", "labels", ...}
+    eval_batches: Callable[[int], list[dict]]  # micro-batch size -> the fixed validation batches
+    token_bytes: torch.Tensor | None = None  # (vocab,) bytes per token: enables bits per byte
+    flops_per_token: float | None = None  # enables MFU on GPUs with a known peak
+    resume: str = "auto"  # auto | never
+    tracking: Tracking = field(default_factory=Tracking)
+
+
+def run_training(job: TrainingJob, publish: Callable[[torch.nn.Module, dict], None]) -> dict:
+    """Train, then call publish(model, consolidated state dict) on the main process; returns the
+    summary (initial/final evaluation, steps, tokens, speed, and the launch's facts)."""
+    trainer = Trainer(job)
+    summary = trainer.fit()
+    state_dict = trainer.strategy.consolidated_state_dict(trainer.model)
+    if trainer.strategy.is_main:
+        publish(trainer.unwrapped_model, state_dict)
+    trainer.strategy.wait()
+    return summary
+
+
+@dataclass
+class _Progress:
+    """Where fit() is: counters, the steps not yet read back, and the timing of the last log."""
+
+    step: int
+    tokens_seen: int
+    last_ckpt: Path | None
+    pending: list = field(default_factory=list)
+    t_last: float = field(default_factory=time.time)
+    tokens_at_last: int = 0
+    train_seconds: float = 0.0
+
+
+class Trainer:
+    """Runs job.spec.max_steps optimizer steps of job.model; see run_training."""
+
+    def __init__(self, job: TrainingJob):
+        self.job, self.spec = job, job.spec
+        self.ckpt_root = job.out_dir / "checkpoints"
+        self.strategy = Strategy(job.spec, job.out_dir, job.tracking.trackers)
+        self.model, self.optimizer, self.forward = self.strategy.setup(job.model)
+        self.layout = self.strategy.layout
+        self.eval_data = job.eval_batches(self.layout.micro)
+        device = self.strategy.device
+        self.token_bytes = job.token_bytes.to(device) if job.token_bytes is not None else None
+        self.peak = peak_flops(device)
+        self.metrics: MetricsFile | None = None
+        self._skipped = 0
+        acc = self.strategy.accelerator
+        if job.tracking.trackers:
+            acc.init_trackers(job.tracking.project, config=job.tracking.config)
+        log.info(
+            "batch: %d sequences x %d tokens = %d tokens/step = %d processes x %d micro-batch x %d accumulation; "
+            "precision %s%s on %s, strategy %s",
+            self.layout.global_seqs, self.spec.seq_len, self.spec.batch_tokens, self.strategy.world,
+            self.layout.micro, self.layout.accum, self.strategy.precision,
+            ", compiled" if self.spec.compile else "", device, self.strategy.name,
+        )
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.strategy.accelerator.unwrap_model(self.model)
+
+    def _log_preflight(self) -> None:
+        cfg = self.unwrapped_model.config
+        for line in report(
+            params=count_params(self.model), trainable=count_params(self.model, trainable_only=True),
+            flops_per_token=self.job.flops_per_token, n_layer=getattr(cfg, "num_hidden_layers", 1),
+            d_model=getattr(cfg, "hidden_size", 1), vocab=getattr(cfg, "vocab_size", 1),
+            micro_tokens=self.layout.micro * self.spec.seq_len, world=self.strategy.world,
+            half=self.strategy.precision in ("bf16", "fp16"), checkpointing=self.spec.activation_checkpointing,
+            budget_tokens=self.spec.max_steps * self.spec.batch_tokens, peak_flops=self.peak,
+        ):
+            log.info(line)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss per token and bits per byte (text tokens only) over all ranks."""
+        device, world = self.strategy.device, self.strategy.world
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tokens, text loss, bytes
+        n = len(self.eval_data)
+        for index in range(self.strategy.rank, -(-n // world) * world, world):
+            # Every rank runs the same number of forwards: a sharded model's forward is collective.
+            batch = {k: v.to(device) for k, v in self.eval_data[min(index, n - 1)].items()}
+            with self.strategy.accelerator.autocast():
+                losses = token_losses(self.forward, batch).double()
+            if index >= n:
+                continue  # a padding pass, only to keep the ranks in step
+            mask = batch["labels"] != IGNORE
+            sums[0] += losses[mask].sum()
+            sums[1] += mask.sum()
+            if self.token_bytes is not None:
+                nbytes = self.token_bytes[batch["labels"].clamp(min=0)] * mask
+                sums[2] += losses[nbytes > 0].sum()
+                sums[3] += nbytes.sum()
+        sums = self.strategy.sum_over_ranks(sums)
+        self.model.train()
+        out = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+        if self.token_bytes is not None:
+            out["val_bpb"] = bits_per_byte(sums[2].item(), int(sums[3].item()))
+        return out
+
+    # -- one step ------------------------------------------------------------------------------
+    def _step_batches(self, step: int) -> tuple[list[dict], torch.Tensor]:
+        """This rank's micro-batches of global step `step`, on device, and their [trained, input]
+        token counts as a device tensor (counted there, so nothing waits for the GPU)."""
+        micro, accum = self.layout.micro, self.layout.accum
+        first = step * self.layout.global_seqs + self.strategy.rank * micro * accum
+        device = self.strategy.device
+        batches, counts = [], torch.zeros(2, dtype=torch.int64, device=device)
+        for m in range(accum):
+            b = to_device(self.job.batch(first + m * micro, micro), device)
+            counts[0] += (b["labels"] != IGNORE).sum()
+            counts[1] += b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+            batches.append(b)
+        return batches, counts
+
+    def _train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step. Returns [mean loss per trained token, grad norm, trained tokens, input
+        tokens] as one device tensor: nothing here waits for the GPU (unless train.skip_nonfinite
+        needs the loss before deciding to step)."""
+        strategy = self.strategy
+        batches, counts = self._step_batches(step)
+        counts = strategy.sum_over_ranks(counts)
+        total = counts[0].double()
+        scale = (strategy.world / total.clamp(min=1)).float()
+        for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside it
+            group["lr"] = lr_at(step, self.spec)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=strategy.device)
+        for m, batch in enumerate(batches):
+            with strategy.micro_step(self.model, last=m == len(batches) - 1):
+                micro_sum = token_losses(self.forward, batch).sum()
+                strategy.backward(micro_sum * scale)
+            loss_sum += micro_sum.detach().double()
+        grad_norm = strategy.clip_grad_norm(self.model)
+        stats = torch.stack([strategy.sum_over_ranks(loss_sum) / total, grad_norm, total, counts[1].double()])
+        if self.spec.skip_nonfinite and not torch.isfinite(stats[:2]).all():
+            self.optimizer.zero_grad(set_to_none=True)  # skipping: never apply a NaN/inf update
+            return stats
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def _read_back(self, pending: list[torch.Tensor], step: int, last_ckpt: Path | None) -> tuple[float, float, int]:
+        """Read the steps since the last read in one host sync and check each of them, so a NaN is
+        reported at the step it happened. Returns (last loss, last grad norm, input tokens)."""
+        rows = torch.stack(pending).tolist()
+        for s, (loss, grad_norm, trained, _) in enumerate(rows, start=step - len(rows) + 1):
+            if trained == 0:
+                raise PipelineError(f"step {s} has no trained tokens (every label is masked); check the data.")
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                continue
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+            if self._skipped < self.spec.skip_nonfinite:
+                self._skipped += 1
+                log.warning("step %d: %s; update skipped (%d of train.skip_nonfinite=%d)",
+                            s, what, self._skipped, self.spec.skip_nonfinite)
+                continue
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+            raise PipelineError(
+                f"the {what} at step {s} is not finite; {where}. Lower train.lr, raise train.warmup_steps, "
+                f"check the data or allow skips with train.skip_nonfinite=N, then rerun (resume=auto "
+                f"continues from the checkpoint)."
+            )
+        loss, grad_norm, _, _ = rows[-1]
+        return loss, grad_norm, int(sum(r[3] for r in rows))
+
+    # -- the run -------------------------------------------------------------------------------
+    def _every(self, step: int, interval: int) -> bool:
+        return bool(interval and step % interval == 0) or step == self.spec.max_steps
+
+    def fit(self) -> dict:
+        """Resume or start, train to max_steps, evaluate, checkpoint; returns the summary."""
+        self._log_preflight()
+        state = checkpoints.restore(self.strategy, self.ckpt_root, self.job.fingerprint, self.job.resume)
+        start = state["step"] if state else 0
+        run = _Progress(start, state["tokens_seen"] if state else 0, state["path"] if state else None)
+        run.tokens_at_last = start_tokens = run.tokens_seen
+        self.metrics = MetricsFile(self.job.out_dir / "metrics.jsonl", self.strategy.is_main)
+        self.metrics.keep_until(start or None)
+        summary = {"start_step": start, **self._initial_evaluation(start)}
+        run.t_last = time.time()  # evaluation time is not training time
+        with StopSignal() as stop, tqdm(total=self.spec.max_steps, initial=start, desc="train", dynamic_ncols=True,
+                                         disable=None if self.strategy.is_main else True) as bar:
+            while run.step < self.spec.max_steps:
+                run.pending.append(self._train_step(run.step))
+                run.step += 1
+                bar.update(1)
+                if self._read_due(run.step, stop):
+                    self._at_read_step(run, stop, bar, summary)
+        if "final" not in summary:  # resumed at the last step: nothing left to train, still report
+            summary["final"] = self.evaluate()
+        if self.strategy.accelerator.trackers:
+            self.strategy.accelerator.end_training()
+        summary.update(steps=run.step, tokens_seen=run.tokens_seen, train_seconds=round(run.train_seconds, 1),
+                       tokens_per_s=round((run.tokens_seen - start_tokens) / max(run.train_seconds, 1e-9), 1),
+                       last_checkpoint=str(run.last_ckpt) if run.last_ckpt else None, skipped_steps=self._skipped,
+                       launch=self.strategy.describe())
+        return summary
+
+    def _initial_evaluation(self, start: int) -> dict:
+        """{"initial": step-0 validation}: measured on a fresh run, read from metrics.jsonl on a resumed one."""
+        if start == 0:
+            first = self.evaluate()
+            self.metrics.write({"step": 0, **first})
+            log.info("step 0: val loss %.4f%s", first["val_loss"], _bpb(first))
+        else:
+            first = next((r for r in self.metrics.rows() if r.get("step") == 0 and "val_loss" in r), None)
+        return {"initial": {k: v for k, v in first.items() if k != "step"}} if first else {}
+
+    def _read_due(self, step: int, stop: StopSignal) -> bool:
+        """Device values are read back (one host sync) only when something needs them."""
+        spec = self.spec
+        signalled = self.strategy.world == 1 and stop.signum is not None  # several ranks agree at read steps
+        return (self._every(step, spec.log_every) or self._every(step, spec.eval_every)
+                or self._every(step, spec.ckpt_every) or bool(spec.skip_nonfinite) or signalled)
+
+    def _at_read_step(self, run: _Progress, stop: StopSignal, bar, summary: dict) -> None:
+        """Check and log the pending steps, evaluate, checkpoint, and stop on a signal."""
+        spec, step = self.spec, run.step
+        loss, grad_norm, tokens = self._read_back(run.pending, step, run.last_ckpt)
+        run.tokens_seen += tokens
+        run.pending = []
+        if self._every(step, spec.log_every):
+            self._log_train(run, loss, grad_norm, bar)
+        if self._every(step, spec.eval_every):
+            summary["final"] = ev = self.evaluate()
+            self._record(ev, step)
+            log.info("step %d: train loss %.4f, val loss %.4f%s", step, loss, ev["val_loss"], _bpb(ev))
+            run.t_last = time.time()  # evaluation time is not training time
+        stopping = self.strategy.any_rank(stop.signum is not None)
+        if self._every(step, spec.ckpt_every) or stopping:
+            state = {"step": step, "tokens_seen": run.tokens_seen, "fingerprint": self.job.fingerprint}
+            run.last_ckpt = checkpoints.save(self.strategy, self.ckpt_root, state, spec.keep_checkpoints, run.last_ckpt)
+            run.t_last = time.time()
+        if stopping:
+            raise TrainingStopped(step, run.last_ckpt)
+
+    def _log_train(self, run: _Progress, loss: float, grad_norm: float, bar) -> None:
+        now = time.time()
+        seconds = now - run.t_last
+        run.train_seconds += seconds
+        tps = (run.tokens_seen - run.tokens_at_last) / max(seconds, 1e-9)
+        row = {"loss": loss, "lr": lr_at(run.step - 1, self.spec), "grad_norm": grad_norm, "tokens_per_s": tps,
+               "tokens_seen": run.tokens_seen, "peak_mem_gb": peak_memory_gb(self.strategy.device)}
+        used = mfu(self.job.flops_per_token, tps, self.peak, self.strategy.world)
+        if used is not None:
+            row["mfu"] = used
+        self._record(row, run.step)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+        run.t_last, run.tokens_at_last = time.time(), run.tokens_seen
+
+    def _record(self, row: dict, step: int) -> None:
+        self.metrics.write({"step": step, **row})
+        if self.strategy.accelerator.trackers:
+            self.strategy.accelerator.log(row, step=step)
+
+
+def _bpb(ev: dict) -> str:
+    return f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""

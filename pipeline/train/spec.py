@@ -1,0 +1,90 @@
+"""TrainSpec: the knobs of a training run (both stages), checked when the config is composed,
+and the batch layout it implies for a number of processes."""
+
+from __future__ import annotations
+
+from dataclasses import InitVar, dataclass
+from typing import Any, NamedTuple
+
+from pipeline.errors import PipelineError
+
+PRECISIONS = ("auto", "bf16", "fp16", "no")
+DECAYS = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainSpec:
+    max_steps: int = 300
+    batch_tokens: int = 4096  # global batch per optimizer step, in tokens (sequences x seq_len)
+    micro_batch_size: Any = 16  # sequences per device per forward pass, or "auto" (largest that fits)
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # decay ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    decay: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA GPUs that support it, else fp16; fp32 elsewhere) | bf16 | fp16 | no
+    compile: bool = False  # torch.compile; falls back to eager (with a log line) if it fails
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    log_every: int = 10  # also how often values are read back from the GPU (and several processes agree to stop)
+    eval_every: int = 100  # 0 = only at the end
+    eval_tokens: int = 65536  # validation tokens per evaluation
+    ckpt_every: int = 100  # 0 = only at the end and on SIGTERM/SIGINT
+    keep_checkpoints: int = 2  # 0 = keep all
+    skip_nonfinite: int = 0  # skip up to this many steps whose loss or gradients are NaN/inf (0 = stop)
+    key: InitVar[str] = "train"  # where these values live in the config, for error messages
+
+    def __post_init__(self, key: str):
+        """Raise a PipelineError naming `key`.FIELD for the first bad value."""
+        self._key = key  # not a field: not part of the config or its hash
+        micro = self.micro_batch_size
+        if micro != "auto" and not (isinstance(micro, int) and not isinstance(micro, bool) and micro > 0):
+            raise PipelineError(f"{key}.micro_batch_size={micro} must be a positive number or auto.")
+        for name in ("max_steps", "batch_tokens", "seq_len", "log_every", "eval_tokens"):
+            if getattr(self, name) <= 0:
+                raise PipelineError(f"{key}.{name}={getattr(self, name)} must be a positive number.")
+        for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "skip_nonfinite", "grad_clip",
+                     "weight_decay"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"{key}.{name}={getattr(self, name)} must be 0 or more.")
+        if not self.lr > 0:
+            raise PipelineError(f"{key}.lr={self.lr} must be positive (e.g. 3e-4).")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise PipelineError(f"{key}.min_lr_ratio={self.min_lr_ratio} must be between 0 and 1.")
+        if self.decay not in DECAYS:
+            raise PipelineError(f"{key}.decay={self.decay!r} is unknown; use {', '.join(DECAYS)}.")
+        if self.mixed_precision not in PRECISIONS:
+            raise PipelineError(f"{key}.mixed_precision={self.mixed_precision!r} is unknown; use {', '.join(PRECISIONS)}.")
+        if self.batch_tokens % self.seq_len:
+            raise PipelineError(f"{key}.batch_tokens={self.batch_tokens} is not a multiple of {key}.seq_len={self.seq_len}.")
+
+
+class BatchLayout(NamedTuple):
+    """How one optimizer step's global batch is cut: global = processes x micro x accumulation."""
+
+    global_seqs: int
+    micro: int
+    accum: int
+
+
+def batch_layout(spec: TrainSpec, world: int, micro_batch: int | None = None) -> BatchLayout:
+    """The layout of spec's global token batch over `world` processes; `micro_batch` overrides
+    spec.micro_batch_size (it is how "auto" is resolved)."""
+    key = getattr(spec, "_key", "train")
+    global_seqs = spec.batch_tokens // spec.seq_len
+    if global_seqs % world:
+        raise PipelineError(
+            f"the global batch of {global_seqs} sequences does not split over {world} processes; "
+            f"set {key}.batch_tokens to a multiple of {world * spec.seq_len}."
+        )
+    per_rank = global_seqs // world
+    micro = min(micro_batch or spec.micro_batch_size, per_rank)
+    if per_rank % micro:
+        raise PipelineError(
+            f"{per_rank} sequences per process is not a multiple of {key}.micro_batch_size={micro}; "
+            f"pick a micro batch that divides it."
+        )
+    return BatchLayout(global_seqs, micro, per_rank // micro)
