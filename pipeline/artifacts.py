@@ -131,6 +131,18 @@ def artifact_state(stage_dir: Path, config_hash: str, inputs: dict[str, Artifact
     return "complete"
 
 
+def check_lineage(tokenizer, tok: Artifact, data: Artifact) -> int:
+    """The shards must come from this tokenizer, and every size must agree; returns the vocab size."""
+    if data.manifest["inputs"].get("tokenizer", {}).get("manifest_hash") != tok.hash:
+        raise PipelineError(
+            f"{data.path} was tokenized with another tokenizer than {tok.path}; rerun `pipeline stage=prepare`."
+        )
+    sizes = {"tokenizer": len(tokenizer), "shards": data.facts["vocab_size"], "tokenizer manifest": tok.facts["vocab_size"]}
+    if len(set(sizes.values())) != 1:
+        raise PipelineError(f"vocabulary sizes disagree ({sizes}); rebuild with `pipeline stage=prepare force=true`.")
+    return len(tokenizer)
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(

@@ -4,6 +4,8 @@
     pipeline stage=prepare run.name=t           # tokenizer + token shards only
     pipeline recipe=gpt2_124m data=text data.paths='[corpus/]'
     accelerate launch --num_processes 8 -m pipeline recipe=gpt2_124m
+    pipeline -m stage=pretrain train.lr=1e-3,3e-3 run.name=lr   # a sweep: a run per combination
+    pipeline report runs/lr                     # compare finished runs
 
 Every rank of a multi-process launch composes the same config; only the main process writes
 `.hydra/`, manifests and logs, and the run directory is fixed by run.root/run.name (no
@@ -114,13 +116,16 @@ def print_help() -> None:
     }
     recipes = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
     print(__doc__.strip().split("\n\n")[0])
-    print("\nUsage: pipeline [recipe=NAME|path.yaml] [stage=STAGE] [key=value ...] [--cfg] [--help]\n")
+    print("\nUsage: pipeline [recipe=NAME|path.yaml] [stage=STAGE] [key=value ...] [--cfg] [--help]")
+    print("       pipeline -m|--multirun key=a,b other=x,y ...   (Hydra sweep grammar: a,b  range()  glob())")
+    print("       pipeline report DIR... [--out DIR]\n")
     print(f"  stage     {' | '.join(STAGE_CHOICES)}  (default all; upstream stages are built as needed)")
     print(f"  recipe    {recipes}  (default {DEFAULT_RECIPE})")
     for name, choices in groups.items():
         print(f"  {name:<9} {choices}")
     print("\n  run.name=NAME run.root=DIR   artifacts in DIR/NAME/<stage>/ (default runs/<recipe>)")
     print("  force=true | force=[stage]    rebuild even when up to date")
+    print("  sweep.launch='accelerate launch ...'   how -m starts each run (default: python -m pipeline)")
     print("  --cfg                         print the composed config and exit")
     print(f"\nConfig groups: {CONF_DIR}\nRecipes: {RECIPES_DIR}")
 
@@ -169,9 +174,17 @@ def _read(path: Path) -> str:
 
 
 def run(argv: list[str]) -> None:
+    if argv[:1] == ["report"]:
+        from pipeline.report import main as report
+
+        raise SystemExit(report(argv[1:]))
     if any(a in ("-h", "--help") for a in argv):
         print_help()
         return
+    if any(a in ("-m", "--multirun") for a in argv):
+        from pipeline.sweep import run_sweep
+
+        raise SystemExit(run_sweep([a for a in argv if a not in ("-m", "--multirun")]))
     overrides = [a for a in argv if a != "--cfg"]
     cfg, specs = compose_config(overrides, validate="--cfg" not in argv)
     from omegaconf import OmegaConf
@@ -197,7 +210,7 @@ def run(argv: list[str]) -> None:
         if state.is_main_process:
             write_run_config(run_dir, cfg, overrides)
         targets = ORDER if cfg.stage == "all" else [cfg.stage]
-        runner = Runner(specs, run_dir, OmegaConf.to_container(cfg, resolve=True)["force"])
+        runner = Runner(specs, run_dir, OmegaConf.to_container(cfg, resolve=True)["force"], cfg.run.shared_upstream)
         for name in targets:
             runner.ensure(name)
     log.info("done: %s -> %s", ", ".join(targets), run_dir)

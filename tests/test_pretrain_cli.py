@@ -90,9 +90,8 @@ def test_seq_len_beyond_model_positions_is_refused(tmp_path, text_corpus):
 
 
 def test_shards_from_another_tokenizer_are_refused(tmp_path, text_corpus):
-    from pipeline.artifacts import Artifact
+    from pipeline.artifacts import Artifact, check_lineage
     from pipeline.errors import PipelineError
-    from pipeline.stages.pretrain import check_lineage
 
     tok = Artifact("tokenizer", tmp_path, {"facts": {"vocab_size": 320}, "files": {}})
     data = Artifact("prepare", tmp_path, {"inputs": {"tokenizer": {"manifest_hash": "other"}}, "facts": {"vocab_size": 320}})

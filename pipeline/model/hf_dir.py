@@ -8,6 +8,7 @@ import torch
 
 from pipeline.artifacts import replace_dir, staging_dir
 from pipeline.errors import PipelineError, first_line
+from pipeline.model.tokenizer import ensure_chat_template, ensure_pad_token
 
 
 def publish_hf_dir(model, tokenizer, final: Path, state_dict: dict | None = None) -> None:
@@ -51,3 +52,20 @@ def _check_source(path_or_name: str) -> None:
     looks_local = path_or_name.startswith((".", "/", "~")) or p.exists() or path_or_name.count("/") > 1
     if looks_local and not p.is_dir():
         raise PipelineError(f"model directory {path_or_name} does not exist; give a local HF model dir or a hub name.")
+
+
+def load_chat_base(base: str, seq_len: int, trust_remote_code: bool = False):
+    """(model, tokenizer, whose chat template) of the base, checked to fit each other and the
+    training sequence length, ready to fine-tune for chat (a chat template and a pad token)."""
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    template = ensure_chat_template(tokenizer, base)
+    ensure_pad_token(tokenizer)
+    model = load_causal_lm(base, trust_remote_code)
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embed:
+        raise PipelineError(f"the tokenizer in {base} has {len(tokenizer)} tokens but the model only {n_embed} "
+                            f"embeddings; use the tokenizer that came with the model.")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise PipelineError(f"finetune.train.seq_len={seq_len} exceeds the model's {max_pos} positions; lower it.")
+    return model, tokenizer, template

@@ -14,11 +14,9 @@ from pipeline.data.chat import (
     show_trained_span,
 )
 from pipeline.data.conversations import load_conversations
-from pipeline.errors import PipelineError
 from pipeline.model.build import count_params, flops_per_token
-from pipeline.model.hf_dir import load_causal_lm, load_tokenizer, publish_hf_dir
+from pipeline.model.hf_dir import load_causal_lm, load_chat_base, publish_hf_dir
 from pipeline.model.lora import apply_lora, merge_adapter
-from pipeline.model.tokenizer import ensure_chat_template, ensure_pad_token
 from pipeline.stages.context import StageContext
 from pipeline.train.bpb import token_byte_strings
 from pipeline.train.loop import run_training
@@ -43,27 +41,10 @@ def config_slice(specs) -> dict:
     return out
 
 
-def load_base(base: str, spec):
-    """(model, tokenizer, whose chat template) of the base, checked to fit each other and the
-    training sequence length."""
-    tokenizer = load_tokenizer(base, spec.trust_remote_code)
-    template = ensure_chat_template(tokenizer, base)
-    ensure_pad_token(tokenizer)
-    model = load_causal_lm(base, spec.trust_remote_code)
-    n_embed = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > n_embed:
-        raise PipelineError(f"the tokenizer in {base} has {len(tokenizer)} tokens but the model only {n_embed} "
-                            f"embeddings; use the tokenizer that came with the model.")
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and spec.train.seq_len > max_pos:
-        raise PipelineError(f"finetune.train.seq_len={spec.train.seq_len} exceeds the model's {max_pos} positions; lower it.")
-    return model, tokenizer, template
-
-
 def run(ctx: StageContext) -> dict:
     spec, tspec = ctx.specs.finetune, ctx.specs.finetune.train
     base = spec.base or str(ctx.inputs["pretrain"].path / "model")
-    model, tokenizer, template = load_base(base, spec)
+    model, tokenizer, template = load_chat_base(base, tspec.seq_len, spec.trust_remote_code)
     train_convs, val_convs, counts = load_conversations(spec.data)
     train_ex, dropped = build_examples(tokenizer, train_convs, tspec.seq_len)
     val_ex, _ = build_examples(tokenizer, val_convs, tspec.seq_len)

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipeline.data.jsonl import read_jsonl
-from pipeline.errors import PipelineError
+from pipeline.data.prompts import read_prompts
 from pipeline.model.inference import (
     format_prompt,
     generate_batch,
@@ -40,29 +39,6 @@ def config_slice(specs) -> dict:
     if prompts and Path(prompts).is_file():
         out["prompts_size"] = Path(prompts).stat().st_size  # an edited prompts file reruns the stage
     return out
-
-
-def _prompt_of(row):
-    if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-        return row["prompt"]
-    if isinstance(row, dict) and isinstance(row.get("messages"), list):
-        return row["messages"]
-    raise ValueError("needs a 'prompt' string or a 'messages' list")
-
-
-def read_prompts(path: str) -> list:
-    """Prompts from a .txt (one per line) or .jsonl ({"prompt": str} or {"messages": [...]}) file."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise PipelineError(f"generate.prompts={path} does not exist; give a .txt or .jsonl file of prompts.")
-    if p.suffix == ".jsonl":
-        prompts = list(read_jsonl(p, _prompt_of))
-    else:
-        lines = p.read_text(encoding="utf-8", errors="replace").split("\n")
-        prompts = [line.rstrip("\r") for line in lines if line.strip()]
-    if not prompts:
-        raise PipelineError(f"{p} has no prompts; write one prompt per line.")
-    return prompts
 
 
 def run(ctx: StageContext) -> dict:

@@ -7,10 +7,9 @@ from dataclasses import asdict
 
 from transformers import AutoTokenizer
 
-from pipeline.artifacts import Artifact
+from pipeline.artifacts import check_lineage
 from pipeline.data.shards import open_split
 from pipeline.data.windows import PackedWindows, eval_windows
-from pipeline.errors import PipelineError
 from pipeline.model.build import build_model, count_params, flops_per_token, hf_config
 from pipeline.model.hf_dir import publish_hf_dir
 from pipeline.model.tokenizer import END_OF_TURN
@@ -32,18 +31,6 @@ def upstream(specs) -> list[str]:
 
 def config_slice(specs) -> dict:
     return {"model": asdict(specs.model), "train": asdict(specs.train), "seed": specs.seed}
-
-
-def check_lineage(tokenizer, tok: Artifact, data: Artifact) -> int:
-    """The shards must come from this tokenizer, and every size must agree; returns the vocab size."""
-    if data.manifest["inputs"].get("tokenizer", {}).get("manifest_hash") != tok.hash:
-        raise PipelineError(
-            f"{data.path} was tokenized with another tokenizer than {tok.path}; rerun `pipeline stage=prepare`."
-        )
-    sizes = {"tokenizer": len(tokenizer), "shards": data.facts["vocab_size"], "tokenizer manifest": tok.facts["vocab_size"]}
-    if len(set(sizes.values())) != 1:
-        raise PipelineError(f"vocabulary sizes disagree ({sizes}); rebuild with `pipeline stage=prepare force=true`.")
-    return len(tokenizer)
 
 
 def run(ctx: StageContext) -> dict:

@@ -302,7 +302,8 @@ class Trainer:
         run.train_seconds += seconds
         tps = (run.tokens_seen - run.tokens_at_last) / max(seconds, 1e-9)
         row = {"loss": loss, "lr": lr_at(run.step - 1, self.spec), "grad_norm": grad_norm, "tokens_per_s": tps,
-               "tokens_seen": run.tokens_seen, "peak_mem_gb": peak_memory_gb(self.strategy.device)}
+               "tokens_seen": run.tokens_seen, "train_seconds": round(run.train_seconds, 3),
+               "peak_mem_gb": peak_memory_gb(self.strategy.device)}
         used = mfu(self.job.flops_per_token, tps, self.peak, self.strategy.world)
         if used is not None:
             row["mfu"] = used

@@ -1,0 +1,154 @@
+"""`pipeline --multirun key=a,b other=x,y`: every combination of Hydra's sweep grammar, a run each.
+
+    pipeline -m stage=pretrain train.lr=1e-3,3e-3,1e-2 run.name=lr        # runs/lr/train.lr=0.001, ...
+    pipeline -m model=glob(t*) train.max_steps=range(100,400,100)         # globs over groups, ranges
+    pipeline -m train.lr=1e-3,3e-3 sweep.launch='accelerate launch --multi_gpu --num_processes 2'
+
+Each combination is a run dir under the sweep dir (run.root/run.name), named from its swept
+overrides. Every combination is composed and checked first: a bad one is refused in one line and
+the others still run. They run one after another, each as its own process (or accelerate launch),
+with run.shared_upstream=true, so an artifact with the same config and inputs (the tokenizer and
+token shards of a learning-rate sweep, the pretrained model of a fine-tuning sweep) is built once
+and linked into the other runs. A combination whose stages are all up to date is skipped.
+Compare the runs with `pipeline report runs/NAME`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import PipelineError, first_line
+
+SWEPT_NEVER = ("run.", "sweep.", "stage")  # these name the sweep itself; the same for every run
+
+
+@dataclass
+class Combination:
+    overrides: list[str]  # this run's full override list (the common ones and its swept values)
+    swept: list[str]  # just the swept key=value pairs: they name the run
+    name: str
+    problem: str | None = None  # why it was refused, if it was
+
+
+class _GroupOptions:
+    """What Hydra's glob() sweep asks of a config loader: the options of a config group."""
+
+    def __init__(self, conf_dir: Path):
+        self.conf_dir = conf_dir
+
+    def get_group_options(self, group: str, results_filter=None, config_name=None, overrides=None) -> list[str]:
+        return sorted(p.stem for p in (self.conf_dir / group).glob("*.yaml"))
+
+
+def expand(overrides: list[str], conf_dir: Path) -> tuple[list[list[str]], list[str]]:
+    """(the combinations as override lists, the swept keys) of Hydra's sweep grammar:
+    `k=a,b`, `k=choice(a,b)`, `k=range(1,4)`, `group=glob(pattern)`."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        for o in parsed:
+            o.config_loader = _GroupOptions(conf_dir)
+        swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
+        bad = [k for k in swept if k.startswith(SWEPT_NEVER)]
+        if bad:
+            raise PipelineError(f"{bad[0]} cannot be swept: the sweep's run dirs and stages are the same for every run.")
+        (combinations,) = BasicSweeper.split_arguments(parsed, None)
+    except HydraException as e:
+        raise PipelineError(f"sweep: {first_line(e)}") from None
+    return combinations, swept
+
+
+def run_name(swept: list[str]) -> str:
+    """A directory name from the swept overrides: `train.lr=0.001,model=tiny`."""
+    name = ",".join(swept) or "default"
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)[:200]
+
+
+def plan(argv: list[str]) -> tuple[Path, list[Combination]]:
+    """(sweep dir, combinations), each composed and checked; refused ones carry their problem."""
+    from pipeline.cli import CONF_DIR, compose_config
+
+    combos, swept_keys = expand(argv, CONF_DIR)
+    base, _ = compose_config(combos[0], validate=False)
+    sweep_dir = Path(base.run.root) / base.run.name
+    out = []
+    for overrides in combos:
+        swept = [o for o in overrides if o.split("=", 1)[0] in swept_keys]
+        name = run_name(swept)
+        full = [*overrides, f"run.root='{sweep_dir}'", f"run.name='{name}'", "run.shared_upstream=true"]
+        combo = Combination(full, swept, name)
+        try:
+            compose_config(full)
+        except PipelineError as e:
+            combo.problem = str(e)
+        out.append(combo)
+    return sweep_dir, out
+
+
+def _up_to_date(combo: Combination) -> bool:
+    """Every stage this run would run is complete and current (nothing to do)."""
+    from pipeline.cli import compose_config
+    from pipeline.runner import Runner
+
+    cfg, specs = compose_config(combo.overrides)
+    runner = Runner(specs, Path(cfg.run.root) / cfg.run.name, force=False, shared_upstream=True)
+    return runner.up_to_date(cfg.stage)
+
+
+def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None]:
+    """Run one combination, echoing its log; returns (exit code, its `error:` line if any)."""
+    prefix = shlex.split(launch) if launch else [sys.executable]
+    proc = subprocess.Popen([*prefix, "-m", "pipeline", *combo.overrides], stderr=subprocess.PIPE, text=True)
+    error = None
+    try:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.startswith("error: "):
+                error = line.strip()
+    except KeyboardInterrupt:  # the run got the same Ctrl-C: let it checkpoint and stop, then stop the sweep
+        sys.stderr.write(proc.stderr.read())
+        proc.wait()
+        raise
+    return proc.wait(), error
+
+
+def run_sweep(argv: list[str]) -> int:
+    """Plan, then run every valid combination in turn; returns the exit code (1 if any failed)."""
+    sweep_dir, combos = plan(argv)
+    launch = next((a.split("=", 1)[1] for a in argv if a.startswith("sweep.launch=")), None)
+    counts = {"complete": 0, "skipped": 0, "refused": 0, "failed": 0}
+    print(f"sweep: {len(combos)} runs under {sweep_dir}", file=sys.stderr)
+    for i, combo in enumerate(combos, 1):
+        tag = f"sweep [{i}/{len(combos)}] {combo.name}"
+        if combo.problem:
+            counts["refused"] += 1
+            print(f"{tag}: refused: {combo.problem}", file=sys.stderr)
+            continue
+        if _up_to_date(combo):
+            counts["skipped"] += 1
+            print(f"{tag}: up to date, skipped", file=sys.stderr)
+            continue
+        print(f"{tag}: running", file=sys.stderr, flush=True)
+        t0 = time.time()
+        code, error = _launch(combo, launch)
+        if code == 0 and not _up_to_date(combo):  # stopped by a signal after a checkpoint: so is the sweep
+            print(f"{tag}: stopped; rerun the same command to resume the sweep", file=sys.stderr)
+            return 1
+        if code == 0:
+            counts["complete"] += 1
+            print(f"{tag}: done in {time.time() - t0:.0f}s", file=sys.stderr)
+        else:
+            counts["failed"] += 1
+            print(f"{tag}: failed (exit {code}){': ' + error if error else ''}", file=sys.stderr)
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    print(f"sweep: {summary} -> {sweep_dir}; compare them with `pipeline report {sweep_dir}`", file=sys.stderr)
+    return 1 if counts["refused"] or counts["failed"] else 0

@@ -1,0 +1,73 @@
+"""Sweeps (`pipeline -m`) and `pipeline report`: every combination a run, shared upstream built
+once, complete runs skipped, a bad combination refused while the others complete."""
+
+import csv
+import sys
+
+import pytest
+
+from pipeline.cli import CONF_DIR
+from pipeline.sweep import expand, run_name
+from tests.conftest import TINY, history, manifest_facts, run_cli
+from tests.test_distributed import free_port
+
+
+def test_sweep_grammar_expands_lists_ranges_and_globs_over_groups():
+    combos, swept = expand(["model=glob(t*)", "train.max_steps=range(10,30,10)", "seed=1"], CONF_DIR)
+    assert swept == ["model", "train.max_steps"]
+    assert combos == [["model=tiny", "train.max_steps=10", "seed=1"], ["model=tiny", "train.max_steps=20", "seed=1"]]
+    assert run_name(["data.paths=[a/b]", "train.lr=0.001"]) == "data.paths=_a_b_,train.lr=0.001"
+
+
+@pytest.mark.parametrize("override", ["run.name=a,b", "stage=prepare,pretrain"])
+def test_the_sweep_itself_cannot_be_swept(tmp_path, override):
+    proc = run_cli("-m", override, cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "cannot be swept" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_2x2_sweep_builds_upstream_once_skips_when_complete_and_reports(tmp_path, text_corpus):
+    args = ["-m", "stage=pretrain", "run.name=sw", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny",
+            "train=tiny", "train.max_steps=4", "train.lr=1e-3,3e-3", "model.n_layer=1,2"]
+    run_cli(*args, cwd=tmp_path)
+    sweep = tmp_path / "runs/sw"
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [r.name for r in runs] == [f"train.lr={lr},model.n_layer={n}" for lr in ("0.001", "0.003") for n in (1, 2)]
+    assert all(manifest_facts(r / "pretrain")["steps"] == 4 for r in runs)
+    built = [e for r in runs for e in history(r) if e["stage"] == "tokenizer" and e["action"].startswith("built")]
+    assert len(built) == 1 and sum((r / "tokenizer").is_symlink() for r in runs) == 3  # trained once, linked
+    assert len({manifest_facts(r / "pretrain")["final_val_loss"] for r in runs}) == 4  # four different runs
+
+    before = {r.name: len(history(r)) for r in runs}
+    run_cli(*args, cwd=tmp_path)
+    assert {r.name: len(history(r)) for r in runs} == before  # complete runs are skipped: nothing ran
+
+    run_cli("report", str(sweep), cwd=tmp_path)
+    with open(sweep / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["train.lr"], r["model.n_layer"]) for r in rows} == {("0.001", "1"), ("0.001", "2"), ("0.003", "1"),
+                                                                    ("0.003", "2")}
+    assert all(float(r["val_bpb"]) > 0 and float(r["gzip9_bpb"]) > 0 for r in rows)
+    assert sorted(r["tokenizer_s"] == "linked" for r in rows) == [False, True, True, True]
+    assert (sweep / "report.png").stat().st_size > 1000 and (sweep / "report.md").read_text().count("\n") == 6
+
+
+@pytest.mark.slow
+def test_a_bad_combination_is_refused_in_one_line_and_the_others_complete(tmp_path, text_corpus):
+    proc = run_cli("-m", "stage=pretrain", "run.name=bad", "data=text", f"data.paths=[{text_corpus}]", *TINY,
+                   "model=tiny", "train=tiny", "train.max_steps=2", "train.lr=3e-3,-1", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    refused = [line for line in proc.stderr.splitlines() if line.startswith("sweep [") and "refused" in line]
+    assert len(refused) == 1 and "train.lr=-1" in refused[0]
+    assert manifest_facts(tmp_path / "runs/bad/train.lr=0.003/pretrain")["steps"] == 2
+    assert not (tmp_path / "runs/bad/train.lr=-1").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_each_combination_can_run_as_an_accelerate_launch(tmp_path, text_corpus):
+    launch = (f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 "
+              f"--mixed_precision no --dynamo_backend no --main_process_port {free_port()}")
+    run_cli("-m", "stage=pretrain", "run.name=acc", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny",
+            "train=tiny", "train.max_steps=2", f"sweep.launch={launch}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert manifest_facts(tmp_path / "runs/acc/default/pretrain")["launch"]["processes"] == 2
