@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 import sys
 import warnings
@@ -126,6 +127,7 @@ def print_help() -> None:
     print("\n  run.name=NAME run.root=DIR   artifacts in DIR/NAME/<stage>/ (default runs/<recipe>)")
     print("  force=true | force=[stage]    rebuild even when up to date")
     print("  sweep.launch='accelerate launch ...'   how -m starts each run (default: python -m pipeline)")
+    print("  run.shared_upstream=true      link artifacts of the same config and inputs from run.root/.shared/")
     print("  --cfg                         print the composed config and exit")
     print(f"\nConfig groups: {CONF_DIR}\nRecipes: {RECIPES_DIR}")
 
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
               f"distributed.timeout_minutes.", file=sys.stderr)
         sys.exit(3)
     except TrainingStopped as e:
-        resume = " ".join(["pipeline", *[a for a in argv if not a.startswith(("force=", "resume="))]])
+        resume = shlex.join(["pipeline", *[a for a in argv if not a.startswith(("force=", "resume="))]])
         print(f"{e}. Resume with: {resume}", file=sys.stderr)
         sys.exit(0)
     except KeyboardInterrupt:

@@ -29,12 +29,12 @@ def is_run(path: Path) -> bool:
 
 
 def find_runs(dirs: list[str]) -> list[Path]:
-    """Each DIR that is a run, or the runs directly inside it (a sweep dir)."""
+    """The runs directly inside each DIR (a sweep dir), or DIR itself when it holds none."""
     runs = []
     for d in map(Path, dirs):
         if not d.is_dir():
             raise PipelineError(f"{d} is not a directory; give run dirs (runs/NAME) or a sweep dir.")
-        found = [d] if is_run(d) else sorted(p for p in d.iterdir() if is_run(p))
+        found = sorted(p for p in d.iterdir() if not p.name.startswith(".") and is_run(p)) or ([d] if is_run(d) else [])
         if not found:
             raise PipelineError(f"{d} holds no runs (no history.jsonl or stage manifest.json); run a stage first.")
         runs += found
@@ -62,18 +62,27 @@ def _fmt(value, spec: str):
     return format(value, spec) if isinstance(value, (int, float)) else value
 
 
+def _linked_stages(run: Path) -> set[str]:
+    """Stages this run took from the shared store and never built itself (history.jsonl)."""
+    path = run / "history.jsonl"
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    built = {e["stage"] for e in events if e["action"].startswith("built")}
+    return {e["stage"] for e in events if e["action"].startswith("reused from")} - built
+
+
 def run_row(run: Path) -> dict:
     pre, ft = _facts(run, "pretrain"), _facts(run, "finetune")
     row = {
         "val_bpb": _fmt(pre.get("final_val_bpb"), ".4f"), "gzip9_bpb": _fmt(pre.get("gzip9_val_bpb"), ".4f"),
         "pretrain_tokens_per_s": _fmt(pre.get("tokens_per_s"), ".0f"),
-        "finetune_val_loss": (f"{ft['initial_val_loss']:.4f} -> {ft['final_val_loss']:.4f}"
+        "finetune_val_loss": (f"{ft.get('initial_val_loss') or float('nan'):.4f} -> {ft['final_val_loss']:.4f}"
                               if ft.get("final_val_loss") is not None else None),
     }
-    for stage in STAGE_DIRS:
+    linked = _linked_stages(run)
+    for stage, name in zip(STAGE_DIRS, ("tokenizer", "prepare", "pretrain", "finetune", "generate")):
         seconds = _facts(run, stage).get("wall_seconds")
-        if seconds is not None:  # a stage linked from a twin run cost this run nothing
-            row[f"{stage}_s"] = "linked" if (run / stage).is_symlink() else _fmt(seconds, ".1f")
+        if seconds is not None:  # a stage another run of the sweep built cost this run nothing
+            row[f"{stage}_s"] = "linked" if name in linked else _fmt(seconds, ".1f")
     return row
 
 
@@ -96,6 +105,8 @@ def build_table(runs: list[Path]) -> tuple[list[str], list[dict]]:
 def format_table(columns: list[str], rows: list[dict], markdown: bool = False) -> str:
     cells = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in columns] for r in rows]
     if markdown:
+        cells = [[v.replace("|", "\\|") for v in row] for row in cells]
+    if markdown:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
@@ -110,12 +121,12 @@ def bpb_curve(run: Path) -> list[tuple[float, int, float]]:
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    at_step = {r["step"]: r for r in rows if "tokens_seen" in r}
+    train = [r for r in rows if "tokens_seen" in r]
     points = []
     for r in rows:
-        if "val_bpb" in r:
-            train = at_step.get(r["step"], {})
-            points.append((train.get("train_seconds", 0.0), train.get("tokens_seen", 0), r["val_bpb"]))
+        if "val_bpb" in r:  # placed at the last logged training step at or before the evaluation
+            last = next((t for t in reversed(train) if t["step"] <= r["step"]), {})
+            points.append((last.get("train_seconds", 0.0), last.get("tokens_seen", 0), r["val_bpb"]))
     return points
 
 

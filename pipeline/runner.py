@@ -5,10 +5,11 @@ lists every file with its checksum. Before a stage is rebuilt its manifest is re
 crash mid-build leaves an artifact that the next run sees as incomplete and rebuilds. Every
 decision is appended to `<run>/history.jsonl` (stage, built or reused, why, seconds).
 
-With run.shared_upstream=true (what `pipeline -m` sets) a missing or stale artifact that a
-sibling run dir already holds complete, with the same config and the same inputs, is linked
-instead of rebuilt: a sweep trains its tokenizer once. Linked artifacts are read, never written:
-a rebuild replaces the link with a directory of this run's own.
+With run.shared_upstream=true (what `pipeline -m` sets) every artifact a run builds is moved to
+`<run.root>/.shared/<stage>-<hash of config and inputs>/` and linked back; another run that needs
+the same artifact (same config, same inputs) links to it instead of rebuilding: a sweep trains
+its tokenizer once. Shared artifacts are never built into: a rebuild replaces the run's link with
+a directory of its own, so no run changes what another run reads.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pipeline.artifacts import (
     canonical_hash,
     load_artifact,
     read_manifest,
+    replace_dir,
     write_json_atomic,
 )
 from pipeline.errors import PipelineError
@@ -40,6 +42,7 @@ from pipeline.stages.context import StageContext
 STAGES = {m.NAME: m for m in (tokenizer, prepare, pretrain, finetune, generate)}
 ORDER = list(STAGES)
 HISTORY = "history.jsonl"
+SHARED = ".shared"  # with shared_upstream: <run.root>/.shared/<stage>-<hash>/, write-once, linked from runs
 log = logging.getLogger("pipeline")
 
 
@@ -61,37 +64,32 @@ class Runner:
         config = json.loads(json.dumps(stage.config_slice(self.specs), default=str))
         return self.run_dir / getattr(stage, "DIR", stage.NAME), config, canonical_hash(config)
 
-    def _twin(self, out: Path, config_hash: str, inputs: dict[str, Artifact]) -> Path | None:
-        """With shared_upstream: a sibling run's complete artifact of the same config and inputs."""
-        if not self.shared or not self.run_dir.parent.is_dir():
+    def _shared_dir(self, name: str, config_hash: str, inputs: dict[str, Artifact]) -> Path | None:
+        """With shared_upstream: where the write-once copy of this artifact lives (or would)."""
+        if not self.shared:
             return None
-        for sibling in sorted(self.run_dir.parent.iterdir()):
-            candidate = sibling / out.name
-            if sibling == self.run_dir or candidate.is_symlink() or not candidate.is_dir():
-                continue
-            try:
-                if artifact_state(candidate, config_hash, inputs) == "complete":
-                    return candidate
-            except PipelineError:  # a damaged sibling is not ours to judge
-                continue
-        return None
+        key = canonical_hash({"config": config_hash, "inputs": {k: a.hash for k, a in inputs.items()}})
+        return self.run_dir.parent / SHARED / f"{name}-{key}"
+
+    @staticmethod
+    def _complete(path: Path, config_hash: str, inputs: dict[str, Artifact]) -> bool:
+        try:
+            return artifact_state(path, config_hash, inputs) == "complete"
+        except PipelineError:  # damaged: not trusted, not reused
+            return False
 
     def current(self, name: str) -> Artifact | None:
-        """The complete, up-to-date artifact of `name` (this run's or a twin's), or None; builds nothing."""
+        """This run's complete, up-to-date artifact of `name` (its own dir or its link), or None;
+        builds nothing."""
         stage = STAGES[name]
         inputs = {up: self.current(up) for up in stage.upstream(self.specs)}
-        if None in inputs.values():
+        if None in inputs.values() or forced(self.force, name):
             return None
         out, _, config_hash = self._identity(stage)
-        if forced(self.force, name):
-            return None
-        if artifact_state(out, config_hash, inputs) == "complete":
-            return Artifact(name, out, read_manifest(out))
-        twin = self._twin(out, config_hash, inputs)
-        return Artifact(name, twin, read_manifest(twin)) if twin else None
+        return Artifact(name, out, read_manifest(out)) if self._complete(out, config_hash, inputs) else None
 
     def up_to_date(self, stage: str) -> bool:
-        """Whether `pipeline stage=STAGE` would only reuse artifacts."""
+        """Whether `pipeline stage=STAGE` would only reuse this run's artifacts."""
         return all(self.current(name) for name in (ORDER if stage == "all" else [stage]))
 
     def ensure(self, name: str) -> Artifact:
@@ -103,13 +101,17 @@ class Runner:
         out, config, config_hash = self._identity(stage)
         self.state.wait_for_everyone()
         status = artifact_state(out, config_hash, inputs)
-        twin = self._twin(out, config_hash, inputs) if status != "complete" and not forced(self.force, name) else None
+        shared = self._shared_dir(name, config_hash, inputs)
+        is_forced = forced(self.force, name)
+        reuse_shared = shared is not None and status != "complete" and not is_forced and \
+            self._complete(shared, config_hash, inputs)
+        self.state.wait_for_everyone()  # every rank has looked before the main one changes anything
         t0 = time.time()
-        if twin is not None:
-            log.info("%s: reusing %s (same config and inputs), linked as %s", name, twin, out)
-            self._link(out, twin)
-            artifact, action = Artifact(name, out, read_manifest(out)), f"reused from {twin}"
-        elif status == "complete" and not forced(self.force, name):
+        if reuse_shared:
+            log.info("%s: reusing %s (same config and inputs)", name, shared)
+            self._link(out, shared)
+            artifact, action = Artifact(name, out, read_manifest(out)), f"reused from {shared}"
+        elif status == "complete" and not is_forced:
             log.info("%s: up to date (%s)", name, out)
             artifact, action = Artifact(name, out, read_manifest(out)), "reused"  # its files were just verified
         else:
@@ -123,27 +125,40 @@ class Runner:
                 self._record({"stage": name, "action": f"failed ({reason}): {type(e).__name__}",
                               "seconds": round(time.time() - t0, 2)})
                 raise
+            if shared is not None:
+                self._share(out, shared, replace=is_forced)
             artifact = load_artifact(out, name, f"rerun `pipeline stage={name}`")
             action = f"built ({reason})"
         self._record({"stage": name, "action": action, "seconds": round(time.time() - t0, 2)})
         self.done[name] = artifact
         return artifact
 
-    def _link(self, out: Path, twin: Path) -> None:
-        """Make `out` a relative link to the twin artifact (replacing a stale or partial one)."""
+    def _link(self, out: Path, target: Path) -> None:
+        """Make `out` a relative link to `target` (replacing whatever stale or partial `out` was)."""
         if self.state.is_main_process:
             if out.is_symlink():
                 out.unlink()
             elif out.exists():
                 shutil.rmtree(out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(os.path.relpath(twin, out.parent), out, target_is_directory=True)
+            os.symlink(os.path.relpath(target, out.parent), out, target_is_directory=True)
         self.state.wait_for_everyone()
+
+    def _share(self, out: Path, shared: Path, replace: bool) -> None:
+        """Move a freshly built artifact into the shared store and link it back. An entry already
+        there is kept (same config and inputs) unless this build was forced."""
+        if self.state.is_main_process:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            if shared.exists() and not replace:
+                shutil.rmtree(out)
+            else:
+                replace_dir(out, shared)
+        self._link(out, shared)
 
     def _build(self, stage, config: dict, ctx: StageContext, keep_work: bool) -> None:
         out = ctx.out
         if self.state.is_main_process:
-            if out.is_symlink():  # a link to a twin run's artifact: never build into someone else's dir
+            if out.is_symlink():  # a link into the shared store: never build into it
                 out.unlink()
             (out / MANIFEST).unlink(missing_ok=True)  # from here on the old artifact is untrusted
             # An interrupted run of a resumable stage keeps its checkpoints; a changed config,

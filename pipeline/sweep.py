@@ -4,17 +4,21 @@
     pipeline -m model=glob(t*) train.max_steps=range(100,400,100)         # globs over groups, ranges
     pipeline -m train.lr=1e-3,3e-3 sweep.launch='accelerate launch --multi_gpu --num_processes 2'
 
-Each combination is a run dir under the sweep dir (run.root/run.name), named from its swept
-overrides. Every combination is composed and checked first: a bad one is refused in one line and
+A sweep.launch holding a comma or '=' needs Hydra's quotes too: sweep.launch="'accelerate launch --gpu_ids 0,1'".
+
+Each combination is a run dir under the sweep dir (run.root/run.name, or run.root/<recipe>-sweep
+without a run.name), named from its swept overrides. Every combination is composed and checked first: a bad one is refused in one line and
 the others still run. They run one after another, each as its own process (or accelerate launch),
 with run.shared_upstream=true, so an artifact with the same config and inputs (the tokenizer and
-token shards of a learning-rate sweep, the pretrained model of a fine-tuning sweep) is built once
-and linked into the other runs. A combination whose stages are all up to date is skipped.
+token shards of a learning-rate sweep, the pretrained model of a fine-tuning sweep) is built once,
+kept in run.root/.shared/ and linked into every run that uses it. A combination whose stages are all up to date is skipped.
 Compare the runs with `pipeline report runs/NAME`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import shlex
 import subprocess
@@ -58,40 +62,59 @@ def expand(overrides: list[str], conf_dir: Path) -> tuple[list[list[str]], list[
         for o in parsed:
             o.config_loader = _GroupOptions(conf_dir)
         swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
-        bad = [k for k in swept if k.startswith(SWEPT_NEVER)]
+        bad = [k for k in swept if k.lstrip("+~").startswith(SWEPT_NEVER)]
         if bad:
             raise PipelineError(f"{bad[0]} cannot be swept: the sweep's run dirs and stages are the same for every run.")
         (combinations,) = BasicSweeper.split_arguments(parsed, None)
     except HydraException as e:
         raise PipelineError(f"sweep: {first_line(e)}") from None
+    if not combinations:
+        raise PipelineError(f"the sweep {' '.join(overrides)} has no combinations (a glob that matches no option?).")
     return combinations, swept
 
 
 def run_name(swept: list[str]) -> str:
-    """A directory name from the swept overrides: `train.lr=0.001,model=tiny`."""
+    """A directory name from the swept overrides: `train.lr=0.001,model=tiny`; a name that had to
+    be changed (characters a path cannot hold, length) gets a hash of the original, so no two
+    combinations share a dir."""
     name = ",".join(swept) or "default"
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)[:200]
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+    if safe != name or len(safe) > 120:
+        safe = f"{safe[:110]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return safe
 
 
-def plan(argv: list[str]) -> tuple[Path, list[Combination]]:
-    """(sweep dir, combinations), each composed and checked; refused ones carry their problem."""
+def _quoted(value: str) -> str:
+    """A Hydra override value that stays one string whatever it holds (commas, =, quotes)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def plan(argv: list[str]) -> tuple[Path, str | None, list[Combination]]:
+    """(sweep dir, launch prefix, combinations), each composed and checked; refused ones carry
+    their problem. Without run.name the sweep dir is runs/<recipe's run name>-sweep."""
     from pipeline.cli import CONF_DIR, compose_config
 
     combos, swept_keys = expand(argv, CONF_DIR)
-    base, _ = compose_config(combos[0], validate=False)
-    sweep_dir = Path(base.run.root) / base.run.name
+    common = [a for a in argv if a.split("=", 1)[0] not in swept_keys]
+    base, _ = compose_config(common, validate=False)
+    named = any(a.lstrip("+").startswith("run.name=") for a in argv)
+    sweep_dir = Path(base.run.root) / (base.run.name if named else f"{base.run.name}-sweep")
+    shared = [] if any(a.startswith("run.shared_upstream=") for a in argv) else ["run.shared_upstream=true"]
     out = []
     for overrides in combos:
         swept = [o for o in overrides if o.split("=", 1)[0] in swept_keys]
         name = run_name(swept)
-        full = [*overrides, f"run.root='{sweep_dir}'", f"run.name='{name}'", "run.shared_upstream=true"]
+        full = [*overrides, f"run.root={_quoted(str(sweep_dir))}", f"run.name={_quoted(name)}", *shared]
         combo = Combination(full, swept, name)
         try:
             compose_config(full)
         except PipelineError as e:
             combo.problem = str(e)
         out.append(combo)
-    return sweep_dir, out
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise PipelineError(f"two combinations would share a run dir ({sorted(names)}); give distinct values.")
+    return sweep_dir, base.sweep.launch, out
 
 
 def _up_to_date(combo: Combination) -> bool:
@@ -107,7 +130,11 @@ def _up_to_date(combo: Combination) -> bool:
 def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None]:
     """Run one combination, echoing its log; returns (exit code, its `error:` line if any)."""
     prefix = shlex.split(launch) if launch else [sys.executable]
-    proc = subprocess.Popen([*prefix, "-m", "pipeline", *combo.overrides], stderr=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.Popen([*prefix, "-m", "pipeline", *combo.overrides], stderr=subprocess.PIPE, text=True,
+                                errors="replace")
+    except OSError as e:
+        return 127, f"error: could not start {prefix[0]} ({e.strerror or e}); check sweep.launch."
     error = None
     try:
         for line in proc.stderr:
@@ -121,10 +148,20 @@ def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None]:
     return proc.wait(), error
 
 
+def _skippable(combo: Combination, tag: str) -> bool | None:
+    """True when the run is complete, False when it needs running, None when its dir is damaged."""
+    try:
+        return _up_to_date(combo)
+    except PipelineError as e:
+        print(f"{tag}: failed: {e}", file=sys.stderr)
+        return None
+
+
 def run_sweep(argv: list[str]) -> int:
     """Plan, then run every valid combination in turn; returns the exit code (1 if any failed)."""
-    sweep_dir, combos = plan(argv)
-    launch = next((a.split("=", 1)[1] for a in argv if a.startswith("sweep.launch=")), None)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PipelineError("run the sweep itself with plain `pipeline -m`; each run is launched with sweep.launch.")
+    sweep_dir, launch, combos = plan(argv)
     counts = {"complete": 0, "skipped": 0, "refused": 0, "failed": 0}
     print(f"sweep: {len(combos)} runs under {sweep_dir}", file=sys.stderr)
     for i, combo in enumerate(combos, 1):
@@ -133,7 +170,11 @@ def run_sweep(argv: list[str]) -> int:
             counts["refused"] += 1
             print(f"{tag}: refused: {combo.problem}", file=sys.stderr)
             continue
-        if _up_to_date(combo):
+        skip = _skippable(combo, tag)
+        if skip is None:
+            counts["failed"] += 1
+            continue
+        if skip:
             counts["skipped"] += 1
             print(f"{tag}: up to date, skipped", file=sys.stderr)
             continue

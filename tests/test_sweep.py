@@ -16,7 +16,9 @@ def test_sweep_grammar_expands_lists_ranges_and_globs_over_groups():
     combos, swept = expand(["model=glob(t*)", "train.max_steps=range(10,30,10)", "seed=1"], CONF_DIR)
     assert swept == ["model", "train.max_steps"]
     assert combos == [["model=tiny", "train.max_steps=10", "seed=1"], ["model=tiny", "train.max_steps=20", "seed=1"]]
-    assert run_name(["data.paths=[a/b]", "train.lr=0.001"]) == "data.paths=_a_b_,train.lr=0.001"
+    assert run_name(["train.lr=0.001", "model=tiny"]) == "train.lr=0.001,model=tiny"
+    altered = {run_name(["data.paths=[a/b]"]), run_name(["data.paths=[a_b]"])}  # no two runs in one dir
+    assert len(altered) == 2 and all(n.startswith("data.paths=_a_b_") for n in altered)
 
 
 @pytest.mark.parametrize("override", ["run.name=a,b", "stage=prepare,pretrain"])
@@ -31,11 +33,12 @@ def test_a_2x2_sweep_builds_upstream_once_skips_when_complete_and_reports(tmp_pa
             "train=tiny", "train.max_steps=4", "train.lr=1e-3,3e-3", "model.n_layer=1,2"]
     run_cli(*args, cwd=tmp_path)
     sweep = tmp_path / "runs/sw"
-    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [r.name for r in runs] == [f"train.lr={lr},model.n_layer={n}" for lr in ("0.001", "0.003") for n in (1, 2)]
     assert all(manifest_facts(r / "pretrain")["steps"] == 4 for r in runs)
     built = [e for r in runs for e in history(r) if e["stage"] == "tokenizer" and e["action"].startswith("built")]
-    assert len(built) == 1 and sum((r / "tokenizer").is_symlink() for r in runs) == 3  # trained once, linked
+    assert len(built) == 1  # trained once, kept write-once in runs/.shared and linked into every run
+    assert len({(r / "tokenizer").resolve() for r in runs}) == 1 and all((r / "tokenizer").is_symlink() for r in runs)
     assert len({manifest_facts(r / "pretrain")["final_val_loss"] for r in runs}) == 4  # four different runs
 
     before = {r.name: len(history(r)) for r in runs}
@@ -50,6 +53,15 @@ def test_a_2x2_sweep_builds_upstream_once_skips_when_complete_and_reports(tmp_pa
     assert all(float(r["val_bpb"]) > 0 and float(r["gzip9_bpb"]) > 0 for r in rows)
     assert sorted(r["tokenizer_s"] == "linked" for r in rows) == [False, True, True, True]
     assert (sweep / "report.png").stat().st_size > 1000 and (sweep / "report.md").read_text().count("\n") == 6
+
+    # One run changes its tokenizer: it gets its own; what the other runs read is untouched.
+    shared = (runs[0] / "tokenizer").resolve()
+    files = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
+    run_cli("stage=tokenizer", f"run.root={sweep}", f"run.name='{runs[0].name}'", "run.shared_upstream=true",
+            "data=text", f"data.paths=[{text_corpus}]", *TINY, "tokenizer.vocab_size=300", cwd=tmp_path)
+    assert not (runs[0] / "tokenizer").is_symlink() or (runs[0] / "tokenizer").resolve() != shared
+    assert {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()} == files
+    assert all((r / "tokenizer").resolve() == shared for r in runs[1:])
 
 
 @pytest.mark.slow

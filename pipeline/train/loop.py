@@ -235,6 +235,7 @@ class Trainer:
         state = checkpoints.restore(self.strategy, self.ckpt_root, self.job.fingerprint, self.job.resume)
         start = state["step"] if state else 0
         run = _Progress(start, state["tokens_seen"] if state else 0, state["path"] if state else None)
+        run.train_seconds = start_seconds = state.get("train_seconds", 0.0) if state else 0.0
         run.tokens_at_last = start_tokens = run.tokens_seen
         self.metrics = MetricsFile(self.job.out_dir / "metrics.jsonl", self.strategy.is_main)
         self.metrics.keep_until(start or None)
@@ -252,8 +253,9 @@ class Trainer:
             summary["final"] = self.evaluate()
         if self.strategy.accelerator.trackers:
             self.strategy.accelerator.end_training()
+        seconds = run.train_seconds - start_seconds  # this session's; train_seconds counts since step 0
         summary.update(steps=run.step, tokens_seen=run.tokens_seen, train_seconds=round(run.train_seconds, 1),
-                       tokens_per_s=round((run.tokens_seen - start_tokens) / max(run.train_seconds, 1e-9), 1),
+                       tokens_per_s=round((run.tokens_seen - start_tokens) / max(seconds, 1e-9), 1),
                        last_checkpoint=str(run.last_ckpt) if run.last_ckpt else None, skipped_steps=self._skipped,
                        launch=self.strategy.describe())
         return summary
@@ -290,7 +292,8 @@ class Trainer:
             run.t_last = time.time()  # evaluation time is not training time
         stopping = self.strategy.any_rank(stop.signum is not None)
         if self._every(step, spec.ckpt_every) or stopping:
-            state = {"step": step, "tokens_seen": run.tokens_seen, "fingerprint": self.job.fingerprint}
+            state = {"step": step, "tokens_seen": run.tokens_seen, "train_seconds": run.train_seconds,
+                     "fingerprint": self.job.fingerprint}
             run.last_ckpt = checkpoints.save(self.strategy, self.ckpt_root, state, spec.keep_checkpoints, run.last_ckpt)
             run.t_last = time.time()
         if stopping:
