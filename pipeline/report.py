@@ -6,7 +6,7 @@
 Prints the table and writes report.csv, report.md and report.png (validation bits per byte against
 training time and against tokens, a line per run) to --out (default: the one DIR given, else .).
 Columns: the overrides that differ between the runs, pretraining val bits/byte with its gzip -9
-reference, tokens/s, wall seconds per stage ("linked": reused from another run of the sweep),
+and xz -9e references, tokens/s, wall seconds per stage ("linked": reused from another run of the sweep),
 fine-tuning val loss before -> after.
 """
 
@@ -74,6 +74,7 @@ def run_row(run: Path) -> dict:
     pre, ft = _facts(run, "pretrain"), _facts(run, "finetune")
     row = {
         "val_bpb": _fmt(pre.get("final_val_bpb"), ".4f"), "gzip9_bpb": _fmt(pre.get("gzip9_val_bpb"), ".4f"),
+        "xz9_bpb": _fmt(pre.get("xz9_val_bpb"), ".4f"),
         "pretrain_tokens_per_s": _fmt(pre.get("tokens_per_s"), ".0f"),
         "finetune_val_loss": (f"{ft.get('initial_val_loss') or float('nan'):.4f} -> {ft['final_val_loss']:.4f}"
                               if ft.get("final_val_loss") is not None else None),

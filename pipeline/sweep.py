@@ -21,6 +21,7 @@ import hashlib
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -117,14 +118,17 @@ def plan(argv: list[str]) -> tuple[Path, str | None, list[Combination]]:
     return sweep_dir, base.sweep.launch, out
 
 
-def _up_to_date(combo: Combination) -> bool:
-    """Every stage this run would run is complete and current (nothing to do)."""
+def _up_to_date(combo: Combination, honour_force: bool = True) -> bool:
+    """Every stage this run would run is complete and current (with force=..., nothing is, unless
+    honour_force=False: then only completeness counts, as after the run)."""
+    from omegaconf import OmegaConf
+
     from pipeline.cli import compose_config
     from pipeline.runner import Runner
 
     cfg, specs = compose_config(combo.overrides)
-    runner = Runner(specs, Path(cfg.run.root) / cfg.run.name, force=False, shared_upstream=True)
-    return runner.up_to_date(cfg.stage)
+    force = OmegaConf.to_container(cfg, resolve=True)["force"] if honour_force else False
+    return Runner(specs, Path(cfg.run.root) / cfg.run.name, force, cfg.run.shared_upstream).up_to_date(cfg.stage)
 
 
 def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None]:
@@ -136,6 +140,8 @@ def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None]:
     except OSError as e:
         return 127, f"error: could not start {prefix[0]} ({e.strerror or e}); check sweep.launch."
     error = None
+    # SIGTERM (a scheduler's time limit) goes to the run too: it checkpoints, and the sweep stops after it.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
     try:
         for line in proc.stderr:
             sys.stderr.write(line)
@@ -145,6 +151,8 @@ def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None]:
         sys.stderr.write(proc.stderr.read())
         proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return proc.wait(), error
 
 
@@ -181,7 +189,7 @@ def run_sweep(argv: list[str]) -> int:
         print(f"{tag}: running", file=sys.stderr, flush=True)
         t0 = time.time()
         code, error = _launch(combo, launch)
-        if code == 0 and not _up_to_date(combo):  # stopped by a signal after a checkpoint: so is the sweep
+        if code == 0 and not _up_to_date(combo, honour_force=False):  # stopped by a signal after a checkpoint: so is the sweep
             print(f"{tag}: stopped; rerun the same command to resume the sweep", file=sys.stderr)
             return 1
         if code == 0:

@@ -32,12 +32,12 @@ def test_pretrain_writes_a_loadable_model_and_skips_when_up_to_date(tmp_path, te
     manifest = json.loads((stage / "manifest.json").read_text())
     facts = manifest["facts"]
     assert facts["steps"] == 20 and facts["tokens_seen"] == 20 * 512
-    assert facts["final_val_bpb"] > 0 and facts["gzip9_val_bpb"] > 0
+    assert facts["final_val_bpb"] > 0 and facts["gzip9_val_bpb"] > 0 and facts["xz9_val_bpb"] > 0
     assert "checkpoints/step_000020/model.safetensors" not in manifest["files"]
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert len(train_rows) == 20 and train_rows[-1]["loss"] < train_rows[0]["loss"]
-    assert any("gzip_bpb" in r for r in rows) and (stage / "curves.png").stat().st_size > 1000
+    assert any("gzip_bpb" in r and "xz_bpb" in r for r in rows) and (stage / "curves.png").stat().st_size > 1000
 
     model = AutoModelForCausalLM.from_pretrained(stage / "model")
     tok = AutoTokenizer.from_pretrained(stage / "model")

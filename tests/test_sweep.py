@@ -2,7 +2,11 @@
 once, complete runs skipped, a bad combination refused while the others complete."""
 
 import csv
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,3 +87,21 @@ def test_each_combination_can_run_as_an_accelerate_launch(tmp_path, text_corpus)
     run_cli("-m", "stage=pretrain", "run.name=acc", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny",
             "train=tiny", "train.max_steps=2", f"sweep.launch={launch}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert manifest_facts(tmp_path / "runs/acc/default/pretrain")["launch"]["processes"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_sweep_checkpoints_the_running_combination_and_stops_the_sweep(tmp_path, text_corpus):
+    args = ["-m", "stage=pretrain", "run.name=term", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny",
+            "train=tiny", "train.max_steps=2000", "train.ckpt_every=0", "train.eval_every=0", "train.lr=1e-3,3e-3"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    metrics = tmp_path / "runs/term/train.lr=0.001/pretrain/metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-2000:]
+    assert list((metrics.parent / "checkpoints").glob("step_*"))  # the run checkpointed before stopping
+    assert not (tmp_path / "runs/term/train.lr=0.003").exists()  # and the sweep went no further

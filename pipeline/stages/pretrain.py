@@ -14,7 +14,7 @@ from pipeline.model.build import build_model, count_params, flops_per_token, hf_
 from pipeline.model.hf_dir import publish_hf_dir
 from pipeline.model.tokenizer import END_OF_TURN
 from pipeline.stages.context import StageContext
-from pipeline.train.bpb import gzip_reference, token_byte_strings
+from pipeline.train.bpb import compressor_references, token_byte_strings
 from pipeline.train.loop import run_training
 from pipeline.train.metrics_file import MetricsFile, plot_curves
 
@@ -46,7 +46,8 @@ def run(ctx: StageContext) -> dict:
     windows = PackedWindows(open_split(data_art.path, "train"), tspec.seq_len, specs.seed)
     val_rows = eval_windows(open_split(data_art.path, "val"), tspec.seq_len, tspec.eval_tokens)
     pieces = token_byte_strings(tokenizer)
-    reference = gzip_reference(pieces, val_rows[:, 1:].flatten().tolist())
+    references = compressor_references(pieces, val_rows[:, 1:].flatten().tolist())
+    reference = references["gzip9_val_bpb"]
     n_params, fpt = count_params(model), flops_per_token(model, tspec.seq_len)
     budget = tspec.max_steps * tspec.batch_tokens
     log.info(
@@ -55,7 +56,8 @@ def run(ctx: StageContext) -> dict:
         n_params / 1e6, fpt / 1e6, tspec.max_steps, tspec.batch_tokens, budget / 1e6, budget / n_params,
         windows.num_windows, val_rows[:, 1:].numel(),
     )
-    log.info("reference: gzip -9 compresses the same validation text to %.4f bits/byte", reference)
+    log.info("reference: on the same validation text gzip -9 reaches %.4f bits/byte, xz -9e %.4f", reference,
+             references["xz9_val_bpb"])
 
     def eval_batches(micro):
         return [{"input_ids": r[:, :-1], "labels": r[:, 1:]} for r in val_rows.split(micro)]
@@ -63,19 +65,20 @@ def run(ctx: StageContext) -> dict:
     def publish(trained, state_dict):
         publish_hf_dir(trained, tokenizer, ctx.out / "model", state_dict)
         metrics = MetricsFile(ctx.out / "metrics.jsonl")
-        metrics.write({"step": tspec.max_steps, "reference": "gzip -9", "gzip_bpb": reference})
-        plot_curves(metrics.rows(), ctx.out / "curves.png", reference)
+        metrics.write({"step": tspec.max_steps, "reference": "gzip -9, xz -9e", "gzip_bpb": reference,
+                       "xz_bpb": references["xz9_val_bpb"]})
+        plot_curves(metrics.rows(), ctx.out / "curves.png", {"gzip -9": reference, "xz -9e": references["xz9_val_bpb"]})
 
     summary = run_training(ctx.training_job(model, tspec, pieces, windows.batch, eval_batches, fpt), publish)
     final = summary.get("final", {})
     verdict = "below" if final.get("val_bpb", 99) < reference else "NOT below"
-    log.info("pretrain: val bpb %.4f (%s gzip -9 at %.4f), val loss %.4f, %.0f tokens/s -> %s",
-             final.get("val_bpb", float("nan")), verdict, reference, final.get("val_loss", float("nan")),
-             summary["tokens_per_s"], ctx.out / "model")
+    log.info("pretrain: val bpb %.4f (%s gzip -9 at %.4f; xz -9e %.4f), val loss %.4f, %.0f tokens/s -> %s",
+             final.get("val_bpb", float("nan")), verdict, reference, references["xz9_val_bpb"],
+             final.get("val_loss", float("nan")), summary["tokens_per_s"], ctx.out / "model")
     return {
         "params": n_params, "vocab_size": vocab_size, "flops_per_token": fpt, "tokens_seen": summary["tokens_seen"],
         "steps": summary["steps"], "tokens_per_s": summary["tokens_per_s"], "final_val_loss": final.get("val_loss"),
-        "final_val_bpb": final.get("val_bpb"), "gzip9_val_bpb": reference, "resumed_from_step": summary["start_step"],
+        "final_val_bpb": final.get("val_bpb"), **references, "resumed_from_step": summary["start_step"],
         "processes": summary["launch"]["processes"], "mixed_precision": summary["launch"]["mixed_precision"],
         "launch": summary["launch"],
     }

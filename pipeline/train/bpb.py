@@ -1,8 +1,10 @@
-"""Bits per byte, the tokenizer-independent measure of a language model, and its gzip reference."""
+"""Bits per byte, the tokenizer-independent measure of a language model, and what general-purpose
+compressors (gzip -9, xz -9e) reach on the same text: the bars a language model should beat."""
 
 from __future__ import annotations
 
 import gzip
+import lzma
 import math
 
 
@@ -14,9 +16,14 @@ def gzip_bits_per_byte(data: bytes) -> float:
     return 8 * len(gzip.compress(data, compresslevel=9)) / max(len(data), 1)
 
 
-def gzip_reference(pieces: list[bytes], token_ids: list[int]) -> float:
-    """gzip -9 bits per byte of the text that `token_ids` stand for: the bar a model must beat."""
-    return gzip_bits_per_byte(b"".join(pieces[t] for t in token_ids))
+def xz_bits_per_byte(data: bytes) -> float:
+    return 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / max(len(data), 1)
+
+
+def compressor_references(pieces: list[bytes], token_ids: list[int]) -> dict[str, float]:
+    """{"gzip9_val_bpb", "xz9_val_bpb"}: bits per byte of the text that `token_ids` stand for."""
+    text = b"".join(pieces[t] for t in token_ids)
+    return {"gzip9_val_bpb": gzip_bits_per_byte(text), "xz9_val_bpb": xz_bits_per_byte(text)}
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -36,8 +36,9 @@ class MetricsFile:
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
 
 
-def plot_curves(rows: list[dict], out: Path, reference_bpb: float | None) -> None:
-    """Training loss and validation bits per byte against steps, with the gzip line for scale."""
+def plot_curves(rows: list[dict], out: Path, references: dict[str, float]) -> None:
+    """Training loss and validation bits per byte against steps, with compressor lines for scale
+    (references: label -> bits per byte, e.g. {"gzip -9": 1.87})."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,8 +52,8 @@ def plot_curves(rows: list[dict], out: Path, reference_bpb: float | None) -> Non
     a.set(xlabel="step", ylabel="train loss (nats/token)", title="training loss")
     if val:
         b.plot(*zip(*val), marker="o", label="model")
-    if reference_bpb:
-        b.axhline(reference_bpb, color="gray", linestyle="--", label="gzip -9")
+    for (label, bpb), style in zip(references.items(), ("--", ":", "-.")):
+        b.axhline(bpb, color="gray", linestyle=style, label=label)
     b.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
     b.legend()
     fig.tight_layout()
