@@ -44,6 +44,17 @@ def test_prepare_builds_tokenizer_and_data_then_skips_then_forces(tmp_path, text
     assert manifest(run, "data")["facts"]["vocab_size"] == 300
 
 
+def test_one_text_file_just_works_and_separators_take_escapes(tmp_path, text_corpus):
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(p.read_text() for p in sorted(text_corpus.glob("*.txt"))))
+    run_cli("stage=prepare", "run.name=book", "data=text", f"data.paths=[{book}]", *TINY, cwd=tmp_path)
+    facts = manifest(tmp_path / "runs" / "book", "data")["facts"]
+    assert facts["train"]["docs"] == facts["val"]["docs"] == 1 and facts["val"]["tokens"] > 0
+    run_cli("stage=prepare", "run.name=cut", "data=text", f"data.paths=[{book}]", "data.separator='\\n\\n'", *TINY,
+            cwd=tmp_path)
+    assert manifest(tmp_path / "runs" / "cut", "data")["facts"]["train"]["docs"] > 100
+
+
 def test_jsonl_source_end_to_end(tmp_path, jsonl_corpus):
     run_cli("stage=prepare", "run.name=j", "data=jsonl", f"data.paths=[{jsonl_corpus}]", *TINY, cwd=tmp_path)
     assert manifest(tmp_path / "runs" / "j", "data")["facts"]["train"]["docs"] > 80

@@ -82,3 +82,18 @@ def test_stdlib_corpus_excludes_tests():
 def test_unknown_source_is_refused():
     with pytest.raises(PipelineError, match="data.source='csv' is unknown"):
         CorpusSpec(source="csv")
+
+
+def test_a_single_document_is_cut_into_train_and_its_last_val_fraction(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("".join(f"line {i} of the only document\n" for i in range(1000)))
+    spec = CorpusSpec(source="text", paths=[str(book)], val_fraction=0.1)
+    train, val = list(split_documents(spec, "train")), list(split_documents(spec, "val"))
+    assert len(train) == len(val) == 1 and train[0] + val[0] == book.read_text()
+    assert val[0].startswith("line ") and 0.09 < len(val[0]) / len(book.read_text()) < 0.11  # at a line break
+
+
+def test_separator_escapes_typed_on_the_command_line_are_understood():
+    assert CorpusSpec(source="text", separator="\\n\\n").separator == "\n\n"
+    assert CorpusSpec(source="text", separator="\\t|\\\\n").separator == "\t|\\n"
+    assert CorpusSpec(source="text", separator="<|endoftext|>").separator == "<|endoftext|>"

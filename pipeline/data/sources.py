@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import logging
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +31,16 @@ class CorpusSpec:
     paths: list[str] = field(default_factory=list)
     glob: str = "**/*.txt"  # files taken from a directory given in `paths`
     text_field: str = "text"
-    separator: str | None = None  # split each text file into documents at this string
+    separator: str | None = None  # split each text file into documents at this string; \n, \t, \r understood
     name: str | None = None  # hf: dataset name
     config: str | None = None  # hf: dataset config
     split: str = "train"  # hf: dataset split
     val_fraction: float = 0.05
 
     def __post_init__(self):
+        if self.separator:  # the command line passes `\n` as two characters
+            escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+            self.separator = re.sub(r"\\([ntr\\])", lambda m: escapes[m.group(1)], self.separator)
         if self.source not in SOURCES:
             raise PipelineError(f"data.source={self.source!r} is unknown; use one of {', '.join(SOURCES)}.")
         if not 0 < self.val_fraction < 1:
@@ -49,10 +54,29 @@ def is_val(text: str, val_fraction: float) -> bool:
 
 
 def split_documents(spec: CorpusSpec, split: str, stats: dict | None = None) -> Iterator[str]:
+    """The documents of one split. A corpus of a single document (one book, one text file) is cut
+    instead: validation is its last val_fraction, from a line break on (nanoGPT's convention)."""
+    docs = iter_documents(spec, stats)
+    first = next(docs)  # the corpus has at least one document (iter_documents says so otherwise)
+    second = next(docs, None)
+    if second is None:
+        cut = _val_cut(first, spec.val_fraction)
+        if split == "train":
+            log.info("data: the corpus is one document of %d characters; validation is its last %.0f%% (from "
+                     "character %d)", len(first), 100 * spec.val_fraction, cut)
+        yield first[:cut] if split == "train" else first[cut:]
+        return
     want_val = split == "val"
-    for doc in iter_documents(spec, stats):
+    for doc in itertools.chain([first, second], docs):
         if is_val(doc, spec.val_fraction) == want_val:
             yield doc
+
+
+def _val_cut(text: str, val_fraction: float) -> int:
+    """Where validation starts in a single document: the first line break after the nominal point."""
+    nominal = int(len(text) * (1 - val_fraction))
+    newline = text.find("\n", nominal, nominal + 10_000)
+    return newline + 1 if newline >= 0 and newline + 1 < len(text) else nominal
 
 
 def utf8_len(text: str) -> int:
