@@ -4,14 +4,17 @@
     pipeline -m model=glob(t*) train.max_steps=range(100,400,100)         # globs over groups, ranges
     pipeline -m train.lr=1e-3,3e-3 sweep.launch='accelerate launch --multi_gpu --num_processes 2'
 
-A sweep.launch holding a comma or '=' needs Hydra's quotes too: sweep.launch="'accelerate launch --gpu_ids 0,1'".
+A sweep.launch holding a comma or '=' needs Hydra's quotes too:
+    sweep.launch="'accelerate launch --gpu_ids 0,1'"
 
 Each combination is a run dir under the sweep dir (run.root/run.name, or run.root/<recipe>-sweep
-without a run.name), named from its swept overrides. Every combination is composed and checked first: a bad one is refused in one line and
-the others still run. They run one after another, each as its own process (or accelerate launch),
-with run.shared_upstream=true, so an artifact with the same config and inputs (the tokenizer and
-token shards of a learning-rate sweep, the pretrained model of a fine-tuning sweep) is built once,
-kept in run.root/.shared/ and linked into every run that uses it. A combination whose stages are all up to date is skipped.
+without a run.name), named from its swept overrides. Every combination is composed and checked
+first: a bad one is refused in one line and the others still run. They run one after another,
+each as its own process (or accelerate launch), with run.shared_upstream=true, so an artifact with
+the same config and inputs (the tokenizer and token shards of a learning-rate sweep, the
+pretrained model of a fine-tuning sweep) is built once, kept in run.root/.shared/ and linked into
+every run that uses it. A combination whose stages are all up to date is skipped; SIGTERM and
+Ctrl-C reach the running combination, which checkpoints, and the sweep stops after it.
 Compare the runs with `pipeline report runs/NAME`.
 """
 

@@ -26,6 +26,7 @@ class StageContext:
         logger = self.specs.logger
         return TrainingJob(
             model=model, spec=spec, out_dir=self.out, fingerprint=self.fingerprint, batch=batch,
-            eval_batches=eval_batches, token_bytes=torch.tensor([len(p) for p in token_pieces], dtype=torch.float64), flops_per_token=flops_per_token,
+            eval_batches=eval_batches, flops_per_token=flops_per_token,
+            token_bytes=torch.tensor([len(p) for p in token_pieces], dtype=torch.float64),
             resume=self.specs.resume, tracking=Tracking(tuple(logger.trackers), logger.project, asdict(spec)),
         )
