@@ -53,23 +53,37 @@ def is_val(text: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-def split_documents(spec: CorpusSpec, split: str, stats: dict | None = None) -> Iterator[str]:
-    """The documents of one split. A corpus of a single document (one book, one text file) is cut
-    instead: validation is its last val_fraction, from a line break on (nanoGPT's convention)."""
+def labelled_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[tuple[bool, str]]:
+    """(is validation, document) for every document, in one pass over the corpus. A corpus of a
+    single document (one book, one text file) is cut instead: validation is its last val_fraction,
+    from a line break on (nanoGPT's convention)."""
     docs = iter_documents(spec, stats)
     first = next(docs)  # the corpus has at least one document (iter_documents says so otherwise)
     second = next(docs, None)
     if second is None:
         cut = _val_cut(first, spec.val_fraction)
-        if split == "train":
-            log.info("data: the corpus is one document of %d characters; validation is its last %.0f%% (from "
-                     "character %d)", len(first), 100 * spec.val_fraction, cut)
-        yield first[:cut] if split == "train" else first[cut:]
+        log.info("data: the corpus is one document of %d characters; validation is its last %.0f%% (from "
+                 "character %d)", len(first), 100 * spec.val_fraction, cut)
+        yield from ((False, first[:cut]), (True, first[cut:]))
         return
-    want_val = split == "val"
     for doc in itertools.chain([first, second], docs):
-        if is_val(doc, spec.val_fraction) == want_val:
-            yield doc
+        yield is_val(doc, spec.val_fraction), doc
+
+
+def split_documents(spec: CorpusSpec, split: str, stats: dict | None = None) -> Iterator[str]:
+    """The documents of one split (see labelled_documents)."""
+    want_val = split == "val"
+    return (doc for val, doc in labelled_documents(spec, stats) if val == want_val)
+
+
+def corpus_bytes(spec: CorpusSpec) -> int | None:
+    """The size of the corpus files, for a progress bar's ETA; None where it is not known in
+    advance (a hub dataset; Parquet, whose files are compressed)."""
+    patterns = {"stdlib": None, "text": spec.glob, "jsonl": "**/*.jsonl"}
+    if spec.source not in patterns:
+        return None
+    files = stdlib_files() if spec.source == "stdlib" else resolve_paths(spec.paths, patterns[spec.source], "data")
+    return sum(f.stat().st_size for f in files)
 
 
 def _val_cut(text: str, val_fraction: float) -> int:

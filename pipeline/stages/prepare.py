@@ -1,4 +1,4 @@
-"""Stage `prepare`: tokenize the corpus into memory-mappable train/val token shards."""
+"""Stage `prepare`: tokenize the corpus, in one pass, into memory-mappable train/val token shards."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from pipeline.data.shards import ShardWriter, token_dtype, write_index
-from pipeline.data.sources import split_documents, utf8_len
+from pipeline.data.sources import corpus_bytes, labelled_documents, utf8_len
 from pipeline.errors import PipelineError
 from pipeline.model.tokenizer import EOS
 from pipeline.stages.context import StageContext
@@ -30,11 +30,11 @@ def config_slice(specs) -> dict:
     return {"data": asdict(specs.data), "shard_tokens": specs.prepare.shard_tokens}
 
 
-def _batches(docs, batch_bytes: int):
+def _batches(labelled, batch_bytes: int):
     batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
+    for item in labelled:
+        batch.append(item)
+        size += len(item[1])
         if size >= batch_bytes:
             yield batch
             batch, size = [], 0
@@ -42,20 +42,26 @@ def _batches(docs, batch_bytes: int):
         yield batch
 
 
-def tokenize_split(tok: Tokenizer, docs, writer: ShardWriter, eos_id: int, desc: str) -> dict:
-    """Encode documents in parallel batches (Rust threads) and append them with EOS after each."""
-    counts = {"docs": 0, "bytes": 0, "tokens": 0}
-    with tqdm(desc=desc, unit="B", unit_scale=True, leave=False, disable=None) as bar:
-        for batch in _batches(docs, BATCH_BYTES):
-            encodings = tok.encode_batch(batch, add_special_tokens=False)
-            ids = np.concatenate([np.array(e.ids + [eos_id], dtype=writer.dtype) for e in encodings])
-            writer.write(ids)
-            nbytes = sum(utf8_len(d) for d in batch)
-            counts["docs"] += len(batch)
-            counts["bytes"] += nbytes
-            counts["tokens"] += len(ids)
-            bar.update(nbytes)
-    writer.close()
+def tokenize_corpus(tok: Tokenizer, labelled, writers: dict[str, ShardWriter], eos_id: int,
+                    total_bytes: int | None = None) -> dict:
+    """One pass: encode (is validation, document) pairs in parallel batches (Rust threads) and
+    append each document, with EOS after it, to its split's shards. Memory is one batch."""
+    counts = {split: {"docs": 0, "bytes": 0, "tokens": 0} for split in writers}
+    with tqdm(desc="prepare", total=total_bytes, unit="B", unit_scale=True, leave=False, disable=None) as bar:
+        for batch in _batches(labelled, BATCH_BYTES):
+            encodings = tok.encode_batch([doc for _, doc in batch], add_special_tokens=False)
+            for split, writer in writers.items():
+                mine = [(doc, e) for (val, doc), e in zip(batch, encodings) if val == (split == "val")]
+                if not mine:
+                    continue
+                ids = np.concatenate([np.array(e.ids + [eos_id], dtype=writer.dtype) for _, e in mine])
+                writer.write(ids)
+                nbytes = sum(utf8_len(doc) for doc, _ in mine)
+                c = counts[split]
+                c["docs"], c["bytes"], c["tokens"] = c["docs"] + len(mine), c["bytes"] + nbytes, c["tokens"] + len(ids)
+                bar.update(nbytes)
+    for writer in writers.values():
+        writer.close()
     return counts
 
 
@@ -64,10 +70,11 @@ def run(ctx: StageContext) -> dict:
     vocab_size, eos_id = tok.get_vocab_size(), tok.token_to_id(EOS)
     dtype = token_dtype(vocab_size)
     t0 = time.time()
-    facts, splits = {"vocab_size": vocab_size, "dtype": dtype.name}, {}
-    for split in ("train", "val"):
-        writer = ShardWriter(ctx.out, split, dtype, ctx.specs.prepare.shard_tokens)
-        facts[split] = tokenize_split(tok, split_documents(ctx.specs.data, split), writer, eos_id, f"prepare: {split}")
+    data = ctx.specs.data
+    writers = {split: ShardWriter(ctx.out, split, dtype, ctx.specs.prepare.shard_tokens) for split in ("train", "val")}
+    counts = tokenize_corpus(tok, labelled_documents(data), writers, eos_id, corpus_bytes(data))
+    facts, splits = {"vocab_size": vocab_size, "dtype": dtype.name, **counts}, {}
+    for split, writer in writers.items():
         splits[split] = writer.shards
         if facts[split]["docs"] == 0:
             raise PipelineError(
