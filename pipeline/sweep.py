@@ -134,17 +134,22 @@ def _up_to_date(combo: Combination, honour_force: bool = True) -> bool:
     return Runner(specs, Path(cfg.run.root) / cfg.run.name, force, cfg.run.shared_upstream).up_to_date(cfg.stage)
 
 
-def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None]:
-    """Run one combination, echoing its log; returns (exit code, its `error:` line if any)."""
+def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None, bool]:
+    """Run one combination, echoing its log; returns (exit code, its `error:` line if any, whether
+    a SIGTERM arrived meanwhile)."""
     prefix = shlex.split(launch) if launch else [sys.executable]
     try:
         proc = subprocess.Popen([*prefix, "-m", "pipeline", *combo.overrides], stderr=subprocess.PIPE, text=True,
                                 errors="replace")
     except OSError as e:
-        return 127, f"error: could not start {prefix[0]} ({e.strerror or e}); check sweep.launch."
-    error = None
-    # SIGTERM (a scheduler's time limit) goes to the run too: it checkpoints, and the sweep stops after it.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+        return 127, f"error: could not start {prefix[0]} ({e.strerror or e}); check sweep.launch.", False
+    error, terminated = None, []
+
+    def forward(signum, frame):  # a scheduler's time limit: the run checkpoints, the sweep stops after it
+        terminated.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         for line in proc.stderr:
             sys.stderr.write(line)
@@ -156,13 +161,13 @@ def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None]:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return proc.wait(), error
+    return proc.wait(), error, bool(terminated)
 
 
-def _skippable(combo: Combination, tag: str) -> bool | None:
+def _skippable(combo: Combination, tag: str, honour_force: bool = True) -> bool | None:
     """True when the run is complete, False when it needs running, None when its dir is damaged."""
     try:
-        return _up_to_date(combo)
+        return _up_to_date(combo, honour_force)
     except PipelineError as e:
         print(f"{tag}: failed: {e}", file=sys.stderr)
         return None
@@ -191,9 +196,10 @@ def run_sweep(argv: list[str]) -> int:
             continue
         print(f"{tag}: running", file=sys.stderr, flush=True)
         t0 = time.time()
-        code, error = _launch(combo, launch)
-        if code == 0 and not _up_to_date(combo, honour_force=False):  # stopped by a signal after a checkpoint: so is the sweep
-            print(f"{tag}: stopped; rerun the same command to resume the sweep", file=sys.stderr)
+        code, error, terminated = _launch(combo, launch)
+        if terminated or (code == 0 and _skippable(combo, tag, honour_force=False) is False):
+            resume = shlex.join(["pipeline", "-m", *[a for a in argv if not a.startswith(("force=", "resume="))]])
+            print(f"{tag}: stopped by a signal; resume the sweep with: {resume}", file=sys.stderr)
             return 1
         if code == 0:
             counts["complete"] += 1
