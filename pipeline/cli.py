@@ -189,9 +189,9 @@ def run(argv: list[str]) -> None:
         raise SystemExit(run_sweep([a for a in argv if a not in ("-m", "--multirun")]))
     overrides = [a for a in argv if a != "--cfg"]
     cfg, specs = compose_config(overrides, validate="--cfg" not in argv)
-    from omegaconf import OmegaConf
-
     if "--cfg" in argv:
+        from omegaconf import OmegaConf
+
         print(OmegaConf.to_yaml(cfg), end="")
         return
 
@@ -212,7 +212,7 @@ def run(argv: list[str]) -> None:
         if state.is_main_process:
             write_run_config(run_dir, cfg, overrides)
         targets = ORDER if cfg.stage == "all" else [cfg.stage]
-        runner = Runner(specs, run_dir, OmegaConf.to_container(cfg, resolve=True)["force"], cfg.run.shared_upstream)
+        runner = Runner(specs, run_dir, specs.force, cfg.run.shared_upstream)
         for name in targets:
             runner.ensure(name)
     log.info("done: %s -> %s", ", ".join(targets), run_dir)

@@ -64,12 +64,11 @@ class Runner:
         config = json.loads(json.dumps(stage.config_slice(self.specs), default=str))
         return self.run_dir / getattr(stage, "DIR", stage.NAME), config, canonical_hash(config)
 
-    def _shared_dir(self, name: str, config_hash: str, inputs: dict[str, Artifact]) -> Path | None:
-        """With shared_upstream: where the write-once copy of this artifact lives (or would)."""
-        if not self.shared:
-            return None
-        key = canonical_hash({"config": config_hash, "inputs": {k: a.hash for k, a in inputs.items()}})
-        return self.run_dir.parent / SHARED / f"{name}-{key}"
+    @staticmethod
+    def _fingerprint(config: dict, inputs: dict[str, Artifact]) -> str:
+        """This stage's identity: its config and the content of its inputs. Checkpoints must match
+        it, and it names the stage's entry in the shared store."""
+        return canonical_hash({"config": config, "inputs": {k: a.hash for k, a in inputs.items()}})
 
     @staticmethod
     def _complete(path: Path, config_hash: str, inputs: dict[str, Artifact]) -> bool:
@@ -101,7 +100,8 @@ class Runner:
         out, config, config_hash = self._identity(stage)
         self.state.wait_for_everyone()
         status = artifact_state(out, config_hash, inputs)
-        shared = self._shared_dir(name, config_hash, inputs)
+        fingerprint = self._fingerprint(config, inputs)
+        shared = self.run_dir.parent / SHARED / f"{name}-{fingerprint}" if self.shared else None
         is_forced = forced(self.force, name)
         reuse_shared = shared is not None and status != "complete" and not is_forced and \
             self._complete(shared, config_hash, inputs)
@@ -117,8 +117,6 @@ class Runner:
         else:
             reason = "forced" if status == "complete" else status
             log.info("%s: building (%s)", name, reason)
-            # Checkpoints must match both this stage's config and the content of its inputs.
-            fingerprint = canonical_hash({"config": config, "inputs": {k: a.hash for k, a in inputs.items()}})
             try:
                 self._build(stage, config, StageContext(self.specs, inputs, out, fingerprint), status == "incomplete")
             except BaseException as e:  # a refusal, a stop signal, Ctrl-C: the history says so too

@@ -104,6 +104,7 @@ class RunSpecs:
     logger: LoggerSpec
     seed: int
     resume: str
+    force: bool | list[str] | str = False  # true: rebuild every stage this command runs; [pretrain]: those named
 
 
 def build_specs(cfg: dict) -> RunSpecs:
@@ -115,7 +116,7 @@ def build_specs(cfg: dict) -> RunSpecs:
         data=CorpusSpec(**cfg["data"]), tokenizer=TokenizerSpec(**cfg["tokenizer"]),
         prepare=PrepareSpec(**cfg["prepare"]), model=ModelSpec(**cfg["model"]),
         train=TrainSpec(**cfg["train"]), finetune=finetune, generate=GenerateSpec(**cfg["generate"]),
-        logger=LoggerSpec(**cfg["logger"]), seed=cfg["seed"], resume=cfg["resume"],
+        logger=LoggerSpec(**cfg["logger"]), seed=cfg["seed"], resume=cfg["resume"], force=cfg["force"],
     )
     if not isinstance(specs.seed, int) or isinstance(specs.seed, bool):
         raise PipelineError(f"seed={specs.seed!r} must be a whole number.")

@@ -42,6 +42,7 @@ class Combination:
     swept: list[str]  # just the swept key=value pairs: they name the run
     name: str
     problem: str | None = None  # why it was refused, if it was
+    composed: tuple | None = None  # (config, specs) as composed when it was checked
 
 
 class _GroupOptions:
@@ -111,7 +112,7 @@ def plan(argv: list[str]) -> tuple[Path, str | None, list[Combination]]:
         full = [*overrides, f"run.root={_quoted(str(sweep_dir))}", f"run.name={_quoted(name)}", *shared]
         combo = Combination(full, swept, name)
         try:
-            compose_config(full)
+            combo.composed = compose_config(full)
         except PipelineError as e:
             combo.problem = str(e)
         out.append(combo)
@@ -124,13 +125,10 @@ def plan(argv: list[str]) -> tuple[Path, str | None, list[Combination]]:
 def _up_to_date(combo: Combination, honour_force: bool = True) -> bool:
     """Every stage this run would run is complete and current (with force=..., nothing is, unless
     honour_force=False: then only completeness counts, as after the run)."""
-    from omegaconf import OmegaConf
-
-    from pipeline.cli import compose_config
     from pipeline.runner import Runner
 
-    cfg, specs = compose_config(combo.overrides)
-    force = OmegaConf.to_container(cfg, resolve=True)["force"] if honour_force else False
+    cfg, specs = combo.composed
+    force = specs.force if honour_force else False
     return Runner(specs, Path(cfg.run.root) / cfg.run.name, force, cfg.run.shared_upstream).up_to_date(cfg.stage)
 
 
