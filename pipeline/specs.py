@@ -37,11 +37,11 @@ class TokenizerSpec:
 
 @dataclass
 class PrepareSpec:
-    shard_tokens: int = 100_000_000  # tokens per shard file (uint16: 200 MB)
+    shard_bytes: int = 64 * 2**20  # text per chunk: one shard per split, the unit of work per rank and of resume
 
     def __post_init__(self):
-        if not isinstance(self.shard_tokens, int) or self.shard_tokens <= 0:
-            raise PipelineError(f"prepare.shard_tokens={self.shard_tokens} must be a positive number.")
+        if not isinstance(self.shard_bytes, int) or self.shard_bytes <= 0:
+            raise PipelineError(f"prepare.shard_bytes={self.shard_bytes} must be a positive number of bytes.")
 
 
 @dataclass

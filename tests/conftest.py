@@ -44,7 +44,7 @@ def jsonl_corpus(tmp_path) -> Path:
     return path
 
 
-TINY = ["tokenizer.vocab_size=320", "prepare.shard_tokens=20000"]
+TINY = ["tokenizer.vocab_size=320", "prepare.shard_bytes=40000"]
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

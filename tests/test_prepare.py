@@ -1,24 +1,118 @@
-"""The prepare stage's writer: one pass over (split, document) pairs gives each split exactly the
-tokens of encoding its documents alone, with EOS after each, in corpus order, across shards."""
+"""The prepare stage: one pass over (split, document) pairs gives each split exactly the tokens of
+encoding its documents alone, with EOS after each, in corpus order, across chunks; the chunks do
+not depend on how many processes share them; a killed prepare keeps its finished chunks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
-from pipeline.data.shards import ShardWriter
+from pipeline.data.encode import Chunks, encode_chunks, encode_documents, pieces
+from pipeline.data.shards import collect, open_split
+from pipeline.data.sources import CorpusSpec, iter_documents, take_bytes
 from pipeline.model.tokenizer import EOS, train_bpe
-from pipeline.stages.prepare import tokenize_corpus
-from tests.conftest import make_documents
+from tests.conftest import TINY, make_documents, manifest_facts, run_cli
+
+
+def test_chunks_cut_the_stream_the_same_way_for_every_rank():
+    labelled = [(i % 5 == 0, d) for i, d in enumerate(make_documents(60))]  # ~40 KB
+
+    def chunk_docs(world, rank):
+        chunks = Chunks(iter(labelled), 4000, 1500, lambda c: c % world == rank)
+        return {(c, doc) for c, batch in chunks for _, doc in batch}, chunks.count
+
+    alone, count = chunk_docs(1, 0)
+    assert count > 5 and {c for c, _ in alone} == set(range(count))
+    shares = [chunk_docs(3, r) for r in range(3)]
+    assert set().union(*(s for s, _ in shares)) == alone and all(n == count for _, n in shares)
+    assert all(c % 3 == r for r, (s, _) in enumerate(shares) for c, _ in s)
 
 
 def test_one_pass_writes_both_splits_with_the_tokens_of_each_document(tmp_path):
     docs = make_documents(50)
     tok = train_bpe(docs, 300)
-    eos = tok.token_to_id(EOS)
+    eos, dtype = tok.token_to_id(EOS), np.dtype(np.uint16)
     labelled = [(i % 4 == 0, d) for i, d in enumerate(docs)]
-    writers = {s: ShardWriter(tmp_path, s, np.dtype(np.uint16), 500) for s in ("train", "val")}
-    counts = tokenize_corpus(tok, iter(labelled), writers, eos)  # an iterator: it can be read once only
+    chunks = Chunks(iter(labelled), 6000, 2000, lambda c: True)  # an iterator: it can be read once only
+    assert encode_chunks(tok, chunks, tmp_path, dtype, eos, "fp") == chunks.count > 1
+    splits, totals = collect(tmp_path, chunks.count, "fp")
+    (tmp_path / "index.json").write_text(json.dumps({"dtype": "uint16", "splits": splits}))
     for split, is_val in (("train", False), ("val", True)):
         expected = [t for v, d in labelled if v == is_val for t in tok.encode(d, add_special_tokens=False).ids + [eos]]
-        got = np.concatenate([np.fromfile(tmp_path / s["file"], dtype=np.uint16) for s in writers[split].shards])
+        got = np.concatenate(open_split(tmp_path, split).arrays)
         assert got.tolist() == expected
-        assert counts[split]["docs"] == sum(v == is_val for v, _ in labelled) and counts[split]["tokens"] == len(got)
-    assert len(writers["train"].shards) > 1  # 500-token shards roll over
+        assert totals[split]["docs"] == sum(v == is_val for v, _ in labelled) and totals[split]["tokens"] == len(got)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_long_document_encoded_in_pieces_gives_the_tokens_of_the_whole():
+    doc = "".join(take_bytes(iter_documents(CorpusSpec()), 1_500_000))  # real text: code, prose, unicode
+    doc += "\u00e9t\u00e9 \u4e2d\u6587\n  \n\t x\n" * 50 + "x" * 30_000  # non-ASCII, whitespace runs, no line break
+    tok = train_bpe([doc[i:i + 5000] for i in range(0, len(doc), 5000)], 2000)
+    cut = pieces(doc, 10_000)
+    assert len(cut) > 100 and "".join(cut) == doc
+    whole = tok.encode(doc, add_special_tokens=False).ids
+    parts = encode_documents(tok.encode_batch_fast, [doc], np.dtype(np.uint16), 10_000)[0]
+    assert len(parts) == len(cut) and np.concatenate(parts).tolist() == whole
+
+
+def shard_bytes(data_dir):
+    index = json.loads((data_dir / "index.json").read_text())
+    return index["splits"], {s["file"]: (data_dir / s["file"]).read_bytes() for p in index["splits"].values() for s in p}
+
+
+KILL_IN_CHUNK = """
+import os, signal, sys
+from pipeline.data.shards import ChunkWriter
+real = ChunkWriter.seal
+def seal_then_die(self):
+    if self.chunk == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # chunks 0-2 are sealed, chunk 3 is half-written
+    return real(self)
+ChunkWriter.seal = seal_then_die
+from pipeline.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_killed_prepare_resumes_at_the_chunk_it_was_writing(tmp_path, text_corpus):
+    args = ["stage=prepare", "data=text", f"data.paths=[{text_corpus}]", *TINY, "prepare.shard_bytes=10000"]
+    run_cli(*args, "run.name=a", cwd=tmp_path)
+    ref = shard_bytes(tmp_path / "runs/a/data")
+    assert manifest_facts(tmp_path / "runs/a/data")["chunks"] > 6
+
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_CHUNK, *args, "run.name=b"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    data = tmp_path / "runs/b/data"
+    assert (data / "train_00003.bin.partial").exists() and not (data / "manifest.json").exists()
+
+    run_cli(*args, "run.name=b", cwd=tmp_path)
+    assert manifest_facts(data)["chunks_kept"] == 3
+    assert shard_bytes(data) == ref and not list(data.glob("*.partial"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_each_tokenize_their_chunks_into_the_same_shards(tmp_path, text_corpus):
+    from tests.test_distributed import free_port
+
+    args = ["stage=prepare", "data=text", f"data.paths=[{text_corpus}]", *TINY, "prepare.shard_bytes=10000"]
+    run_cli(*args, "run.name=one", cwd=tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "pipeline", *args, "run.name=two"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one, two = tmp_path / "runs/one/data", tmp_path / "runs/two/data"
+    assert shard_bytes(two) == shard_bytes(one)  # same tokens, same split, same order
+    facts = manifest_facts(two)
+    assert facts["processes"] == 2 and facts["chunks"] > 6
+    ranks = {c: json.loads((two / f"chunk_{c:05d}.json").read_text())["rank"] for c in range(facts["chunks"])}
+    assert ranks == {c: c % 2 for c in ranks}  # each rank wrote its own share

@@ -97,3 +97,29 @@ def test_separator_escapes_typed_on_the_command_line_are_understood():
     assert CorpusSpec(source="text", separator="\\n\\n").separator == "\n\n"
     assert CorpusSpec(source="text", separator="\\t|\\\\n").separator == "\t|\\n"
     assert CorpusSpec(source="text", separator="<|endoftext|>").separator == "<|endoftext|>"
+
+
+def test_max_docs_and_max_bytes_stop_reading_early(jsonl_corpus):
+    spec = CorpusSpec(source="jsonl", paths=[str(jsonl_corpus)], max_docs=7)
+    assert len(list(iter_documents(spec))) == 7
+    docs = list(iter_documents(CorpusSpec(source="jsonl", paths=[str(jsonl_corpus)], max_bytes=5000)))
+    sizes = [len(d.encode()) for d in docs]
+    assert sum(sizes[:-1]) < 5000 <= sum(sizes) and len(docs) < 120  # stops at the document that reaches it
+    with pytest.raises(PipelineError, match="data.max_docs=0"):
+        CorpusSpec(max_docs=0)
+
+
+def test_a_separated_file_is_read_in_blocks_with_the_same_documents(tmp_path, monkeypatch):
+    import pipeline.data.sources as sources
+
+    docs = [f"d{i} caf\u00e9 \u4e2d\u6587 " * (i % 7 + 1) for i in range(200)]
+    path = tmp_path / "big.txt"
+    path.write_text("<SEP>".join(docs) + "<SEP>", encoding="utf-8")
+    monkeypatch.setattr(sources, "READ_BLOCK", 7)  # multi-byte characters and separators straddle blocks
+    assert list(sources.read_separated(path, "<SEP>")) == [*docs, ""]
+    spec = CorpusSpec(source="text", paths=[str(path)], separator="<SEP>")
+    assert list(iter_documents(spec)) == docs
+    path.write_bytes(b"one<SEP>bad \xff byte<SEP>three")
+    stats = {}
+    assert list(sources.read_separated(path, "<SEP>", stats)) == ["one", "bad \ufffd byte", "three"]
+    assert stats == {"non_utf8_replaced": 1}

@@ -1,55 +1,108 @@
-"""Flat token shards on disk: `<split>_NNNN.bin` (uint16/uint32) plus `index.json`.
+"""Flat token shards on disk, one pair per chunk of the corpus: `train_NNNNN.bin` and
+`val_NNNNN.bin` (uint16/uint32), then `chunk_NNNNN.json`, then at the end `index.json`.
 
-Documents are concatenated with EOS after each one. Shards are memory-mapped for training, so
-the corpus never has to fit in RAM.
+Documents are concatenated with EOS after each one. A chunk's shards are written under temporary
+names and renamed before its record is written, so a chunk is done exactly when its record exists
+and names the fingerprint of the run that wrote it: a killed prepare resumes at the first chunk
+without one. Shards are memory-mapped for training, so the corpus never has to fit in RAM.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import write_json_atomic
+from pipeline.errors import PipelineError
+
 INDEX = "index.json"
+SPLITS = ("train", "val")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 - 1 else np.dtype(np.uint32)
 
 
-class ShardWriter:
-    """Append token arrays to numbered shard files of at most `shard_tokens` tokens."""
+def _record_path(out_dir: Path, chunk: int) -> Path:
+    return out_dir / f"chunk_{chunk:05d}.json"
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.shards: list[dict] = []
-        self._file = None
-        self._count = 0
 
-    def _open_next(self):
-        self.close()
-        name = f"{self.split}_{len(self.shards):04d}.bin"
-        self.shards.append({"file": name, "tokens": 0})
-        self._file = open(self.out_dir / name, "wb")
-        self._count = 0
+def chunk_record(out_dir: Path, chunk: int, fingerprint: str) -> dict | None:
+    """The record of a chunk finished by a run with this fingerprint, else None."""
+    try:
+        record = json.loads(_record_path(out_dir, chunk).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("fingerprint") == fingerprint else None
 
-    def write(self, tokens: np.ndarray) -> None:
-        tokens = tokens.astype(self.dtype, copy=False)
-        while len(tokens):
-            if self._file is None or self._count >= self.shard_tokens:
-                self._open_next()
-            room = self.shard_tokens - self._count
-            part, tokens = tokens[:room], tokens[room:]
-            self._file.write(part.tobytes())
-            self._count += len(part)
-            self.shards[-1]["tokens"] += len(part)
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+class ChunkWriter:
+    """Appends token arrays to one chunk's shard files (one per split); `seal` makes them final."""
+
+    def __init__(self, out_dir: Path, chunk: int, dtype: np.dtype, fingerprint: str, rank: int = 0):
+        self.out_dir, self.chunk, self.dtype, self.fingerprint, self.rank = out_dir, chunk, dtype, fingerprint, rank
+        self.counts = {split: {"docs": 0, "bytes": 0, "tokens": 0} for split in SPLITS}
+        self._files = {split: open(self._path(split, partial=True), "wb") for split in SPLITS}
+
+    def _path(self, split: str, partial: bool = False) -> Path:
+        return self.out_dir / f"{split}_{self.chunk:05d}.bin{'.partial' if partial else ''}"
+
+    def write(self, split: str, tokens: np.ndarray, docs: int, nbytes: int) -> None:
+        self._files[split].write(tokens.astype(self.dtype, copy=False).tobytes())
+        c = self.counts[split]
+        c["docs"], c["bytes"], c["tokens"] = c["docs"] + docs, c["bytes"] + nbytes, c["tokens"] + len(tokens)
+
+    def seal(self) -> dict:
+        """Rename the shards into place (empty ones are dropped), then write the chunk's record."""
+        record = {"fingerprint": self.fingerprint, "rank": self.rank}
+        for split, f in self._files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            partial, final = self._path(split, partial=True), self._path(split)
+            if self.counts[split]["tokens"]:
+                os.replace(partial, final)
+            else:
+                partial.unlink()
+            record[split] = {"file": final.name, **self.counts[split]}
+        write_json_atomic(_record_path(self.out_dir, self.chunk), record)
+        return record
+
+
+def collect(out, count: int, fingerprint: str) -> tuple[dict, dict]:
+    """The per-split shard lists for the index and the per-split totals, from the chunk records."""
+    splits, totals = {s: [] for s in SPLITS}, {s: {"docs": 0, "bytes": 0, "tokens": 0} for s in SPLITS}
+    for chunk in range(count):
+        record = chunk_record(out, chunk, fingerprint)
+        if record is None:
+            raise PipelineError(f"chunk {chunk} of {out} was not finished by any process; rerun the same command.")
+        for split in SPLITS:
+            part = record[split]
+            if part["tokens"]:
+                splits[split].append({"file": part["file"], "tokens": part["tokens"]})
+            totals[split] = {k: totals[split][k] + part[k] for k in totals[split]}
+    for split in SPLITS:
+        if totals[split]["docs"] == 0:
+            raise PipelineError(
+                f"the {split} split is empty ({totals['train']['docs']} documents in all); add documents, "
+                "change data.val_fraction, or set data.separator to cut files into documents (e.g. '\\n\\n')."
+            )
+    return splits, totals
+
+
+def remove_leftovers(out, shards: set[str], count: int) -> None:
+    """Delete what an interrupted run of another config left: shards the index does not list,
+    records of chunks past the end, partial files."""
+    for path in out.iterdir():
+        name = path.name
+        stale_record = name.startswith("chunk_") and int(path.stem.split("_")[1]) >= count
+        unlisted_shard = path.suffix == ".bin" and name not in shards
+        if name.startswith(".") or name.endswith(".partial") or unlisted_shard or stale_record:
+            path.unlink()
 
 
 def write_index(out_dir: Path, dtype: np.dtype, vocab_size: int, eos_id: int, splits: dict[str, list[dict]]) -> None:

@@ -6,10 +6,12 @@ hash of the document's text, so it does not depend on file order, seeds or the s
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import itertools
 import logging
+import os
 import re
 import sysconfig
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from pipeline.data.jsonl import read_jsonl
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
+READ_BLOCK = 16 * 2**20  # text files with a separator are read in blocks of this many bytes
 SOURCES = ("stdlib", "text", "jsonl", "parquet", "hf")
 # Folders of the stdlib that are test suites or vendored packages, not the library itself.
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -36,6 +39,8 @@ class CorpusSpec:
     config: str | None = None  # hf: dataset config
     split: str = "train"  # hf: dataset split
     val_fraction: float = 0.05
+    max_bytes: int | None = None  # stop reading the corpus after about this much text (null: all of it)
+    max_docs: int | None = None  # ... or after this many documents
 
     def __post_init__(self):
         if self.separator:  # the command line passes `\n` as two characters
@@ -43,6 +48,10 @@ class CorpusSpec:
             self.separator = re.sub(r"\\([ntr\\])", lambda m: escapes[m.group(1)], self.separator)
         if self.source not in SOURCES:
             raise PipelineError(f"data.source={self.source!r} is unknown; use one of {', '.join(SOURCES)}.")
+        for key in ("max_bytes", "max_docs"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise PipelineError(f"data.{key}={value!r} must be a positive whole number, or null for no limit.")
         if not 0 < self.val_fraction < 1:
             raise PipelineError(f"data.val_fraction={self.val_fraction} must be between 0 and 1 (e.g. 0.05).")
 
@@ -83,7 +92,8 @@ def corpus_bytes(spec: CorpusSpec) -> int | None:
     if spec.source not in patterns:
         return None
     files = stdlib_files() if spec.source == "stdlib" else resolve_paths(spec.paths, patterns[spec.source], "data")
-    return sum(f.stat().st_size for f in files)
+    size = sum(f.stat().st_size for f in files)
+    return min(size, spec.max_bytes) if spec.max_bytes else size
 
 
 def _val_cut(text: str, val_fraction: float) -> int:
@@ -113,11 +123,12 @@ def stdlib_root() -> Path:
 
 
 def stdlib_files() -> list[Path]:
-    root = stdlib_root()
-    return [
-        p for p in sorted(root.rglob("*.py"))
-        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
-    ]
+    """The stdlib's .py files, sorted; skipped folders are not walked (site-packages can be large)."""
+    files = []
+    for folder, subdirs, names in os.walk(stdlib_root()):
+        subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIP]
+        files.extend(Path(folder, n) for n in names if n.endswith(".py"))
+    return sorted(files)
 
 
 def resolve_paths(paths: list[str], pattern: str, what: str, key: str = "data.paths") -> list[Path]:
@@ -161,12 +172,43 @@ def read_text(path: Path, stats: dict | None = None) -> str | None:
         return data.decode("utf-8", errors="replace")
 
 
+def read_separated(path: Path, separator: str, stats: dict | None = None) -> Iterator[str]:
+    """The parts of a text file cut at `separator`, read in blocks, so memory holds a block and one
+    part, not the file. Binary files and bad UTF-8 are handled as in read_text."""
+    stats = stats if stats is not None else {}
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (a generator: closed by the with below)
+    except OSError as e:
+        raise PipelineError(f"{path} cannot be read ({e.strerror or e}); fix its permissions or leave it out.") from None
+    with f:
+        block = f.read(READ_BLOCK)
+        if b"\x00" in block[:8192]:
+            log.warning("%s looks binary (NUL bytes); skipped", path)
+            stats["binary_skipped"] = stats.get("binary_skipped", 0) + 1
+            return
+        decoder, tail, repaired = codecs.getincrementaldecoder("utf-8")("replace"), "", False
+        while True:
+            text = decoder.decode(block, final=not block)
+            repaired = repaired or text.count("\ufffd") > block.count(b"\xef\xbf\xbd")
+            *parts, tail = (tail + text).split(separator)  # the last part may go on in the next block
+            yield from parts
+            if not block:
+                break
+            block = f.read(READ_BLOCK)
+        yield tail
+    if repaired:
+        log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
+        stats["non_utf8_replaced"] = stats.get("non_utf8_replaced", 0) + 1
+
+
 def _text_documents(spec: CorpusSpec, files: list[Path], stats: dict) -> Iterator[str]:
     for path in files:
-        text = read_text(path, stats)
-        if text is None:
-            continue
-        for doc in text.split(spec.separator) if spec.separator else [text]:
+        if spec.separator:
+            docs = read_separated(path, spec.separator, stats)
+        else:
+            text = read_text(path, stats)
+            docs = [text] if text is not None else []
+        for doc in docs:
             if doc.strip():
                 yield doc
 
@@ -238,10 +280,15 @@ def iter_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[str]
         docs = _parquet_documents(spec, resolve_paths(spec.paths, "**/*.parquet", "Parquet"))
     else:
         docs = _hf_documents(spec)
-    empty = True
+    count = size = 0
     for doc in docs:
-        empty = False
+        limit = "max_docs" if spec.max_docs and count >= spec.max_docs else \
+            "max_bytes" if spec.max_bytes and size >= spec.max_bytes else None
+        if limit:
+            log.info("data: stopped reading the corpus at data.%s=%d (%d documents)", limit, getattr(spec, limit), count)
+            return
+        count, size = count + 1, size + (utf8_len(doc) if spec.max_bytes else 0)
         yield doc
-    if empty:
+    if count == 0:
         where = ", ".join(spec.paths) or spec.name or spec.source
         raise PipelineError(f"the corpus ({where}) contains no text; point data.paths at non-empty files.")

@@ -1,25 +1,33 @@
-"""Stage `prepare`: tokenize the corpus, in one pass, into memory-mappable train/val token shards."""
+"""Stage `prepare`: tokenize the corpus, in one pass, into memory-mappable train/val token shards.
+
+The document stream is cut into chunks of about `prepare.shard_bytes` of text. Under a launch of
+N processes, rank r tokenizes chunks r, r+N, r+2N, ... (each rank reads the stream, which costs
+little next to BPE encoding, and encodes only its own chunks); rank 0 writes the index once every
+rank is done. The shards do not depend on N, and a killed prepare keeps its finished chunks.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict
 
-import numpy as np
+from accelerate import PartialState
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from pipeline.data.shards import ShardWriter, token_dtype, write_index
-from pipeline.data.sources import corpus_bytes, labelled_documents, utf8_len
-from pipeline.errors import PipelineError
+from pipeline.data.encode import BATCH_BYTES, Chunks, encode_chunks
+from pipeline.data.shards import chunk_record, collect, remove_leftovers, token_dtype, write_index
+from pipeline.data.sources import corpus_bytes, labelled_documents
 from pipeline.model.tokenizer import EOS
 from pipeline.stages.context import StageContext
 
 NAME = "prepare"
 DIR = "data"  # runs/<name>/data/
+DISTRIBUTED = True  # every rank tokenizes its share of the chunks
+KEEPS_WORK = True  # finished chunks survive a crash
 log = logging.getLogger("pipeline")
-BATCH_BYTES = 8 * 2**20  # documents are encoded in batches of about this much text
 
 
 def upstream(specs) -> list[str]:
@@ -27,67 +35,40 @@ def upstream(specs) -> list[str]:
 
 
 def config_slice(specs) -> dict:
-    return {"data": asdict(specs.data), "shard_tokens": specs.prepare.shard_tokens}
+    return {"data": asdict(specs.data), "shard_bytes": specs.prepare.shard_bytes}
 
 
-def _batches(labelled, batch_bytes: int):
-    batch, size = [], 0
-    for item in labelled:
-        batch.append(item)
-        size += len(item[1])
-        if size >= batch_bytes:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def tokenize_corpus(tok: Tokenizer, labelled, writers: dict[str, ShardWriter], eos_id: int,
-                    total_bytes: int | None = None) -> dict:
-    """One pass: encode (is validation, document) pairs in parallel batches (Rust threads) and
-    append each document, with EOS after it, to its split's shards. Memory is one batch."""
-    counts = {split: {"docs": 0, "bytes": 0, "tokens": 0} for split in writers}
-    with tqdm(desc="prepare", total=total_bytes, unit="B", unit_scale=True, leave=False, disable=None) as bar:
-        for batch in _batches(labelled, BATCH_BYTES):
-            encodings = tok.encode_batch([doc for _, doc in batch], add_special_tokens=False)
-            for split, writer in writers.items():
-                mine = [(doc, e) for (val, doc), e in zip(batch, encodings) if val == (split == "val")]
-                if not mine:
-                    continue
-                ids = np.concatenate([np.array(e.ids + [eos_id], dtype=writer.dtype) for _, e in mine])
-                writer.write(ids)
-                nbytes = sum(utf8_len(doc) for doc, _ in mine)
-                c = counts[split]
-                c["docs"], c["bytes"], c["tokens"] = c["docs"] + len(mine), c["bytes"] + nbytes, c["tokens"] + len(ids)
-                bar.update(nbytes)
-    for writer in writers.values():
-        writer.close()
-    return counts
-
-
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> dict | None:
+    state = PartialState()
     tok = Tokenizer.from_file(str(ctx.inputs["tokenizer"].path / "tokenizer.json"))
-    vocab_size, eos_id = tok.get_vocab_size(), tok.token_to_id(EOS)
-    dtype = token_dtype(vocab_size)
+    vocab_size, eos_id, dtype = tok.get_vocab_size(), tok.token_to_id(EOS), token_dtype(tok.get_vocab_size())
     t0 = time.time()
-    data = ctx.specs.data
-    writers = {split: ShardWriter(ctx.out, split, dtype, ctx.specs.prepare.shard_tokens) for split in ("train", "val")}
-    counts = tokenize_corpus(tok, labelled_documents(data), writers, eos_id, corpus_bytes(data))
-    facts, splits = {"vocab_size": vocab_size, "dtype": dtype.name, **counts}, {}
-    for split, writer in writers.items():
-        splits[split] = writer.shards
-        if facts[split]["docs"] == 0:
-            raise PipelineError(
-                f"the {split} split is empty ({facts['train']['docs']} documents in all); add documents, "
-                "change data.val_fraction, or set data.separator to cut files into documents (e.g. '\\n\\n')."
-            )
+    rank, world, fp = state.process_index, state.num_processes, ctx.fingerprint
+    finished = functools.lru_cache(maxsize=None)(lambda chunk: chunk_record(ctx.out, chunk, fp) is not None)
+    kept = sum(1 for p in ctx.out.glob("chunk_*.json") if finished(int(p.stem.split("_")[1])))
+    if kept:
+        log.info("prepare: keeping %d finished chunks of an interrupted run", kept)
+    total = corpus_bytes(ctx.specs.data)
+    with tqdm(desc="prepare", total=total, unit="B", unit_scale=True, leave=False,
+              disable=None if state.is_main_process else True) as bar:
+        chunks = Chunks(labelled_documents(ctx.specs.data), ctx.specs.prepare.shard_bytes, BATCH_BYTES,
+                        lambda c: c % world == rank and not finished(c), bar.update)
+        written = encode_chunks(tok, chunks, ctx.out, dtype, eos_id, fp, rank)
+    if world > 1:
+        log.info("prepare: rank %d of %d wrote %d chunks in %.1fs", rank, world, written, time.time() - t0)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    splits, totals = collect(ctx.out, chunks.count, fp)
     write_index(ctx.out, dtype, vocab_size, eos_id, splits)
+    remove_leftovers(ctx.out, {s["file"] for parts in splits.values() for s in parts}, chunks.count)
     secs = time.time() - t0
-    facts["seconds"] = round(secs, 2)
-    total = facts["train"]["bytes"] + facts["val"]["bytes"]
+    facts = {"vocab_size": vocab_size, "dtype": dtype.name, **totals, "chunks": chunks.count,
+             "chunks_kept": kept, "processes": world, "seconds": round(secs, 2)}
     log.info(
-        "prepare: %d train / %d val docs -> %.2fM / %.2fM tokens (%s) in %.1fs (%.1f MB/s) -> %s",
-        facts["train"]["docs"], facts["val"]["docs"], facts["train"]["tokens"] / 1e6,
-        facts["val"]["tokens"] / 1e6, dtype.name, secs, total / 1e6 / secs, ctx.out,
+        "prepare: %d train / %d val docs -> %.2fM / %.2fM tokens (%s, %d chunks, %d processes) in %.1fs (%.1f MB/s) "
+        "-> %s", totals["train"]["docs"], totals["val"]["docs"], totals["train"]["tokens"] / 1e6,
+        totals["val"]["tokens"] / 1e6, dtype.name, chunks.count, world, secs,
+        (totals["train"]["bytes"] + totals["val"]["bytes"]) / 1e6 / secs, ctx.out,
     )
     return facts
