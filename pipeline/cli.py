@@ -224,8 +224,19 @@ def torch_distributed_errors() -> tuple[type, ...]:
     return tuple(t for t in (getattr(dist, "DistError", None),) if t is not None)
 
 
+def share_tokenizer_threads() -> None:
+    """Several processes on one node each size `tokenizers`' thread pool to the whole machine;
+    give each its share instead (measured faster with 2 processes on 2 cores). RAYON_NUM_THREADS
+    set by the user wins."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1 and "RAYON_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, cores // local))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    share_tokenizer_threads()
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("PIPELINE_DEBUG") == "1"
     try:
         run(argv)

@@ -15,7 +15,7 @@ from pipeline.data.encode import Chunks, encode_chunks, encode_documents, pieces
 from pipeline.data.shards import collect, open_split
 from pipeline.data.sources import CorpusSpec, iter_documents, take_bytes
 from pipeline.model.tokenizer import EOS, train_bpe
-from tests.conftest import TINY, make_documents, manifest_facts, run_cli
+from tests.conftest import TINY, assert_clear_error, make_documents, manifest_facts, run_cli
 
 
 def test_chunks_cut_the_stream_the_same_way_for_every_rank():
@@ -38,7 +38,7 @@ def test_one_pass_writes_both_splits_with_the_tokens_of_each_document(tmp_path):
     eos, dtype = tok.token_to_id(EOS), np.dtype(np.uint16)
     labelled = [(i % 4 == 0, d) for i, d in enumerate(docs)]
     chunks = Chunks(iter(labelled), 6000, 2000, lambda c: True)  # an iterator: it can be read once only
-    assert encode_chunks(tok, chunks, tmp_path, dtype, eos, "fp") == chunks.count > 1
+    assert encode_chunks(tok, chunks, tmp_path, dtype, eos, "fp") == list(range(chunks.count)) and chunks.count > 1
     splits, totals = collect(tmp_path, chunks.count, "fp")
     (tmp_path / "index.json").write_text(json.dumps({"dtype": "uint16", "splits": splits}))
     for split, is_val in (("train", False), ("val", True)):
@@ -58,6 +58,9 @@ def test_a_long_document_encoded_in_pieces_gives_the_tokens_of_the_whole():
     whole = tok.encode(doc, add_special_tokens=False).ids
     parts = encode_documents(tok.encode_batch_fast, [doc], np.dtype(np.uint16), 10_000)[0]
     assert len(parts) == len(cut) and np.concatenate(parts).tolist() == whole
+    crlf = doc[:300_000].replace("\n", "\r\n")  # Windows line ends are cut too
+    parts = encode_documents(tok.encode_batch_fast, [crlf], np.dtype(np.uint16), 10_000)[0]
+    assert len(parts) > 20 and np.concatenate(parts).tolist() == tok.encode(crlf, add_special_tokens=False).ids
 
 
 def shard_bytes(data_dir):
@@ -69,10 +72,10 @@ KILL_IN_CHUNK = """
 import os, signal, sys
 from pipeline.data.shards import ChunkWriter
 real = ChunkWriter.seal
-def seal_then_die(self):
+def seal_then_die(self, stream_hash):
     if self.chunk == 3:
         os.kill(os.getpid(), signal.SIGKILL)  # chunks 0-2 are sealed, chunk 3 is half-written
-    return real(self)
+    return real(self, stream_hash)
 ChunkWriter.seal = seal_then_die
 from pipeline.cli import main
 main(sys.argv[1:])
@@ -91,6 +94,13 @@ def test_killed_prepare_resumes_at_the_chunk_it_was_writing(tmp_path, text_corpu
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     data = tmp_path / "runs/b/data"
     assert (data / "train_00003.bin.partial").exists() and not (data / "manifest.json").exists()
+
+    first = text_corpus / "doc_000.txt"  # in chunk 0, which the killed run finished
+    original = first.read_text()
+    first.write_text(original + "an edit\n")
+    proc = run_cli(*args, "run.name=b", cwd=tmp_path, check=False)
+    assert_clear_error(proc, "the corpus changed", "force=[prepare]")
+    first.write_text(original)
 
     run_cli(*args, "run.name=b", cwd=tmp_path)
     assert manifest_facts(data)["chunks_kept"] == 3
@@ -114,5 +124,5 @@ def test_two_processes_each_tokenize_their_chunks_into_the_same_shards(tmp_path,
     assert shard_bytes(two) == shard_bytes(one)  # same tokens, same split, same order
     facts = manifest_facts(two)
     assert facts["processes"] == 2 and facts["chunks"] > 6
-    ranks = {c: json.loads((two / f"chunk_{c:05d}.json").read_text())["rank"] for c in range(facts["chunks"])}
-    assert ranks == {c: c % 2 for c in ranks}  # each rank wrote its own share
+    assert facts["chunks_by_rank"] == [(facts["chunks"] + 1) // 2, facts["chunks"] // 2]  # rank r: chunks r, r+2, ...
+    assert json.loads((two / "manifest.json").read_text())["files"] == json.loads((one / "manifest.json").read_text())["files"]

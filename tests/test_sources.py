@@ -123,3 +123,20 @@ def test_a_separated_file_is_read_in_blocks_with_the_same_documents(tmp_path, mo
     stats = {}
     assert list(sources.read_separated(path, "<SEP>", stats)) == ["one", "bad \ufffd byte", "three"]
     assert stats == {"non_utf8_replaced": 1}
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 64])
+def test_reading_in_blocks_splits_exactly_like_the_whole_text(tmp_path, monkeypatch, block):
+    import random
+
+    import pipeline.data.sources as sources
+
+    rng = random.Random(block)
+    text = "".join(rng.choice(["a", "aa", "\r\n", "\n", "\n\n", "\ufffd", "\u00e9", "x"]) for _ in range(3000))
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    monkeypatch.setattr(sources, "READ_BLOCK", block)
+    for sep in ("\n\n", "aa", "\r\n\r\n", "a\ufffd"):
+        stats = {}
+        assert list(sources.read_separated(path, sep, stats)) == text.split(sep)
+        assert stats == {}  # a real U+FFFD cut between blocks is not a decoding error

@@ -43,8 +43,8 @@ def chunk_record(out_dir: Path, chunk: int, fingerprint: str) -> dict | None:
 class ChunkWriter:
     """Appends token arrays to one chunk's shard files (one per split); `seal` makes them final."""
 
-    def __init__(self, out_dir: Path, chunk: int, dtype: np.dtype, fingerprint: str, rank: int = 0):
-        self.out_dir, self.chunk, self.dtype, self.fingerprint, self.rank = out_dir, chunk, dtype, fingerprint, rank
+    def __init__(self, out_dir: Path, chunk: int, dtype: np.dtype, fingerprint: str):
+        self.out_dir, self.chunk, self.dtype, self.fingerprint = out_dir, chunk, dtype, fingerprint
         self.counts = {split: {"docs": 0, "bytes": 0, "tokens": 0} for split in SPLITS}
         self._files = {split: open(self._path(split, partial=True), "wb") for split in SPLITS}
 
@@ -56,9 +56,10 @@ class ChunkWriter:
         c = self.counts[split]
         c["docs"], c["bytes"], c["tokens"] = c["docs"] + docs, c["bytes"] + nbytes, c["tokens"] + len(tokens)
 
-    def seal(self) -> dict:
-        """Rename the shards into place (empty ones are dropped), then write the chunk's record."""
-        record = {"fingerprint": self.fingerprint, "rank": self.rank}
+    def seal(self, stream_hash: str) -> dict:
+        """Rename the shards into place (empty ones are dropped), then write the chunk's record;
+        `stream_hash` identifies the corpus text up to the chunk's end (see encode.Chunks)."""
+        record = {"fingerprint": self.fingerprint, "stream_hash": stream_hash}
         for split, f in self._files.items():
             f.flush()
             os.fsync(f.fileno())
@@ -79,7 +80,10 @@ def collect(out, count: int, fingerprint: str) -> tuple[dict, dict]:
     for chunk in range(count):
         record = chunk_record(out, chunk, fingerprint)
         if record is None:
-            raise PipelineError(f"chunk {chunk} of {out} was not finished by any process; rerun the same command.")
+            raise PipelineError(
+                f"{out} has no record of chunk {chunk} after every process finished; with several nodes, "
+                "run.root must be on a filesystem all of them share."
+            )
         for split in SPLITS:
             part = record[split]
             if part["tokens"]:

@@ -172,6 +172,17 @@ def read_text(path: Path, stats: dict | None = None) -> str | None:
         return data.decode("utf-8", errors="replace")
 
 
+_replaced = [0]  # characters replaced by the decoder below, for the non-UTF-8 warning
+
+
+def _count_and_replace(error: UnicodeDecodeError) -> tuple[str, int]:
+    _replaced[0] += 1
+    return "\ufffd", error.end
+
+
+codecs.register_error("pipeline-count-replace", _count_and_replace)
+
+
 def read_separated(path: Path, separator: str, stats: dict | None = None) -> Iterator[str]:
     """The parts of a text file cut at `separator`, read in blocks, so memory holds a block and one
     part, not the file. Binary files and bad UTF-8 are handled as in read_text."""
@@ -180,23 +191,33 @@ def read_separated(path: Path, separator: str, stats: dict | None = None) -> Ite
         f = open(path, "rb")  # noqa: SIM115 (a generator: closed by the with below)
     except OSError as e:
         raise PipelineError(f"{path} cannot be read ({e.strerror or e}); fix its permissions or leave it out.") from None
+    keep = len(separator) - 1  # a separator may straddle two blocks
+    replaced_before = _replaced[0]
     with f:
         block = f.read(READ_BLOCK)
         if b"\x00" in block[:8192]:
             log.warning("%s looks binary (NUL bytes); skipped", path)
             stats["binary_skipped"] = stats.get("binary_skipped", 0) + 1
             return
-        decoder, tail, repaired = codecs.getincrementaldecoder("utf-8")("replace"), "", False
+        decoder = codecs.getincrementaldecoder("utf-8")("pipeline-count-replace")
+        pending, edge = [], ""  # the unfinished part is "".join(pending) + edge (its last `keep` characters)
         while True:
-            text = decoder.decode(block, final=not block)
-            repaired = repaired or text.count("\ufffd") > block.count(b"\xef\xbf\xbd")
-            *parts, tail = (tail + text).split(separator)  # the last part may go on in the next block
-            yield from parts
+            text = edge + decoder.decode(block, final=not block)
+            parts = text.split(separator)
+            if len(parts) > 1:
+                yield "".join(pending) + parts[0]
+                yield from parts[1:-1]
+                pending = []
+            rest = parts[-1]
+            cut = max(0, len(rest) - keep)
+            if cut:
+                pending.append(rest[:cut])
+            edge = rest[cut:]
             if not block:
                 break
             block = f.read(READ_BLOCK)
-        yield tail
-    if repaired:
+        yield "".join(pending) + edge
+    if _replaced[0] > replaced_before:
         log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
         stats["non_utf8_replaced"] = stats.get("non_utf8_replaced", 0) + 1
 

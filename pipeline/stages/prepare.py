@@ -8,18 +8,19 @@ rank is done. The shards do not depend on N, and a killed prepare keeps its fini
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import asdict
 
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from pipeline.data.encode import BATCH_BYTES, Chunks, encode_chunks
 from pipeline.data.shards import chunk_record, collect, remove_leftovers, token_dtype, write_index
 from pipeline.data.sources import corpus_bytes, labelled_documents
+from pipeline.errors import PipelineError
 from pipeline.model.tokenizer import EOS
 from pipeline.stages.context import StageContext
 
@@ -44,18 +45,28 @@ def run(ctx: StageContext) -> dict | None:
     vocab_size, eos_id, dtype = tok.get_vocab_size(), tok.token_to_id(EOS), token_dtype(tok.get_vocab_size())
     t0 = time.time()
     rank, world, fp = state.process_index, state.num_processes, ctx.fingerprint
-    finished = functools.lru_cache(maxsize=None)(lambda chunk: chunk_record(ctx.out, chunk, fp) is not None)
-    kept = sum(1 for p in ctx.out.glob("chunk_*.json") if finished(int(p.stem.split("_")[1])))
+    kept = {}  # chunk -> record, of an interrupted run of this config
+    for path in ctx.out.glob("chunk_*.json"):
+        chunk = int(path.stem.split("_")[1])
+        kept[chunk] = chunk_record(ctx.out, chunk, fp)
+    kept = {c: r for c, r in kept.items() if r is not None}
+    state.wait_for_everyone()  # every rank has looked before any writes
     if kept:
-        log.info("prepare: keeping %d finished chunks of an interrupted run", kept)
-    total = corpus_bytes(ctx.specs.data)
-    with tqdm(desc="prepare", total=total, unit="B", unit_scale=True, leave=False,
+        log.info("prepare: keeping %d finished chunks of an interrupted run", len(kept))
+
+    def check_kept(chunk: int, stream_hash: str) -> None:
+        if chunk in kept and kept[chunk]["stream_hash"] != stream_hash:
+            raise PipelineError(
+                f"the corpus changed since the interrupted prepare in {ctx.out} (chunk {chunk} differs); "
+                "rerun with force=[prepare] to start over."
+            )
+
+    with tqdm(desc="prepare", total=corpus_bytes(ctx.specs.data), unit="B", unit_scale=True, leave=False,
               disable=None if state.is_main_process else True) as bar:
         chunks = Chunks(labelled_documents(ctx.specs.data), ctx.specs.prepare.shard_bytes, BATCH_BYTES,
-                        lambda c: c % world == rank and not finished(c), bar.update)
-        written = encode_chunks(tok, chunks, ctx.out, dtype, eos_id, fp, rank)
-    if world > 1:
-        log.info("prepare: rank %d of %d wrote %d chunks in %.1fs", rank, world, written, time.time() - t0)
+                        lambda c: c % world == rank and c not in kept, bar.update, check_kept)
+        written = encode_chunks(tok, chunks, ctx.out, dtype, eos_id, fp)
+    by_rank = gather_object([len(written)]) if world > 1 else [len(written)]
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -63,12 +74,13 @@ def run(ctx: StageContext) -> dict | None:
     write_index(ctx.out, dtype, vocab_size, eos_id, splits)
     remove_leftovers(ctx.out, {s["file"] for parts in splits.values() for s in parts}, chunks.count)
     secs = time.time() - t0
+    reused = [r for c, r in kept.items() if c < chunks.count]
+    new_bytes = sum(totals[s]["bytes"] for s in totals) - sum(r[s]["bytes"] for r in reused for s in totals)
     facts = {"vocab_size": vocab_size, "dtype": dtype.name, **totals, "chunks": chunks.count,
-             "chunks_kept": kept, "processes": world, "seconds": round(secs, 2)}
+             "chunks_kept": len(reused), "chunks_by_rank": by_rank, "processes": world, "seconds": round(secs, 2)}
     log.info(
-        "prepare: %d train / %d val docs -> %.2fM / %.2fM tokens (%s, %d chunks, %d processes) in %.1fs (%.1f MB/s) "
-        "-> %s", totals["train"]["docs"], totals["val"]["docs"], totals["train"]["tokens"] / 1e6,
-        totals["val"]["tokens"] / 1e6, dtype.name, chunks.count, world, secs,
-        (totals["train"]["bytes"] + totals["val"]["bytes"]) / 1e6 / secs, ctx.out,
+        "prepare: %d train / %d val docs -> %.2fM / %.2fM tokens (%s, %d chunks, %d processes) in %.1fs "
+        "(%.1f MB/s) -> %s", totals["train"]["docs"], totals["val"]["docs"], totals["train"]["tokens"] / 1e6,
+        totals["val"]["tokens"] / 1e6, dtype.name, chunks.count, world, secs, new_bytes / 1e6 / secs, ctx.out,
     )
     return facts
