@@ -27,6 +27,9 @@ def test_every_group_option_composes(group, option):
 @pytest.mark.parametrize("override, key", [
     ("train.decay=cosin", "train.decay"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("finetune.train.time_budget=6", "finetune.train.time_budget"),
+    ("data.max_docs=0", "data.max_docs"),
+    ("prepare.shard_bytes=0", "prepare.shard_bytes"),
     ("train.batch_tokens=1000", "train.batch_tokens"),
     ("finetune.train.lr=-1", "finetune.train.lr"),
     ("finetune.lora.r=0", "finetune.lora.r"),

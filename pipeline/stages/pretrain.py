@@ -50,12 +50,11 @@ def run(ctx: StageContext) -> dict:
     reference = references["gzip9_val_bpb"]
     n_params, fpt = count_params(model), flops_per_token(model, tspec.seq_len)
     budget = tspec.max_steps * tspec.batch_tokens
-    log.info(
-        "pretrain: %.2fM params, %.1f MFLOPs/token, %d steps x %d tokens = %.1fM tokens (%.1f tokens/param), "
-        "%d train windows, %d val tokens",
-        n_params / 1e6, fpt / 1e6, tspec.max_steps, tspec.batch_tokens, budget / 1e6, budget / n_params,
-        windows.num_windows, val_rows[:, 1:].numel(),
-    )
+    steps = (f"a time budget of {tspec.time_budget} (at most {tspec.max_steps} steps)" if tspec.time_budget else
+             f"{tspec.max_steps} steps x {tspec.batch_tokens} tokens = {budget / 1e6:.1f}M tokens "
+             f"({budget / n_params:.1f} tokens/param)")
+    log.info("pretrain: %.2fM params, %.1f MFLOPs/token, %s, %d train windows, %d val tokens",
+             n_params / 1e6, fpt / 1e6, steps, windows.num_windows, val_rows[:, 1:].numel())
     log.info("reference: on the same validation text gzip -9 reaches %.4f bits/byte, xz -9e %.4f", reference,
              references["xz9_val_bpb"])
 
@@ -65,7 +64,8 @@ def run(ctx: StageContext) -> dict:
     def publish(trained, state_dict):
         publish_hf_dir(trained, tokenizer, ctx.out / "model", state_dict)
         metrics = MetricsFile(ctx.out / "metrics.jsonl")
-        metrics.write({"step": tspec.max_steps, "reference": "gzip -9, xz -9e", "gzip_bpb": reference,
+        last_step = max((r["step"] for r in metrics.rows()), default=tspec.max_steps)  # a time budget decides it
+        metrics.write({"step": last_step, "reference": "gzip -9, xz -9e", "gzip_bpb": reference,
                        "xz_bpb": references["xz9_val_bpb"]})
         plot_curves(metrics.rows(), ctx.out / "curves.png", {"gzip -9": reference, "xz -9e": references["xz9_val_bpb"]})
 

@@ -94,6 +94,20 @@ def read_valid_state(ckpt: Path, fingerprint: str) -> dict | None:
     return state
 
 
+def peek(root: Path, fingerprint: str) -> dict:
+    """The trainer_state of this run's newest checkpoint, files not verified, or {}: enough for
+    the choices a run fixes at its start (precision, a time budget's step count), which every
+    checkpoint of the run shares."""
+    for ckpt in sorted(root.glob("step_*"), reverse=True):
+        try:
+            state = json.loads((ckpt / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("fingerprint") == fingerprint:
+            return state
+    return {}
+
+
 def latest(root: Path, fingerprint: str) -> tuple[Path, dict] | None:
     for ckpt in sorted(root.glob("step_*"), reverse=True):
         state = read_valid_state(ckpt, fingerprint)

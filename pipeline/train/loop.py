@@ -15,24 +15,27 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError, TrainingStopped
 from pipeline.model.build import count_params
 from pipeline.train import checkpoints
+from pipeline.train.autotune import TimeBudget, candidates, measure_precision
 from pipeline.train.bpb import bits_per_byte
 from pipeline.train.loss import IGNORE, token_losses
-from pipeline.train.memory import peak_memory_gb
+from pipeline.train.memory import keep_freed_memory, peak_memory_gb
 from pipeline.train.metrics_file import MetricsFile
 from pipeline.train.optim import lr_at
 from pipeline.train.preflight import report
 from pipeline.train.signals import StopSignal
-from pipeline.train.spec import TrainSpec
+from pipeline.train.spec import TrainSpec, batch_layout, parse_duration
 from pipeline.train.strategy import Strategy, to_device
 from pipeline.train.throughput import mfu, peak_flops
 
@@ -93,9 +96,20 @@ class Trainer:
     """Runs job.spec.max_steps optimizer steps of job.model; see run_training."""
 
     def __init__(self, job: TrainingJob):
+        self.started = time.time()
         self.job, self.spec = job, job.spec
         self.ckpt_root = job.out_dir / "checkpoints"
-        self.strategy = Strategy(job.spec, job.out_dir, job.tracking.trackers)
+        stored = checkpoints.peek(self.ckpt_root, job.fingerprint) if job.resume != "never" else {}
+        self.precision_choice = self._choose_precision(stored.get("precision"))
+        self.strategy = Strategy(job.spec, job.out_dir, job.tracking.trackers, self.precision_choice["choice"])
+        if self.strategy.device.type == "cpu":
+            keep_freed_memory()
+        self.budget = None
+        if self.spec.time_budget and stored.get("max_steps"):  # decided before the checkpoint: keep it
+            self._set_max_steps(stored["max_steps"])
+        elif self.spec.time_budget:
+            self.budget = TimeBudget(parse_duration(self.spec.time_budget, ""), self.started, self.spec.warmup_steps,
+                                     self.spec.eval_every)
         self.model, self.optimizer, self.forward = self.strategy.setup(job.model)
         self.layout = self.strategy.layout
         self.eval_data = job.eval_batches(self.layout.micro)
@@ -114,6 +128,37 @@ class Trainer:
             self.layout.micro, self.layout.accum, self.strategy.precision,
             ", compiled" if self.spec.compile else "", device, self.strategy.name,
         )
+
+    def _choose_precision(self, stored: str | None) -> dict:
+        """train.mixed_precision, or for auto: as stored with this run's checkpoints, else measured
+        on this machine (the main process's measurement, for every rank)."""
+        spec, job = self.spec, self.job
+        if spec.mixed_precision != "auto":
+            return {"choice": spec.mixed_precision, "measured": False}
+        if stored:
+            return {"choice": stored, "measured": False, "reason": "measured at the start of this run"}
+        state = PartialState()
+        if len(candidates(state.device)) == 1:
+            return {"choice": candidates(state.device)[0], "measured": False}
+        per_rank = batch_layout(spec, state.num_processes, 1).global_seqs // state.num_processes
+        micro = min(spec.micro_batch_size if isinstance(spec.micro_batch_size, int) else 4, per_rank)
+        batch = to_device(job.batch(state.process_index * micro, micro), state.device)
+        budget = parse_duration(spec.time_budget, "") if spec.time_budget else None
+        result = measure_precision(job.model.to(state.device), batch, state.device,
+                                   spec.max_steps * per_rank // micro, budget)
+        if state.num_processes > 1:
+            result = broadcast_object_list([result], from_process=0)[0]
+        label = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+        if result["measured"]:
+            timings = ", ".join(f"{label[p]} {t:.3f}s" for p, t in result["seconds"].items())
+            log.info("precision: %s is fastest here (%s per forward+backward of %d x %d tokens); "
+                     "set train.mixed_precision to choose", label[result["choice"]], timings, micro, spec.seq_len)
+        else:
+            log.info("precision: %s (%s)", label[result["choice"]], result.get("reason", ""))
+        return result
+
+    def _set_max_steps(self, steps: int) -> None:
+        self.spec = replace(self.spec, max_steps=steps, key=self.spec._key)
 
     @property
     def unwrapped_model(self) -> torch.nn.Module:
@@ -136,6 +181,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Mean validation loss per token and bits per byte (text tokens only) over all ranks."""
         device, world = self.strategy.device, self.strategy.world
+        t0 = time.time()
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tokens, text loss, bytes
         n = len(self.eval_data)
@@ -158,6 +204,8 @@ class Trainer:
         out = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
         if self.token_bytes is not None:
             out["val_bpb"] = bits_per_byte(sums[2].item(), int(sums[3].item()))
+        if self.budget is not None:
+            self.budget.eval_seconds = time.time() - t0
         return out
 
     # -- one step ------------------------------------------------------------------------------
@@ -247,6 +295,8 @@ class Trainer:
                 run.pending.append(self._train_step(run.step))
                 run.step += 1
                 bar.update(1)
+                if self.budget is not None:
+                    self._apply_budget(run.step, bar, summary)
                 if self._read_due(run.step, stop):
                     self._at_read_step(run, stop, bar, summary)
         if "final" not in summary:  # resumed at the last step: nothing left to train, still report
@@ -257,8 +307,25 @@ class Trainer:
         summary.update(steps=run.step, tokens_seen=run.tokens_seen, train_seconds=round(run.train_seconds, 1),
                        tokens_per_s=round((run.tokens_seen - start_tokens) / max(seconds, 1e-9), 1),
                        last_checkpoint=str(run.last_ckpt) if run.last_ckpt else None, skipped_steps=self._skipped,
-                       launch=self.strategy.describe())
+                       launch=dict(self.strategy.describe(), precision_choice=self.precision_choice))
         return summary
+
+    def _apply_budget(self, step: int, bar, summary: dict) -> None:
+        """Fix max_steps once the time budget has timed enough steps (the main process decides)."""
+        self.strategy.synchronize()
+        cap = self.job.spec.max_steps
+        steps = self.budget.steps(step, time.time(), cap)
+        if steps is None:
+            return
+        steps = self.strategy.from_main(steps)
+        self._set_max_steps(steps)
+        bar.total = steps
+        bar.refresh()
+        facts = dict(self.budget.facts, steps=steps)
+        summary["time_budget"] = facts
+        log.info("time budget %s: %.3fs per step, %.1fs per evaluation -> %d steps%s", self.spec.time_budget,
+                 facts["step_seconds"], facts["eval_seconds"], steps, " (train.max_steps caps it)" if steps == cap else "")
+        self.budget = None
 
     def _initial_evaluation(self, start: int) -> dict:
         """{"initial": step-0 validation}: measured on a fresh run, read from metrics.jsonl on a resumed one."""
@@ -293,7 +360,8 @@ class Trainer:
         stopping = self.strategy.any_rank(stop.signum is not None)
         if self._every(step, spec.ckpt_every) or stopping:
             state = {"step": step, "tokens_seen": run.tokens_seen, "train_seconds": run.train_seconds,
-                     "fingerprint": self.job.fingerprint}
+                     "fingerprint": self.job.fingerprint, "precision": self.strategy.precision,
+                     "max_steps": self.spec.max_steps if self.spec.time_budget and self.budget is None else None}
             run.last_ckpt = checkpoints.save(self.strategy, self.ckpt_root, state, spec.keep_checkpoints, run.last_ckpt)
             run.t_last = time.time()
         if stopping:

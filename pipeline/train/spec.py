@@ -3,6 +3,7 @@ and the batch layout it implies for a number of processes."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import InitVar, dataclass
 from typing import Any, NamedTuple
 
@@ -10,11 +11,22 @@ from pipeline.errors import PipelineError
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
 DECAYS = ("cosine", "linear", "constant")
+_DURATION = r"(\d+(?:\.\d+)?)\s*(min|s|h)"
+_SECONDS = {"s": 1, "min": 60, "h": 3600}
+
+
+def parse_duration(text, key: str) -> float:
+    """'90s', '6min', '1.5h', '1h30min' -> seconds."""
+    parts = re.findall(_DURATION, str(text))
+    if not parts or re.sub(_DURATION, "", str(text)).strip() or not sum(float(n) for n, _ in parts) > 0:
+        raise PipelineError(f"{key}={text!r} is not a duration; write e.g. 90s, 6min, 2h or 1h30min.")
+    return sum(float(n) * _SECONDS[unit] for n, unit in parts)
 
 
 @dataclass
 class TrainSpec:
-    max_steps: int = 300
+    max_steps: int = 300  # with time_budget: the most steps the budget may give
+    time_budget: str | None = None  # e.g. 6min, 2h: the step count that fits is measured at the start
     batch_tokens: int = 4096  # global batch per optimizer step, in tokens (sequences x seq_len)
     micro_batch_size: Any = 16  # sequences per device per forward pass, or "auto" (largest that fits)
     seq_len: int = 256
@@ -26,7 +38,7 @@ class TrainSpec:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    mixed_precision: str = "auto"  # auto (bf16 on CUDA GPUs that support it, else fp16; fp32 elsewhere) | bf16 | fp16 | no
+    mixed_precision: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: fp32 or bf16, whichever measures faster) | bf16 | fp16 | no
     compile: bool = False  # torch.compile; falls back to eager (with a log line) if it fails
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     log_every: int = 10  # also how often values are read back from the GPU (and several processes agree to stop)
@@ -58,6 +70,8 @@ class TrainSpec:
             raise PipelineError(f"{key}.decay={self.decay!r} is unknown; use {', '.join(DECAYS)}.")
         if self.mixed_precision not in PRECISIONS:
             raise PipelineError(f"{key}.mixed_precision={self.mixed_precision!r} is unknown; use {', '.join(PRECISIONS)}.")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget, f"{key}.time_budget")
         if self.batch_tokens % self.seq_len:
             raise PipelineError(f"{key}.batch_tokens={self.batch_tokens} is not a multiple of {key}.seq_len={self.seq_len}.")
 

@@ -66,11 +66,12 @@ class CompiledOrEager:
 
 
 class Strategy:
-    def __init__(self, spec: TrainSpec, out_dir: Path, trackers: tuple[str, ...] = ()):
+    def __init__(self, spec: TrainSpec, out_dir: Path, trackers: tuple[str, ...] = (), precision: str | None = None):
+        """`precision` is the mixed precision already chosen (e.g. measured); None resolves spec's."""
         self.spec = spec
         self.accelerator = acc = Accelerator(
             cpu=not has_accelerator(),
-            mixed_precision=resolve_mixed_precision(spec.mixed_precision),
+            mixed_precision=precision or resolve_mixed_precision(spec.mixed_precision),
             log_with=list(trackers) or None,
             project_dir=str(out_dir),
         )
@@ -216,6 +217,19 @@ class Strategy:
 
     def wait(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work, so wall-clock time measures it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def from_main(self, value: int) -> int:
+        """The main process's value on every rank (for decisions made from timings, which differ)."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor(value, device=self.device)
+        torch.distributed.broadcast(tensor, src=0)
+        return int(tensor.item())
 
     # -- state ---------------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:

@@ -1,0 +1,109 @@
+"""Choices that depend on the machine, made by measuring it: `mixed_precision=auto` and the step
+count of `train.time_budget`.
+
+Precision: on a CPU, bf16 autocast is 1.5x faster than fp32 on one x86 vendor and slower on
+another, so a few timed forward+backward passes of the real model on a real batch decide. The
+weights, gradients and RNG are left as they were: the run trains exactly as with the explicit
+choice. A run too short to repay the measurement (over 5% of it) uses fp32 without measuring.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from pipeline.device import half_precision
+from pipeline.train.loss import token_losses
+
+log = logging.getLogger("pipeline")
+MEASURE_SHARE = 0.05  # the measurement may cost at most this share of the run
+TIMED_PASSES = 3  # per candidate, after one warm-up pass
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "no":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _timed_pass(model, batch: dict, device: torch.device, precision: str) -> float:
+    t0 = time.perf_counter()
+    with _autocast(device, precision):
+        loss = token_losses(model, batch).sum()
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def candidates(device: torch.device) -> list[str]:
+    """Where the answer is known it is not measured: a CUDA GPU uses bf16 (fp16 before Ampere)."""
+    if device.type == "cpu":
+        return ["no", "bf16"]
+    half = half_precision(device) if device.type == "cuda" else None
+    return [half or "no"]
+
+
+def measure_precision(model, batch: dict, device: torch.device, run_passes: int | None,
+                      run_seconds: float | None) -> dict:
+    """{"choice": precision, "seconds": {precision: median seconds per pass}, ...}. The run's
+    length is given in forward+backward passes or in seconds (a time budget)."""
+    options = candidates(device)
+    if len(options) == 1:
+        return {"choice": options[0], "measured": False}
+    was_training = model.training
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        first = _timed_pass(model, batch, device, options[0])  # also the warm-up of options[0]
+        total = run_seconds if run_seconds is not None else first * (run_passes or 0)
+        cost = first * len(options) * (TIMED_PASSES + 1)
+        if cost > MEASURE_SHARE * total:
+            model.train(was_training)
+            return {"choice": "no", "measured": False, "reason": f"run too short to measure (~{cost:.1f}s)"}
+        for precision in options[1:]:
+            _timed_pass(model, batch, device, precision)  # warm-up
+        times = {p: [] for p in options}
+        for _ in range(TIMED_PASSES):
+            for precision in options:  # interleaved, so drift in machine speed hits all alike
+                times[precision].append(_timed_pass(model, batch, device, precision))
+    model.train(was_training)
+    seconds = {p: round(statistics.median(t), 4) for p, t in times.items()}
+    return {"choice": min(seconds, key=seconds.get), "measured": True, "seconds": seconds}
+
+
+class TimeBudget:
+    """The step count of a run given in wall time (train.time_budget), fixed early: from the time
+    per step over the first few steps (the first one, with its warm-up, excluded), the time of an
+    evaluation, and the time spent since the trainer started. The learning-rate schedule is still
+    in warmup then, so the decay spans exactly the steps decided; they are stored with checkpoints."""
+
+    def __init__(self, seconds: float, started: float, warmup_steps: int, eval_every: int):
+        self.seconds, self.started, self.eval_every = seconds, started, eval_every
+        # Steps timed before deciding: every step taken by then is still in warmup, whose learning
+        # rate does not depend on max_steps (with train.warmup_steps of 3 or more).
+        self.decide_after = max(2, min(warmup_steps - 1, 10))
+        self.eval_seconds = 0.0  # set from the initial evaluation
+        self.first: tuple[int, float] | None = None
+        self.facts: dict = {}
+
+    def steps(self, step: int, now: float, cap: int) -> int | None:
+        """Called after each step until it returns the run's step count (at most `cap`)."""
+        if self.first is None:
+            self.first = (step, now)
+            return None
+        timed = step - self.first[0]
+        if timed < self.decide_after:
+            return None
+        per_step = (now - self.first[1]) / timed
+        evals = self.eval_seconds / self.eval_every if self.eval_every else 0.0
+        left = self.seconds - (now - self.started) - self.eval_seconds  # the final evaluation included
+        total = min(cap, step + max(0, int(left // (per_step + evals))))
+        self.facts = {"seconds": self.seconds, "step_seconds": round(per_step, 4),
+                      "eval_seconds": round(self.eval_seconds, 2), "decided_at_step": step, "steps": total}
+        return total

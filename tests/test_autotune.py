@@ -1,0 +1,72 @@
+"""Machine-dependent choices made by measurement: mixed_precision=auto and train.time_budget."""
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.train import checkpoints
+from pipeline.train.autotune import TimeBudget, measure_precision
+from pipeline.train.spec import TrainSpec, parse_duration
+from tests.trainer_helpers import losses, make_trainer, tiny_model
+
+
+def test_durations_parse_and_bad_ones_name_the_key():
+    assert [parse_duration(t, "k") for t in ("90s", "6min", "1.5h", "1h30min")] == [90, 360, 5400, 5400]
+    for bad in ("6", "six minutes", "0s", "6 minutes"):
+        with pytest.raises(PipelineError, match="train.time_budget="):
+            TrainSpec(time_budget=bad)
+
+
+def test_precision_measurement_leaves_weights_gradients_and_rng_as_they_were():
+    model = tiny_model()
+    model.train()
+    ids = torch.randint(0, 64, (4, 33))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    result = measure_precision(model, batch, torch.device("cpu"), run_passes=10**6, run_seconds=None)
+    assert result["measured"] and result["choice"] in ("no", "bf16") and set(result["seconds"]) == {"no", "bf16"}
+    assert result["choice"] == min(result["seconds"], key=result["seconds"].get)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
+    short = measure_precision(model, batch, torch.device("cpu"), run_passes=20, run_seconds=None)
+    assert short == {"choice": "no", "measured": False, "reason": short["reason"]} and "too short" in short["reason"]
+
+
+def test_time_budget_fits_steps_evaluations_and_time_already_spent():
+    budget = TimeBudget(100.0, started=0.0, warmup_steps=20, eval_every=10)
+    budget.eval_seconds = 2.0
+    now = 10.0
+    assert budget.steps(1, now, cap=10**6) is None  # step 0 (warm-up) is not timed
+    for step in range(2, 11):
+        assert budget.steps(step, now + (step - 1) * 0.5, cap=10**6) is None
+    # 10 timed steps of 0.5 s; 100 - 15.0 s spent - 2 s final eval = 83 s at 0.5 + 2/10 s per step
+    assert budget.steps(11, 15.0, cap=10**6) == 11 + int(83 // 0.7)
+    assert TimeBudget(100.0, 0.0, 20, 0).decide_after == 10 and TimeBudget(100.0, 0.0, 5, 0).decide_after == 4
+
+
+def test_a_time_budget_decides_the_steps_once_and_a_resume_keeps_them(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10**6, time_budget="8s", warmup_steps=6, ckpt_every=0, eval_every=0,
+                           log_every=5)
+    summary = trainer.fit()
+    decided = summary["time_budget"]["steps"]
+    assert summary["steps"] == decided and 6 < decided < 10**6 and summary["time_budget"]["decided_at_step"] == 6
+    assert len(losses(trainer)) == -(-decided // 5)  # every 5 steps and the last
+    stored = checkpoints.peek(trainer.ckpt_root, "test")
+    assert stored["max_steps"] == decided and stored["precision"] == "no"
+
+    again = make_trainer(tmp_path, max_steps=10**6, time_budget="8s", warmup_steps=6, ckpt_every=0, eval_every=0,
+                         log_every=5)
+    assert again.spec.max_steps == decided and again.budget is None  # not measured again
+
+
+def test_auto_precision_is_measured_used_and_stored(tmp_path):
+    trainer = make_trainer(tmp_path, mixed_precision="auto", max_steps=200, ckpt_every=0, eval_every=0)
+    choice = trainer.precision_choice
+    assert choice["measured"] and trainer.strategy.precision == choice["choice"]
+    short = make_trainer(tmp_path / "short", mixed_precision="auto", max_steps=8)
+    assert not short.precision_choice["measured"] and short.strategy.precision == "no"
+    short.fit()
+    assert checkpoints.peek(short.ckpt_root, "test")["precision"] == "no"
+    pinned = make_trainer(tmp_path / "short", mixed_precision="auto", max_steps=8)
+    assert pinned.precision_choice == {"choice": "no", "measured": False, "reason": "measured at the start of this run"}
