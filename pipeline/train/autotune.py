@@ -21,7 +21,7 @@ from pipeline.train.loss import token_losses
 
 log = logging.getLogger("pipeline")
 MEASURE_SHARE = 0.05  # the measurement may cost at most this share of the run
-TIMED_PASSES = 3  # per candidate, after one warm-up pass
+TIMED_PASSES = 3  # per candidate, after one warm-up pass each
 
 
 def _autocast(device: torch.device, precision: str):
@@ -60,18 +60,20 @@ def measure_precision(model, batch: dict, device: torch.device, run_passes: int 
     was_training = model.training
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        first = _timed_pass(model, batch, device, options[0])  # also the warm-up of options[0]
+        _timed_pass(model, batch, device, options[0])  # warm-up: the first pass pays for allocations
+        first = _timed_pass(model, batch, device, options[0])
         total = run_seconds if run_seconds is not None else first * (run_passes or 0)
-        cost = first * len(options) * (TIMED_PASSES + 1)
+        cost = first * (len(options) * (TIMED_PASSES + 1) - 1)  # what measuring all of them would add
         if cost > MEASURE_SHARE * total:
             model.train(was_training)
             return {"choice": "no", "measured": False, "reason": f"run too short to measure (~{cost:.1f}s)"}
         for precision in options[1:]:
             _timed_pass(model, batch, device, precision)  # warm-up
-        times = {p: [] for p in options}
-        for _ in range(TIMED_PASSES):
+        times = {p: [first] if p == options[0] else [] for p in options}
+        for round_ in range(TIMED_PASSES):
             for precision in options:  # interleaved, so drift in machine speed hits all alike
-                times[precision].append(_timed_pass(model, batch, device, precision))
+                if round_ or precision != options[0]:
+                    times[precision].append(_timed_pass(model, batch, device, precision))
     model.train(was_training)
     seconds = {p: round(statistics.median(t), 4) for p, t in times.items()}
     return {"choice": min(seconds, key=seconds.get), "measured": True, "seconds": seconds}
