@@ -100,10 +100,10 @@ class Trainer:
         self.job, self.spec = job, job.spec
         self.ckpt_root = job.out_dir / "checkpoints"
         stored = checkpoints.peek(self.ckpt_root, job.fingerprint) if job.resume != "never" else {}
+        if PartialState().device.type == "cpu":  # before measuring precision: it changes the timings
+            keep_freed_memory()
         self.precision_choice = self._choose_precision(stored.get("precision"))
         self.strategy = Strategy(job.spec, job.out_dir, job.tracking.trackers, self.precision_choice["choice"])
-        if self.strategy.device.type == "cpu":
-            keep_freed_memory()
         self.budget = None
         if self.spec.time_budget and stored.get("max_steps"):  # decided before the checkpoint: keep it
             self._set_max_steps(stored["max_steps"])
