@@ -25,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from pipeline.errors import PipelineError, TrainingStopped, first_line
+from pipeline.requirements import check_versions
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 STAGE_CHOICES = ("all", "tokenizer", "prepare", "pretrain", "finetune", "generate")
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     share_tokenizer_threads()
     debug = os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("PIPELINE_DEBUG") == "1"
     try:
+        check_versions()
         run(argv)
     except PipelineError as e:
         if debug:

@@ -5,7 +5,7 @@
     printf 'Write a function that reverses a list\n' | python scripts/chat.py runs/quickstart
 
 In a terminal: tokens stream as they are generated; /reset clears the conversation,
-/system TEXT sets the system prompt, /exit (or Ctrl-D) quits. When stdin is not a terminal,
+/system TEXT sets the system prompt, /exit (or Ctrl-D) quits, Ctrl-C stops the answer being written. When stdin is not a terminal,
 every line is one user message and the answers go to stdout, so the script can be scripted.
 A base (not fine-tuned) model gets plain completion mode: each message is continued as text.
 """
@@ -16,13 +16,17 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.errors import PipelineError, first_line  # noqa: E402
 from pipeline.model.inference import format_prompt, load_model, resolve_model, stop_ids  # noqa: E402
 from pipeline.model.sampling import Sampling  # noqa: E402
+from pipeline.requirements import check_versions  # noqa: E402
 
 
 def context_window(model, tokenizer) -> int:
@@ -41,34 +45,56 @@ def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict
         turns = turns[2:] if len(turns) > 2 else turns[1:]
 
 
-def stream_answer(model, tokenizer, prompt: str, sampling: Sampling, out) -> tuple[str, int, float]:
-    """Generate in a thread and print tokens as they arrive; returns (text, tokens, seconds)."""
-    import torch
-    from transformers import TextIteratorStreamer
+class StopOnEvent(StoppingCriteria):
+    """Generation ends at the next token once the event is set (Ctrl-C)."""
 
+    def __init__(self, event: Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_answer(model, tokenizer, prompt: str, sampling: Sampling, out) -> tuple[str, int, float, bool]:
+    """Generate in a thread and print tokens as they arrive; returns (text, tokens, seconds,
+    interrupted). Ctrl-C stops the generation itself, so the next turn never runs beside it; an
+    error inside generation is raised here instead of leaving the stream waiting."""
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = Event()
     torch.manual_seed(sampling.seed)
-    kwargs = dict(**enc, **sampling.generate_kwargs(), streamer=streamer,
-                  eos_token_id=stop_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id)
+    kwargs = dict(**enc, **sampling.generate_kwargs(), streamer=streamer, eos_token_id=stop_ids(tokenizer, model),
+                  pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]))
     result = {}
 
     def work():
-        result["ids"] = model.generate(**kwargs)
+        try:
+            result["ids"] = model.generate(**kwargs)
+        except BaseException as e:  # reported by the caller's thread
+            result["error"] = e
+            streamer.end()  # wakes the loop below
 
     t0 = time.perf_counter()
     thread = Thread(target=work, daemon=True)
     thread.start()
-    pieces = []
-    for piece in streamer:
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
+    pieces, interrupted = [], False
+    try:
+        for piece in streamer:
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        stop.set()
+        for _ in streamer:  # the generation ends at its next token
+            pass
     thread.join()
     seconds = time.perf_counter() - t0
-    new_tokens = result["ids"].shape[1] - enc["input_ids"].shape[1]
     out.write("\n")
-    return "".join(pieces), new_tokens, seconds
+    if "error" in result:
+        raise PipelineError(f"generation failed ({type(result['error']).__name__}: {first_line(result['error'])})")
+    new_tokens = result["ids"].shape[1] - enc["input_ids"].shape[1]
+    return "".join(pieces), new_tokens, seconds, interrupted
 
 
 def main() -> None:
@@ -91,6 +117,7 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar in the chat
     try:
+        check_versions()
         choice = resolve_model(args.target, args.adapter)
         model, tokenizer = load_model(choice, args.trust_remote_code)
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -134,13 +161,19 @@ def main() -> None:
         if interactive:
             sys.stdout.write("bot> ")
         try:
-            answer, n, seconds = stream_answer(model, tokenizer, prompt, sampling, sys.stdout)
-        except KeyboardInterrupt:
+            answer, n, seconds, interrupted = stream_answer(model, tokenizer, prompt, sampling, sys.stdout)
+        except PipelineError as e:
+            print(f"error: {e}; the conversation is kept, try again or /reset", file=sys.stderr)
+            if chat:
+                messages.pop()  # the unanswered question
+            continue
+        except KeyboardInterrupt:  # a second Ctrl-C while the answer winds down
             print("\n[interrupted]", file=sys.stderr)
             continue
         if chat:
             messages.append({"role": "assistant", "content": answer})
-        print(f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        stopped = ", stopped by Ctrl-C" if interrupted else ""
+        print(f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s{stopped}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -107,14 +107,18 @@ def stop_ids(tokenizer, model) -> list[int]:
 
 
 def format_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> str:
-    """A chat prompt through the template (with the assistant turn opened), or plain text."""
+    """A chat prompt through the template (with the assistant turn opened; templates put BOS in
+    themselves), or plain text, led by BOS where the tokenizer adds one (Llama-family base models
+    expect it). Prompts are then tokenized without special tokens."""
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if chat:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    return prompt
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return bos + prompt if adds_bos and not prompt.startswith(bos) else prompt
 
 
 @torch.no_grad()
