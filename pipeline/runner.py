@@ -46,6 +46,12 @@ SHARED = ".shared"  # with shared_upstream: <run.root>/.shared/<stage>-<hash>/, 
 log = logging.getLogger("pipeline")
 
 
+def _without_nulls(config):
+    if isinstance(config, dict):
+        return {k: _without_nulls(v) for k, v in config.items() if v is not None}
+    return [_without_nulls(v) for v in config] if isinstance(config, list) else config
+
+
 def forced(force, name: str) -> bool:
     """`force=true` redoes every stage this command runs; `force=[pretrain]` only those named."""
     if isinstance(force, bool):
@@ -60,8 +66,9 @@ class Runner:
         self.done: dict[str, Artifact] = {}
 
     def _identity(self, stage) -> tuple[Path, dict, str]:
-        """(output dir, resolved config slice as the manifest stores it, its hash)."""
-        config = json.loads(json.dumps(stage.config_slice(self.specs), default=str))
+        """(output dir, resolved config slice as the manifest stores it, its hash). Unset (null)
+        keys are left out, so adding an optional setting to the code keeps existing runs valid."""
+        config = _without_nulls(json.loads(json.dumps(stage.config_slice(self.specs), default=str)))
         return self.run_dir / getattr(stage, "DIR", stage.NAME), config, canonical_hash(config)
 
     @staticmethod

@@ -1,5 +1,7 @@
 """Machine-dependent choices made by measurement: mixed_precision=auto and train.time_budget."""
 
+import json
+
 import pytest
 import torch
 
@@ -15,6 +17,9 @@ def test_durations_parse_and_bad_ones_name_the_key():
     for bad in ("6", "six minutes", "0s", "6 minutes"):
         with pytest.raises(PipelineError, match="train.time_budget="):
             TrainSpec(time_budget=bad)
+    with pytest.raises(PipelineError, match="train.warmup_steps to 3 or more"):  # the decay could not span the steps
+        TrainSpec(time_budget="1min", warmup_steps=1)
+    TrainSpec(time_budget="1min", warmup_steps=0, decay="constant")
 
 
 def test_precision_measurement_leaves_weights_gradients_and_rng_as_they_were():
@@ -43,14 +48,17 @@ def test_time_budget_fits_steps_evaluations_and_time_already_spent():
     # 10 timed steps of 0.5 s; 100 - 15.0 s spent - 2 s final eval = 83 s at 0.5 + 2/10 s per step
     assert budget.steps(11, 15.0, cap=10**6) == 11 + int(83 // 0.7)
     assert TimeBudget(100.0, 0.0, 20, 0).decide_after == 10 and TimeBudget(100.0, 0.0, 5, 0).decide_after == 4
+    # resumed at step 5 of an 8-step warmup: steps 5..7 are the last whose learning rate is known
+    assert TimeBudget(100.0, 0.0, 8, 0, start_step=5).decide_after == 2
+    assert TimeBudget(100.0, 0.0, 0, 0, constant_lr=True).decide_after == 10
 
 
 def test_a_time_budget_decides_the_steps_once_and_a_resume_keeps_them(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=10**6, time_budget="8s", warmup_steps=6, ckpt_every=0, eval_every=0,
                            log_every=5)
     summary = trainer.fit()
-    decided = summary["time_budget"]["steps"]
-    assert summary["steps"] == decided and 6 < decided < 10**6 and summary["time_budget"]["decided_at_step"] == 6
+    decided = summary["launch"]["time_budget"]["steps"]
+    assert summary["steps"] == decided and 6 < decided < 10**6 and summary["launch"]["time_budget"]["decided_at_step"] == 6
     assert len(losses(trainer)) == -(-decided // 5)  # every 5 steps and the last
     stored = checkpoints.peek(trainer.ckpt_root, "test")
     assert stored["max_steps"] == decided and stored["precision"] == "no"
@@ -69,4 +77,14 @@ def test_auto_precision_is_measured_used_and_stored(tmp_path):
     short.fit()
     assert checkpoints.peek(short.ckpt_root, "test")["precision"] == "no"
     pinned = make_trainer(tmp_path / "short", mixed_precision="auto", max_steps=8)
-    assert pinned.precision_choice == {"choice": "no", "measured": False, "reason": "measured at the start of this run"}
+    assert pinned.precision_choice == {"choice": "no", "measured": False, "reason": "as chosen at the start of this run"}
+
+
+def test_a_stored_precision_is_kept_only_on_the_same_kind_of_device(tmp_path):
+    make_trainer(tmp_path, mixed_precision="auto", max_steps=8).fit()
+    state_file = sorted((tmp_path / "checkpoints").glob("step_*"))[-1] / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["precision_device"] == "cpu"
+    state_file.write_text(json.dumps(dict(state, precision="bf16", precision_device="cuda")))
+    again = make_trainer(tmp_path, mixed_precision="auto", max_steps=8)
+    assert again.precision_choice.get("reason", "").startswith("run too short")  # decided afresh, not bf16

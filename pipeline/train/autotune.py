@@ -22,6 +22,7 @@ from pipeline.train.loss import token_losses
 log = logging.getLogger("pipeline")
 MEASURE_SHARE = 0.05  # the measurement may cost at most this share of the run
 TIMED_PASSES = 3  # per candidate, after one warm-up pass each
+MARGIN = 0.05  # a half precision must be this much faster to replace fp32 (near-ties are noise)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -67,8 +68,13 @@ def measure_precision(model, batch: dict, device: torch.device, run_passes: int 
         if cost > MEASURE_SHARE * total:
             model.train(was_training)
             return {"choice": "no", "measured": False, "reason": f"run too short to measure (~{cost:.1f}s)"}
-        for precision in options[1:]:
-            _timed_pass(model, batch, device, precision)  # warm-up
+        for precision in list(options[1:]):
+            try:
+                _timed_pass(model, batch, device, precision)  # warm-up
+            except RuntimeError as e:  # an op without a kernel for this type here
+                log.info("precision: %s does not run here (%s)", precision, str(e).splitlines()[0][:120])
+                model.zero_grad(set_to_none=True)
+                options.remove(precision)
         times = {p: [first] if p == options[0] else [] for p in options}
         for round_ in range(TIMED_PASSES):
             for precision in options:  # interleaved, so drift in machine speed hits all alike
@@ -76,7 +82,9 @@ def measure_precision(model, batch: dict, device: torch.device, run_passes: int 
                     times[precision].append(_timed_pass(model, batch, device, precision))
     model.train(was_training)
     seconds = {p: round(statistics.median(t), 4) for p, t in times.items()}
-    return {"choice": min(seconds, key=seconds.get), "measured": True, "seconds": seconds}
+    fastest = min(seconds, key=seconds.get)
+    choice = fastest if seconds[fastest] < (1 - MARGIN) * seconds["no"] else "no"
+    return {"choice": choice, "measured": True, "seconds": seconds}
 
 
 class TimeBudget:
@@ -85,12 +93,15 @@ class TimeBudget:
     evaluation, and the time spent since the trainer started. The learning-rate schedule is still
     in warmup then, so the decay spans exactly the steps decided; they are stored with checkpoints."""
 
-    def __init__(self, seconds: float, started: float, warmup_steps: int, eval_every: int):
+    def __init__(self, seconds: float, started: float, warmup_steps: int, eval_every: int, start_step: int = 0,
+                 constant_lr: bool = False, eval_seconds: float = 0.0):
+        """`started` is when the budget began (earlier than now for a run resumed before deciding)."""
         self.seconds, self.started, self.eval_every = seconds, started, eval_every
-        # Steps timed before deciding: every step taken by then is still in warmup, whose learning
-        # rate does not depend on max_steps (with train.warmup_steps of 3 or more).
-        self.decide_after = max(2, min(warmup_steps - 1, 10))
-        self.eval_seconds = 0.0  # set from the initial evaluation
+        # Steps timed before deciding: every step taken by then (indices start_step .. start_step +
+        # decide_after) is still in warmup, whose learning rate does not depend on max_steps.
+        room = warmup_steps - 1 - start_step
+        self.decide_after = 10 if constant_lr else max(1, min(room, 10))
+        self.eval_seconds = eval_seconds  # set by each evaluation
         self.first: tuple[int, float] | None = None
         self.facts: dict = {}
 

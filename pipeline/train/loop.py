@@ -30,7 +30,7 @@ from pipeline.train import checkpoints
 from pipeline.train.autotune import TimeBudget, candidates, measure_precision
 from pipeline.train.bpb import bits_per_byte
 from pipeline.train.loss import IGNORE, token_losses
-from pipeline.train.memory import keep_freed_memory, peak_memory_gb
+from pipeline.train.memory import freed_memory_kept, peak_memory_gb
 from pipeline.train.metrics_file import MetricsFile
 from pipeline.train.optim import lr_at
 from pipeline.train.preflight import report
@@ -70,8 +70,9 @@ class TrainingJob:
 def run_training(job: TrainingJob, publish: Callable[[torch.nn.Module, dict], None]) -> dict:
     """Train, then call publish(model, consolidated state dict) on the main process; returns the
     summary (initial/final evaluation, steps, tokens, speed, and the launch's facts)."""
-    trainer = Trainer(job)
-    summary = trainer.fit()
+    with freed_memory_kept(PartialState().device.type == "cpu"):  # before measuring: it changes timings
+        trainer = Trainer(job)
+        summary = trainer.fit()
     state_dict = trainer.strategy.consolidated_state_dict(trainer.model)
     if trainer.strategy.is_main:
         publish(trainer.unwrapped_model, state_dict)
@@ -100,16 +101,20 @@ class Trainer:
         self.job, self.spec = job, job.spec
         self.ckpt_root = job.out_dir / "checkpoints"
         stored = checkpoints.peek(self.ckpt_root, job.fingerprint) if job.resume != "never" else {}
-        if PartialState().device.type == "cpu":  # before measuring precision: it changes the timings
-            keep_freed_memory()
-        self.precision_choice = self._choose_precision(stored.get("precision"))
+        device = PartialState().device.type
+        same_device = stored.get("precision_device") == device
+        self.precision_choice = self._choose_precision(stored.get("precision") if same_device else None)
         self.strategy = Strategy(job.spec, job.out_dir, job.tracking.trackers, self.precision_choice["choice"])
-        self.budget = None
+        self.budget, self.budget_facts = None, None
         if self.spec.time_budget and stored.get("max_steps"):  # decided before the checkpoint: keep it
             self._set_max_steps(stored["max_steps"])
-        elif self.spec.time_budget:
-            self.budget = TimeBudget(parse_duration(self.spec.time_budget, ""), self.started, self.spec.warmup_steps,
-                                     self.spec.eval_every)
+            self.budget_facts = {"seconds": parse_duration(self.spec.time_budget, ""), "steps": stored["max_steps"],
+                                 "kept_from_checkpoint": True}
+        elif self.spec.time_budget:  # a run resumed before deciding goes on with what it had spent
+            self.budget = TimeBudget(
+                parse_duration(self.spec.time_budget, ""), self.started - stored.get("budget_spent", 0.0),
+                self.spec.warmup_steps, self.spec.eval_every, stored.get("step", 0), self.spec.decay == "constant",
+                stored.get("eval_seconds", 0.0))
         self.model, self.optimizer, self.forward = self.strategy.setup(job.model)
         self.layout = self.strategy.layout
         self.eval_data = job.eval_batches(self.layout.micro)
@@ -136,7 +141,7 @@ class Trainer:
         if spec.mixed_precision != "auto":
             return {"choice": spec.mixed_precision, "measured": False}
         if stored:
-            return {"choice": stored, "measured": False, "reason": "measured at the start of this run"}
+            return {"choice": stored, "measured": False, "reason": "as chosen at the start of this run"}
         state = PartialState()
         if len(candidates(state.device)) == 1:
             return {"choice": candidates(state.device)[0], "measured": False}
@@ -157,6 +162,15 @@ class Trainer:
             log.info("precision: %s (%s)", label[result["choice"]], result.get("reason", ""))
         return result
 
+    def _choices(self) -> dict:
+        """What this run decided at its start, for its checkpoints: a resume keeps it."""
+        choices = {"precision": self.strategy.precision, "precision_device": self.strategy.device.type}
+        if self.spec.time_budget and self.budget is None:
+            choices["max_steps"] = self.spec.max_steps
+        elif self.budget is not None:
+            choices.update(budget_spent=time.time() - self.budget.started, eval_seconds=self.budget.eval_seconds)
+        return choices
+
     def _set_max_steps(self, steps: int) -> None:
         self.spec = replace(self.spec, max_steps=steps, key=self.spec._key)
 
@@ -172,7 +186,8 @@ class Trainer:
             d_model=getattr(cfg, "hidden_size", 1), vocab=getattr(cfg, "vocab_size", 1),
             micro_tokens=self.layout.micro * self.spec.seq_len, world=self.strategy.world,
             half=self.strategy.precision in ("bf16", "fp16"), checkpointing=self.spec.activation_checkpointing,
-            budget_tokens=self.spec.max_steps * self.spec.batch_tokens, peak_flops=self.peak,
+            budget_tokens=None if self.spec.time_budget else self.spec.max_steps * self.spec.batch_tokens,
+            peak_flops=self.peak,
         ):
             log.info(line)
 
@@ -296,7 +311,7 @@ class Trainer:
                 run.step += 1
                 bar.update(1)
                 if self.budget is not None:
-                    self._apply_budget(run.step, bar, summary)
+                    self._apply_budget(run.step, bar)
                 if self._read_due(run.step, stop):
                     self._at_read_step(run, stop, bar, summary)
         if "final" not in summary:  # resumed at the last step: nothing left to train, still report
@@ -307,10 +322,11 @@ class Trainer:
         summary.update(steps=run.step, tokens_seen=run.tokens_seen, train_seconds=round(run.train_seconds, 1),
                        tokens_per_s=round((run.tokens_seen - start_tokens) / max(seconds, 1e-9), 1),
                        last_checkpoint=str(run.last_ckpt) if run.last_ckpt else None, skipped_steps=self._skipped,
-                       launch=dict(self.strategy.describe(), precision_choice=self.precision_choice))
+                       launch=dict(self.strategy.describe(), precision_choice=self.precision_choice,
+                                   time_budget=self.budget_facts))
         return summary
 
-    def _apply_budget(self, step: int, bar, summary: dict) -> None:
+    def _apply_budget(self, step: int, bar) -> None:
         """Fix max_steps once the time budget has timed enough steps (the main process decides)."""
         self.strategy.synchronize()
         cap = self.job.spec.max_steps
@@ -321,8 +337,7 @@ class Trainer:
         self._set_max_steps(steps)
         bar.total = steps
         bar.refresh()
-        facts = dict(self.budget.facts, steps=steps)
-        summary["time_budget"] = facts
+        self.budget_facts = facts = dict(self.budget.facts, steps=steps)
         log.info("time budget %s: %.3fs per step, %.1fs per evaluation -> %d steps%s", self.spec.time_budget,
                  facts["step_seconds"], facts["eval_seconds"], steps, " (train.max_steps caps it)" if steps == cap else "")
         self.budget = None
@@ -360,8 +375,7 @@ class Trainer:
         stopping = self.strategy.any_rank(stop.signum is not None)
         if self._every(step, spec.ckpt_every) or stopping:
             state = {"step": step, "tokens_seen": run.tokens_seen, "train_seconds": run.train_seconds,
-                     "fingerprint": self.job.fingerprint, "precision": self.strategy.precision,
-                     "max_steps": self.spec.max_steps if self.spec.time_budget and self.budget is None else None}
+                     "fingerprint": self.job.fingerprint, **self._choices()}
             run.last_ckpt = checkpoints.save(self.strategy, self.ckpt_root, state, spec.keep_checkpoints, run.last_ckpt)
             run.t_last = time.time()
         if stopping:

@@ -8,6 +8,7 @@ import ctypes.util
 import logging
 import resource
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -20,23 +21,36 @@ def peak_memory_gb(device: torch.device) -> float:
     return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
 
-def keep_freed_memory() -> bool:
-    """Serve every allocation from glibc's heap and do not trim it (below 2 GB free at its top).
+@contextmanager
+def freed_memory_kept(enabled: bool = True):
+    """Inside: glibc serves every allocation from its heap and does not trim it (up to 2 GB free
+    at its top); afterwards its default thresholds are back and the heap is trimmed.
 
-    By default glibc maps each large buffer (the logits, activations) afresh and returns it when
-    freed, so every CPU training step page-faults all of them in again. Measured on cpu-2c-amd
-    (scripts/bench/pretrain.py, model=small): minor faults 3.3M -> 0.4M, system time 5.5 s -> 1.0 s,
-    +9-15% tokens/s, peak RSS +0.1-0.35 GB. For CPU training only: it would keep a GPU job's freed
-    host memory (weights after loading) resident. Linux/glibc only; returns whether it applied."""
+    By default glibc maps each large buffer (logits, activations) afresh and returns it when freed,
+    so every CPU training step page-faults all of them in again. Measured on cpu-2c-amd
+    (scripts/bench/pretrain.py, model=small, fp32): minor faults 3.3M -> 0.4M, system time 5.5 s ->
+    1.0 s, +9-15% tokens/s, peak RSS +0.1-0.35 GB. For CPU training only: a GPU job's freed host
+    memory (weights after loading) would stay resident. Linux/glibc only."""
+    libc = _glibc() if enabled else None
+    if libc is None or not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        yield
+        return
+    logging.getLogger("pipeline").info("memory: glibc keeps freed buffers for reuse (fewer page faults on CPU)")
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
+DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
+
+
+def _glibc():
     name = ctypes.util.find_library("c")
     if not sys.platform.startswith("linux") or not name:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from malloc.h
-    applied = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-    if applied:
-        logging.getLogger("pipeline").info("memory: glibc keeps freed buffers for reuse (fewer page faults on CPU)")
-    return applied
+        return None
+    libc = ctypes.CDLL(name)
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None  # musl has neither

@@ -39,7 +39,7 @@ def memory_table(params: int, trainable: int, n_layer: int, world: int, act: flo
 
 
 def report(*, params: int, trainable: int, flops_per_token: float | None, n_layer: int, d_model: int, vocab: int,
-           micro_tokens: int, world: int, half: bool, checkpointing: bool, budget_tokens: int,
+           micro_tokens: int, world: int, half: bool, checkpointing: bool, budget_tokens: int | None,
            peak_flops: float | None, mfu: float = 0.4) -> list[str]:
     """Lines to log before training starts (keyword arguments only: they are easy to mix up)."""
     act = activation_bytes(n_layer, d_model, vocab, micro_tokens, half, checkpointing)
@@ -52,7 +52,7 @@ def report(*, params: int, trainable: int, flops_per_token: float | None, n_laye
         "pre-flight: per-device memory " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in table.items())
         + f" (x{world} processes)",
     ]
-    if peak_flops and flops_per_token:
+    if peak_flops and flops_per_token and budget_tokens:  # None: a time budget decides the tokens
         seconds = budget_tokens * flops_per_token / (mfu * peak_flops * world)
         lines.append(f"pre-flight: {budget_tokens / 1e6:.1f}M tokens take ~{seconds / 3600:.3g} h at {mfu:.0%} MFU")
     return lines

@@ -70,8 +70,15 @@ class TrainSpec:
             raise PipelineError(f"{key}.decay={self.decay!r} is unknown; use {', '.join(DECAYS)}.")
         if self.mixed_precision not in PRECISIONS:
             raise PipelineError(f"{key}.mixed_precision={self.mixed_precision!r} is unknown; use {', '.join(PRECISIONS)}.")
+        if self.decay not in DECAYS:
+            raise PipelineError(f"{key}.decay={self.decay!r} is unknown; use {', '.join(DECAYS)}.")
         if self.time_budget is not None:
             parse_duration(self.time_budget, f"{key}.time_budget")
+            if self.decay != "constant" and self.warmup_steps < 3:
+                raise PipelineError(
+                    f"{key}.time_budget fixes the step count during warmup, so the decay can span it; set "
+                    f"{key}.warmup_steps to 3 or more (it is {self.warmup_steps}) or {key}.decay=constant."
+                )
         if self.batch_tokens % self.seq_len:
             raise PipelineError(f"{key}.batch_tokens={self.batch_tokens} is not a multiple of {key}.seq_len={self.seq_len}.")
 
