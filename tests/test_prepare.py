@@ -3,7 +3,6 @@ encoding its documents alone, with EOS after each, in corpus order, across chunk
 not depend on how many processes share them; a killed prepare keeps its finished chunks."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pipeline.data.encode import Chunks, encode_chunks, encode_documents, pieces
 from pipeline.data.shards import collect, open_split
 from pipeline.data.sources import CorpusSpec, iter_documents, take_bytes
 from pipeline.model.tokenizer import EOS, train_bpe
-from tests.conftest import TINY, assert_clear_error, make_documents, manifest_facts, run_cli
+from tests.conftest import TINY, assert_clear_error, launch_two_processes, make_documents, manifest_facts, run_cli
 
 
 def test_chunks_cut_the_stream_the_same_way_for_every_rank():
@@ -110,16 +109,9 @@ def test_killed_prepare_resumes_at_the_chunk_it_was_writing(tmp_path, text_corpu
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_each_tokenize_their_chunks_into_the_same_shards(tmp_path, text_corpus):
-    from tests.test_distributed import free_port
-
     args = ["stage=prepare", "data=text", f"data.paths=[{text_corpus}]", *TINY, "prepare.shard_bytes=10000"]
     run_cli(*args, "run.name=one", cwd=tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "pipeline", *args, "run.name=two"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch_two_processes(*args, "run.name=two", cwd=tmp_path)
     one, two = tmp_path / "runs/one/data", tmp_path / "runs/two/data"
     assert shard_bytes(two) == shard_bytes(one)  # same tokens, same split, same order
     facts = manifest_facts(two)

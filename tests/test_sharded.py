@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY, make_documents, manifest_facts, run_cli
-from tests.test_distributed import free_port
+from tests.conftest import REPO, TINY, free_port, make_documents, manifest_facts, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

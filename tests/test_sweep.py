@@ -12,8 +12,7 @@ import pytest
 
 from pipeline.cli import CONF_DIR
 from pipeline.sweep import expand, run_name
-from tests.conftest import TINY, history, manifest_facts, run_cli
-from tests.test_distributed import free_port
+from tests.conftest import TINY, free_port, history, manifest_facts, run_cli
 
 
 def test_sweep_grammar_expands_lists_ranges_and_globs_over_groups():
