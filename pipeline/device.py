@@ -31,3 +31,8 @@ def half_precision(device: torch.device) -> str | None:
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}  # half_precision() -> dtype
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """For sums of losses and token counts: float64, except on Apple MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -139,3 +139,39 @@ def test_gpu_peak_memory_is_read_from_the_allocator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 12.5e9)
     assert peak_memory_gb(torch.device("cuda", 0)) == 12.5
     assert 0 < peak_memory_gb(torch.device("cpu")) < 1000  # resident memory of this process
+
+
+def test_mfu_uses_the_peak_of_the_precision_in_use(monkeypatch):
+    from pipeline.train.throughput import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda", 0)
+    assert peak_flops(gpu, "bf16") == peak_flops(gpu, "fp16") == 989e12
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert peak_flops(gpu, "no") == 67e12  # plain fp32 matmuls
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert peak_flops(gpu, "no") == 989e12 / 2  # TF32 tensor cores
+
+
+def test_frozen_weights_cost_4_flops_per_token_trained_ones_6():
+    from pipeline.model.build import flops_per_token
+    from tests.trainer_helpers import tiny_model
+
+    model = tiny_model()
+    cfg = model.config
+    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * 32
+    matmul = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_word_embeddings else
+                                                           model.get_input_embeddings().weight.numel())
+    assert flops_per_token(model, 32) == 6 * matmul + attention
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.model.layers[0].mlp.down_proj.weight
+    head.requires_grad_(True)
+    assert flops_per_token(model, 32) == 4 * matmul + 2 * head.numel() + attention
+
+
+def test_loss_sums_avoid_float64_on_apple_mps():
+    from pipeline.device import accumulator_dtype
+
+    assert accumulator_dtype(torch.device("mps")) == torch.float32  # MPS has no float64
+    assert accumulator_dtype(torch.device("cpu")) == accumulator_dtype(torch.device("cuda")) == torch.float64

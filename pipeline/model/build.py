@@ -45,13 +45,17 @@ def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
 
 
 def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (parameters doing matmuls) + attention scores (PaLM appendix B).
+    """Training FLOPs per token (PaLM appendix B): each weight doing matmuls costs 2 forward and
+    2 backward (the activation gradient), plus 2 more for its own gradient if it is trained, so
+    6N for full training and about 4N for LoRA's frozen base; plus the attention scores.
 
     The input embedding is a lookup, not a matmul, so it is left out unless tied to the head.
     """
     cfg = model.config
-    n = count_params(model)
-    if not cfg.tie_word_embeddings:
-        n -= model.get_input_embeddings().weight.numel()
+    embedding = model.get_input_embeddings().weight
+    lookup = [] if cfg.tie_word_embeddings else [embedding]
+    matmul = [p for p in model.parameters() if all(p is not e for e in lookup)]
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in matmul)  # ZeRO-3 leaves an empty local tensor
+    trained = sum(getattr(p, "ds_numel", p.numel()) for p in matmul if p.requires_grad)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len
+    return 4 * n + 2 * trained + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len

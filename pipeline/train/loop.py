@@ -119,8 +119,8 @@ class Trainer:
         self.layout = self.strategy.layout
         self.eval_data = job.eval_batches(self.layout.micro)
         device = self.strategy.device
-        self.token_bytes = job.token_bytes.to(device) if job.token_bytes is not None else None
-        self.peak = peak_flops(device)
+        self.token_bytes = job.token_bytes.to(device, self.strategy.acc_dtype) if job.token_bytes is not None else None
+        self.peak = peak_flops(device, self.strategy.precision)
         self.metrics: MetricsFile | None = None
         self._skipped = 0
         acc = self.strategy.accelerator
@@ -198,13 +198,14 @@ class Trainer:
         device, world = self.strategy.device, self.strategy.world
         t0 = time.time()
         self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tokens, text loss, bytes
+        acc = self.strategy.acc_dtype
+        sums = torch.zeros(4, dtype=acc, device=device)  # loss, tokens, text loss, bytes
         n = len(self.eval_data)
         for index in range(self.strategy.rank, -(-n // world) * world, world):
             # Every rank runs the same number of forwards: a sharded model's forward is collective.
             batch = {k: v.to(device) for k, v in self.eval_data[min(index, n - 1)].items()}
             with self.strategy.accelerator.autocast():
-                losses = token_losses(self.forward, batch).double()
+                losses = token_losses(self.forward, batch).to(acc)
             if index >= n:
                 continue  # a padding pass, only to keep the ranks in step
             mask = batch["labels"] != IGNORE
@@ -245,18 +246,19 @@ class Trainer:
         strategy = self.strategy
         batches, counts = self._step_batches(step)
         counts = strategy.sum_over_ranks(counts)
-        total = counts[0].double()
+        acc = strategy.acc_dtype
+        total = counts[0].to(acc)
         scale = (strategy.world / total.clamp(min=1)).float()
         for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside it
             group["lr"] = lr_at(step, self.spec)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=strategy.device)
+        loss_sum = torch.zeros((), dtype=acc, device=strategy.device)
         for m, batch in enumerate(batches):
             with strategy.micro_step(self.model, last=m == len(batches) - 1):
                 micro_sum = token_losses(self.forward, batch).sum()
                 strategy.backward(micro_sum * scale)
-            loss_sum += micro_sum.detach().double()
+            loss_sum += micro_sum.detach().to(acc)
         grad_norm = strategy.clip_grad_norm(self.model)
-        stats = torch.stack([strategy.sum_over_ranks(loss_sum) / total, grad_norm, total, counts[1].double()])
+        stats = torch.stack([strategy.sum_over_ranks(loss_sum) / total, grad_norm, total, counts[1].to(acc)])
         if self.spec.skip_nonfinite and not torch.isfinite(stats[:2]).all():
             self.optimizer.zero_grad(set_to_none=True)  # skipping: never apply a NaN/inf update
             return stats

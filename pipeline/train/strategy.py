@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from pipeline.device import best_device, half_precision, has_accelerator
+from pipeline.device import accumulator_dtype, best_device, half_precision, has_accelerator
 from pipeline.errors import PipelineError, first_line
 from pipeline.train.loss import token_losses
 from pipeline.train.optim import make_optimizer
@@ -76,6 +76,7 @@ class Strategy:
             project_dir=str(out_dir),
         )
         self.world, self.rank, self.device = acc.num_processes, acc.process_index, acc.device
+        self.acc_dtype = accumulator_dtype(self.device)  # of loss sums and token counts
         self.is_main = acc.is_main_process
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         self.layout: BatchLayout | None = None
@@ -199,12 +200,12 @@ class Strategy:
         self.accelerator.backward(loss * (self.layout.accum if self.deepspeed else 1))
 
     def clip_grad_norm(self, model) -> torch.Tensor:
-        """Clip to spec.grad_clip (0 = off) and return the norm as a float64 device tensor."""
+        """Clip to spec.grad_clip (0 = off) and return the norm as a device tensor (acc_dtype)."""
         clip = self.spec.grad_clip
         norm = self.accelerator.clip_grad_norm_(model.parameters(), clip) if clip > 0 else 0.0
         if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
             norm = norm.full_tensor()
-        return torch.as_tensor(float("nan") if norm is None else norm, device=self.device).double()
+        return torch.as_tensor(float("nan") if norm is None else norm, device=self.device).to(self.acc_dtype)
 
     def sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum") if self.world > 1 else tensor

@@ -24,15 +24,31 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Peak bf16 FLOP/s of one device, or None where unknown (CPU, unlisted GPUs)."""
+# Dense fp32 peak FLOP/s without tensor cores (what fp32 matmuls use unless TF32 is allowed).
+PEAK_FP32_FLOPS = {
+    "H200": 67e12, "H100 SXM": 67e12, "H100 NVL": 60e12, "H100 PCIe": 51e12, "H100": 67e12, "GH200": 67e12,
+    "A100": 19.5e12, "A10G": 31.2e12, "A10": 31.2e12, "L40S": 91.6e12, "L4": 30.3e12,
+    "RTX 4090": 82.6e12, "RTX 3090": 35.6e12, "V100": 15.7e12,
+}
+
+
+def _lookup(table: dict, name: str) -> float | None:
+    return next((flops for key, flops in table.items() if key in name), None)
+
+
+def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
+    """Peak FLOP/s of one device for the precision in use ("bf16", "fp16" or "no" = fp32, where
+    TF32 tensor cores count at half the bf16 peak if torch allows them), or None where unknown
+    (CPU, unlisted GPUs)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    if precision in ("bf16", "fp16"):
+        return _lookup(PEAK_BF16_FLOPS, name)
+    if torch.get_float32_matmul_precision() != "highest":  # TF32 allowed (also via allow_tf32)
+        half = _lookup(PEAK_BF16_FLOPS, name)
+        return half / 2 if half else None
+    return _lookup(PEAK_FP32_FLOPS, name)
 
 
 def mfu(flops_per_token: float | None, tokens_per_s: float, peak: float | None, devices: int = 1) -> float | None:

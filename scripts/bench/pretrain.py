@@ -102,7 +102,7 @@ def main() -> None:
         "pipeline_tokens_per_s": round(pipe_tps, 1),
         "peak_mem_gb": round(peak_memory_gb(device), 3),
     }
-    peak = peak_flops(device)
+    peak = peak_flops(device, trainer.strategy.precision)
     if peak:
         result["pipeline_mfu"] = round(fpt * pipe_tps / peak, 4)
     if not args.skip_bare:
