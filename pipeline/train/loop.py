@@ -122,7 +122,7 @@ class Trainer:
         self.token_bytes = job.token_bytes.to(device, self.strategy.acc_dtype) if job.token_bytes is not None else None
         self.peak = peak_flops(device, self.strategy.precision)
         self.metrics: MetricsFile | None = None
-        self._skipped = 0
+        self._skipped = self._overflows = 0
         acc = self.strategy.accelerator
         if job.tracking.trackers:
             acc.init_trackers(job.tracking.project, config=job.tracking.config)
@@ -241,8 +241,8 @@ class Trainer:
 
     def _train_step(self, step: int) -> torch.Tensor:
         """One optimizer step. Returns [mean loss per trained token, grad norm, trained tokens, input
-        tokens] as one device tensor: nothing here waits for the GPU (unless train.skip_nonfinite
-        needs the loss before deciding to step)."""
+        tokens, 1 if fp16 loss scaling skipped the update] as one device tensor: nothing here waits
+        for the GPU (unless train.skip_nonfinite needs the loss before deciding to step)."""
         strategy = self.strategy
         batches, counts = self._step_batches(step)
         counts = strategy.sum_over_ranks(counts)
@@ -258,21 +258,27 @@ class Trainer:
                 strategy.backward(micro_sum * scale)
             loss_sum += micro_sum.detach().to(acc)
         grad_norm = strategy.clip_grad_norm(self.model)
-        stats = torch.stack([strategy.sum_over_ranks(loss_sum) / total, grad_norm, total, counts[1].to(acc)])
-        if self.spec.skip_nonfinite and not torch.isfinite(stats[:2]).all():
+        stats = [strategy.sum_over_ranks(loss_sum) / total, grad_norm, total, counts[1].to(acc)]
+        # With fp16 loss scaling the scaler skips a non-finite update itself, and must see every
+        # step to adjust its scale; otherwise a skip is ours to make.
+        if self.spec.skip_nonfinite and not strategy.scales_loss and not torch.isfinite(torch.stack(stats[:2])).all():
             self.optimizer.zero_grad(set_to_none=True)  # skipping: never apply a NaN/inf update
-            return stats
+            return torch.stack([*stats, torch.zeros_like(total)])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return stats
+        overflow = float(strategy.scales_loss and self.optimizer.step_was_skipped)  # the scaler synced already
+        return torch.stack([*stats, total.new_tensor(overflow)])
 
     def _read_back(self, pending: list[torch.Tensor], step: int, last_ckpt: Path | None) -> tuple[float, float, int]:
         """Read the steps since the last read in one host sync and check each of them, so a NaN is
         reported at the step it happened. Returns (last loss, last grad norm, input tokens)."""
         rows = torch.stack(pending).tolist()
-        for s, (loss, grad_norm, trained, _) in enumerate(rows, start=step - len(rows) + 1):
+        for s, (loss, grad_norm, trained, _, overflow) in enumerate(rows, start=step - len(rows) + 1):
             if trained == 0:
                 raise PipelineError(f"step {s} has no trained tokens (every label is masked); check the data.")
+            if math.isfinite(loss) and overflow:  # fp16 gradients overflowed: the scaler lowered its scale
+                self._overflows += 1
+                continue
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 continue
             what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
@@ -287,7 +293,7 @@ class Trainer:
                 f"check the data or allow skips with train.skip_nonfinite=N, then rerun (resume=auto "
                 f"continues from the checkpoint)."
             )
-        loss, grad_norm, _, _ = rows[-1]
+        loss, grad_norm = rows[-1][:2]
         return loss, grad_norm, int(sum(r[3] for r in rows))
 
     # -- the run -------------------------------------------------------------------------------
@@ -324,6 +330,7 @@ class Trainer:
         summary.update(steps=run.step, tokens_seen=run.tokens_seen, train_seconds=round(run.train_seconds, 1),
                        tokens_per_s=round((run.tokens_seen - start_tokens) / max(seconds, 1e-9), 1),
                        last_checkpoint=str(run.last_ckpt) if run.last_ckpt else None, skipped_steps=self._skipped,
+                       fp16_overflow_steps=self._overflows,
                        launch=dict(self.strategy.describe(), precision_choice=self.precision_choice,
                                    time_budget=self.budget_facts))
         return summary

@@ -96,6 +96,11 @@ class Strategy:
         return str(self.accelerator.distributed_type).split(".")[-1]
 
     @property
+    def scales_loss(self) -> bool:
+        """fp16 with a dynamic loss scaler (on GPUs): overflowing steps are skipped by the scaler."""
+        return getattr(self.accelerator, "scaler", None) is not None
+
+    @property
     def precision(self) -> str:
         return self.accelerator.mixed_precision
 

@@ -2,6 +2,7 @@
 non-finite losses, and two processes on one run."""
 
 import json
+import math
 import os
 import pickle
 import signal
@@ -165,3 +166,31 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, text_corpus):
     lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "earlier"}))
     proc = run_cli(*pretrain_args(text_corpus, "d", "stage=tokenizer"), cwd=tmp_path)
     assert "taking over" in proc.stderr and not lock.exists()
+
+
+@pytest.mark.parametrize("skip_nonfinite", [0, 1])
+def test_an_fp16_overflow_is_a_skipped_step_not_an_error(tmp_path, monkeypatch, skip_nonfinite):
+    """fp16 training on a GPU scales the loss; a step whose gradients overflow is skipped by the
+    scaler, which halves its scale. A real GradScaler (on CPU here) and a faked overflow."""
+    from pipeline.train.strategy import Strategy
+
+    original = Strategy.__init__
+
+    def with_scaler(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+    monkeypatch.setattr(Strategy, "__init__", with_scaler)
+    t = make_trainer(tmp_path, eval_every=0, skip_nonfinite=skip_nonfinite, micro_batch_size=8)
+    calls = {"n": 0}
+
+    def overflow_on_step_3(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 4 else grad  # one micro-batch per step here
+
+    assert t.layout.accum == 1
+    t.unwrapped_model.get_input_embeddings().weight.register_hook(overflow_on_step_3)
+    summary = t.fit()
+    assert summary["fp16_overflow_steps"] == 1 and summary["skipped_steps"] == 0 and summary["steps"] == 8
+    assert t.strategy.accelerator.scaler.get_scale() == 2.0**9  # lowered once, never raised in 8 steps
+    assert all(math.isfinite(v) for v in losses(t))
