@@ -27,7 +27,7 @@ def training_parser(doc: str, micro_batch: int = 16, steps: int = 30, warmup: in
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--warmup", type=int, default=warmup, help="steps left out of the timing (compile, caches)")
-    p.add_argument("--precision", default="auto", help="auto (fp32 on CPU, bf16 on GPU) | bf16 | fp16 | no")
+    p.add_argument("--precision", default="auto", help="auto (CPU: measured, fp32 or bf16; GPU: bf16) | bf16 | fp16 | no")
     return p
 
 
