@@ -24,7 +24,13 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.errors import PipelineError, first_line  # noqa: E402
-from pipeline.model.inference import format_prompt, load_model, resolve_model, stop_ids  # noqa: E402
+from pipeline.model.inference import (  # noqa: E402
+    add_special_tokens,
+    format_prompt,
+    load_model,
+    resolve_model,
+    stop_ids,
+)
 from pipeline.model.sampling import Sampling  # noqa: E402
 from pipeline.requirements import check_versions  # noqa: E402
 
@@ -55,11 +61,11 @@ class StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_answer(model, tokenizer, prompt: str, sampling: Sampling, out) -> tuple[str, int, float, bool]:
+def stream_answer(model, tokenizer, prompt: str, sampling: Sampling, out, chat: bool = True) -> tuple[str, int, float, bool]:
     """Generate in a thread and print tokens as they arrive; returns (text, tokens, seconds,
     interrupted). Ctrl-C stops the generation itself, so the next turn never runs beside it; an
     error inside generation is raised here instead of leaving the stream waiting."""
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens(tokenizer, chat)).to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = Event()
     torch.manual_seed(sampling.seed)
@@ -72,7 +78,7 @@ def stream_answer(model, tokenizer, prompt: str, sampling: Sampling, out) -> tup
             result["ids"] = model.generate(**kwargs)
         except BaseException as e:  # reported by the caller's thread
             result["error"] = e
-            streamer.end()  # wakes the loop below
+            streamer.text_queue.put(streamer.stop_signal)  # wakes the loop below, whatever state it is in
 
     t0 = time.perf_counter()
     thread = Thread(target=work, daemon=True)
@@ -88,7 +94,9 @@ def stream_answer(model, tokenizer, prompt: str, sampling: Sampling, out) -> tup
         stop.set()
         for _ in streamer:  # the generation ends at its next token
             pass
-    thread.join()
+    finally:
+        stop.set()  # a second Ctrl-C above: the generation still ends before the next turn starts
+        thread.join()
     seconds = time.perf_counter() - t0
     out.write("\n")
     if "error" in result:
@@ -157,18 +165,16 @@ def main() -> None:
         if chat:
             messages, prompt = fit_history(tokenizer, messages + [{"role": "user", "content": text}], budget)
         else:
-            prompt = text
+            prompt = format_prompt(tokenizer, text, chat=False)
         if interactive:
             sys.stdout.write("bot> ")
         try:
-            answer, n, seconds, interrupted = stream_answer(model, tokenizer, prompt, sampling, sys.stdout)
-        except PipelineError as e:
-            print(f"error: {e}; the conversation is kept, try again or /reset", file=sys.stderr)
+            answer, n, seconds, interrupted = stream_answer(model, tokenizer, prompt, sampling, sys.stdout, chat)
+        except (PipelineError, KeyboardInterrupt) as e:  # an error, or a second Ctrl-C while it wound down
+            note = f"error: {e}; " if isinstance(e, PipelineError) else "\n[interrupted] "
+            print(f"{note}the conversation is kept without that question", file=sys.stderr)
             if chat:
-                messages.pop()  # the unanswered question
-            continue
-        except KeyboardInterrupt:  # a second Ctrl-C while the answer winds down
-            print("\n[interrupted]", file=sys.stderr)
+                messages.pop()  # the unanswered question: roles keep alternating
             continue
         if chat:
             messages.append({"role": "assistant", "content": answer})

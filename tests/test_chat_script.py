@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from pipeline.errors import PipelineError
 from pipeline.model.build import build_model, hf_config
-from pipeline.model.inference import format_prompt
+from pipeline.model.inference import add_special_tokens, format_prompt
 from pipeline.model.sampling import Sampling
 from pipeline.model.spec import ModelSpec
 from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
@@ -75,14 +75,18 @@ def test_an_error_inside_generation_ends_the_turn_with_one_line(tiny_chat_model)
 
 def test_completion_mode_starts_with_bos_where_the_tokenizer_adds_one(tiny_chat_model):
     _, ours = tiny_chat_model
-    assert format_prompt(ours, "def f", chat=False) == "def f"  # pipeline's tokenizer adds no BOS
+    assert not add_special_tokens(ours, chat=False)  # pipeline's tokenizer adds no BOS
     raw = train_bpe(make_documents(40), 300)
     bos_id = raw.token_to_id("<|bos|>")
     raw.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos_id)])
     llama_like = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|bos|>", eos_token="<|eos|>")
+    assert add_special_tokens(llama_like, chat=False) and not add_special_tokens(llama_like, chat=True)
     prompt = format_prompt(llama_like, "def f", chat=False)
-    assert prompt == "<|bos|>def f"
-    assert llama_like(prompt, add_special_tokens=False)["input_ids"][0] == bos_id
+    assert llama_like(prompt, add_special_tokens=add_special_tokens(llama_like, False))["input_ids"][0] == bos_id
+    raw.post_processor = processors.TemplateProcessing(single="<|bos|> $A <|eos|>", special_tokens=[
+        ("<|bos|>", bos_id), ("<|eos|>", raw.token_to_id("<|eos|>"))])
+    adds_eos_too = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|bos|>", eos_token="<|eos|>")
+    assert not add_special_tokens(adds_eos_too, chat=False)  # never an EOS after the prompt
 
 
 def test_too_old_transformers_is_refused_with_the_fix():

@@ -54,7 +54,9 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     cfg = model.config
     embedding = model.get_input_embeddings().weight
     lookup = [] if cfg.tie_word_embeddings else [embedding]
-    matmul = [p for p in model.parameters() if all(p is not e for e in lookup)]
+    # PEFT's modules_to_save keeps the frozen original beside the trained copy: only the copy runs.
+    matmul = [p for name, p in model.named_parameters()
+              if all(p is not e for e in lookup) and "original_module" not in name]
     n = sum(getattr(p, "ds_numel", p.numel()) for p in matmul)  # ZeRO-3 leaves an empty local tensor
     trained = sum(getattr(p, "ds_numel", p.numel()) for p in matmul if p.requires_grad)
     head_dim = cfg.hidden_size // cfg.num_attention_heads

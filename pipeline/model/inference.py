@@ -107,24 +107,31 @@ def stop_ids(tokenizer, model) -> list[int]:
 
 
 def format_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> str:
-    """A chat prompt through the template (with the assistant turn opened; templates put BOS in
-    themselves), or plain text, led by BOS where the tokenizer adds one (Llama-family base models
-    expect it). Prompts are then tokenized without special tokens."""
+    """A chat prompt through the template (with the assistant turn opened), or plain text."""
     if isinstance(prompt, list):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if chat:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-    return bos + prompt if adds_bos and not prompt.startswith(bos) else prompt
+    return prompt
+
+
+def add_special_tokens(tokenizer, chat: bool) -> bool:
+    """How to tokenize a formatted prompt: a chat template writes its own special tokens; plain
+    text gets the tokenizer's BOS where it adds exactly that (Llama-family base models expect it),
+    never an EOS after the prompt."""
+    if chat or tokenizer.bos_token_id is None:
+        return False
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return tokenizer("x")["input_ids"] == [tokenizer.bos_token_id, *plain]
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, texts: list[str], sampling: Sampling) -> list[dict]:
-    """Left-padded batched generation with the KV cache; one record per prompt."""
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+def generate_batch(model, tokenizer, texts: list[str], sampling: Sampling, chat: bool = True) -> list[dict]:
+    """Left-padded batched generation with the KV cache; one record per formatted prompt."""
+    special = add_special_tokens(tokenizer, chat)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)
     stops = stop_ids(tokenizer, model)
     torch.manual_seed(sampling.seed)
     t0 = time.perf_counter()

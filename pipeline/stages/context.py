@@ -27,6 +27,6 @@ class StageContext:
         return TrainingJob(
             model=model, spec=spec, out_dir=self.out, fingerprint=self.fingerprint, batch=batch,
             eval_batches=eval_batches, flops_per_token=flops_per_token,
-            token_bytes=torch.tensor([len(p) for p in token_pieces], dtype=torch.float64),
+            token_bytes=torch.tensor([len(p) for p in token_pieces], dtype=torch.float32),  # exact; no float64 on MPS
             resume=self.specs.resume, tracking=Tracking(tuple(logger.trackers), logger.project, asdict(spec)),
         )

@@ -54,9 +54,9 @@ def run(ctx: StageContext) -> dict:
     packed = pack(train_ex, tspec.seq_len, pad_id) if spec.packing else None
     samples = ChatSamples(train_ex, ctx.specs.seed, pad_id, packed)
 
-    fpt = flops_per_token(model, tspec.seq_len) if hasattr(model.config, "num_hidden_layers") else None
     if spec.method == "lora":
         model = apply_lora(model, spec.lora)
+    fpt = flops_per_token(model, tspec.seq_len) if hasattr(model.config, "num_hidden_layers") else None  # after
     trainable, total = count_params(model, trainable_only=True), count_params(model)
     log.info("finetune: %s on %s, %d/%d params trainable (%.2f%%), %d train / %d val conversations (%d too long, "
              "%d bad)%s", spec.method, base, trainable, total, 100 * trainable / total, len(train_ex), len(val_ex),

@@ -53,7 +53,8 @@ def run(ctx: StageContext) -> dict:
     for i in tqdm(range(0, len(prompts), g.batch_size), desc="generate", leave=False, disable=None):
         batch = prompts[i : i + g.batch_size]
         texts = [format_prompt(tokenizer, p, chat) for p in batch]
-        for prompt, rec in zip(batch, generate_batch(model, tokenizer, texts, g.sampling())):
+        templated = chat or any(isinstance(p, list) for p in batch)
+        for prompt, rec in zip(batch, generate_batch(model, tokenizer, texts, g.sampling(), templated)):
             records.append({"prompt": prompt, **rec})
     with open(ctx.out / "samples.jsonl", "w") as f:
         for r in records:

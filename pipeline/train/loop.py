@@ -40,6 +40,7 @@ from pipeline.train.strategy import Strategy, to_device
 from pipeline.train.throughput import mfu, peak_flops
 
 log = logging.getLogger("pipeline")
+MAX_OVERFLOWS_IN_A_ROW = 30  # halving the fp16 loss scale 30 times (2**16 -> 2**-14) and still inf: a real NaN
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Trainer:
         self.token_bytes = job.token_bytes.to(device, self.strategy.acc_dtype) if job.token_bytes is not None else None
         self.peak = peak_flops(device, self.strategy.precision)
         self.metrics: MetricsFile | None = None
-        self._skipped = self._overflows = 0
+        self._skipped = self._overflows = self._overflows_in_a_row = 0
         acc = self.strategy.accelerator
         if job.tracking.trackers:
             acc.init_trackers(job.tracking.project, config=job.tracking.config)
@@ -264,10 +265,9 @@ class Trainer:
         if self.spec.skip_nonfinite and not strategy.scales_loss and not torch.isfinite(torch.stack(stats[:2])).all():
             self.optimizer.zero_grad(set_to_none=True)  # skipping: never apply a NaN/inf update
             return torch.stack([*stats, torch.zeros_like(total)])
-        self.optimizer.step()
+        overflow = strategy.optimizer_step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        overflow = float(strategy.scales_loss and self.optimizer.step_was_skipped)  # the scaler synced already
-        return torch.stack([*stats, total.new_tensor(overflow)])
+        return torch.stack([*stats, overflow])
 
     def _read_back(self, pending: list[torch.Tensor], step: int, last_ckpt: Path | None) -> tuple[float, float, int]:
         """Read the steps since the last read in one host sync and check each of them, so a NaN is
@@ -278,7 +278,14 @@ class Trainer:
                 raise PipelineError(f"step {s} has no trained tokens (every label is masked); check the data.")
             if math.isfinite(loss) and overflow:  # fp16 gradients overflowed: the scaler lowered its scale
                 self._overflows += 1
+                self._overflows_in_a_row += 1
+                if self._overflows_in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
+                    raise PipelineError(
+                        f"fp16 gradients overflowed {self._overflows_in_a_row} steps in a row (up to step {s}), "
+                        "so they are not finite at any scale; lower train.lr or train in bf16/fp32."
+                    )
                 continue
+            self._overflows_in_a_row = 0
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 continue
             what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"

@@ -97,8 +97,23 @@ class Strategy:
 
     @property
     def scales_loss(self) -> bool:
-        """fp16 with a dynamic loss scaler (on GPUs): overflowing steps are skipped by the scaler."""
-        return getattr(self.accelerator, "scaler", None) is not None
+        """fp16 with dynamic loss scaling (torch's GradScaler, or DeepSpeed's own): a step whose
+        gradients overflow is skipped by the scaler, which lowers its scale."""
+        fp16_deepspeed = self.deepspeed and self.precision == "fp16"
+        return getattr(self.accelerator, "scaler", None) is not None or fp16_deepspeed
+
+    def optimizer_step(self, optimizer) -> torch.Tensor:
+        """Step; returns 1.0 (device tensor) if loss scaling skipped the update for an overflow. The
+        scale is compared on the device: a fused optimizer skips inside its kernel, which accelerate's
+        step_was_skipped does not see, and reading the scale would wait for the GPU."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = getattr(scaler, "_scale", None)
+        before = scale.clone() if scale is not None else None
+        optimizer.step()
+        if before is not None:
+            return (scaler._scale < before).to(self.acc_dtype).reshape(())
+        skipped = self.deepspeed and bool(getattr(optimizer, "step_was_skipped", False))  # DeepSpeed syncs anyway
+        return torch.tensor(float(skipped), dtype=self.acc_dtype, device=self.device)
 
     @property
     def precision(self) -> str:

@@ -17,6 +17,7 @@ PEAK_BF16_FLOPS = {
     "A10G": 70e12,
     "A10": 125e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
@@ -27,7 +28,7 @@ PEAK_BF16_FLOPS = {
 # Dense fp32 peak FLOP/s without tensor cores (what fp32 matmuls use unless TF32 is allowed).
 PEAK_FP32_FLOPS = {
     "H200": 67e12, "H100 SXM": 67e12, "H100 NVL": 60e12, "H100 PCIe": 51e12, "H100": 67e12, "GH200": 67e12,
-    "A100": 19.5e12, "A10G": 31.2e12, "A10": 31.2e12, "L40S": 91.6e12, "L4": 30.3e12,
+    "A100": 19.5e12, "A10G": 31.2e12, "A10": 31.2e12, "L40S": 91.6e12, "L40": 90.5e12, "L4": 30.3e12,
     "RTX 4090": 82.6e12, "RTX 3090": 35.6e12, "V100": 15.7e12,
 }
 
@@ -45,7 +46,8 @@ def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
     name = torch.cuda.get_device_name(device)
     if precision in ("bf16", "fp16"):
         return _lookup(PEAK_BF16_FLOPS, name)
-    if torch.get_float32_matmul_precision() != "highest":  # TF32 allowed (also via allow_tf32)
+    tf32 = torch.cuda.get_device_capability(device)[0] >= 8  # Ampere and later
+    if tf32 and torch.get_float32_matmul_precision() != "highest":  # TF32 allowed (also via allow_tf32)
         half = _lookup(PEAK_BF16_FLOPS, name)
         return half / 2 if half else None
     return _lookup(PEAK_FP32_FLOPS, name)

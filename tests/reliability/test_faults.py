@@ -168,12 +168,16 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, text_corpus):
     assert "taking over" in proc.stderr and not lock.exists()
 
 
-@pytest.mark.parametrize("skip_nonfinite", [0, 1])
-def test_an_fp16_overflow_is_a_skipped_step_not_an_error(tmp_path, monkeypatch, skip_nonfinite):
+@pytest.mark.parametrize("skip_nonfinite, fused", [(0, False), (1, False), (0, True)])
+def test_an_fp16_overflow_is_a_skipped_step_not_an_error(tmp_path, monkeypatch, skip_nonfinite, fused):
     """fp16 training on a GPU scales the loss; a step whose gradients overflow is skipped by the
-    scaler, which halves its scale. A real GradScaler (on CPU here) and a faked overflow."""
+    scaler, which halves its scale. A real GradScaler (on CPU here) and a faked overflow; the fused
+    AdamW of GPUs skips inside its kernel, where accelerate does not see it."""
+    import pipeline.train.strategy as strategy_module
+    from pipeline.train.optim import make_optimizer
     from pipeline.train.strategy import Strategy
 
+    monkeypatch.setattr(strategy_module, "make_optimizer", lambda model, spec, _: make_optimizer(model, spec, fused))
     original = Strategy.__init__
 
     def with_scaler(self, *args, **kwargs):
@@ -194,3 +198,21 @@ def test_an_fp16_overflow_is_a_skipped_step_not_an_error(tmp_path, monkeypatch, 
     assert summary["fp16_overflow_steps"] == 1 and summary["skipped_steps"] == 0 and summary["steps"] == 8
     assert t.strategy.accelerator.scaler.get_scale() == 2.0**9  # lowered once, never raised in 8 steps
     assert all(math.isfinite(v) for v in losses(t))
+
+
+def test_fp16_overflowing_at_every_scale_is_an_error(tmp_path, monkeypatch):
+    from pipeline.train import loop
+    from pipeline.train.strategy import Strategy
+
+    original = Strategy.__init__
+
+    def with_scaler(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+
+    monkeypatch.setattr(Strategy, "__init__", with_scaler)
+    monkeypatch.setattr(loop, "MAX_OVERFLOWS_IN_A_ROW", 3)
+    t = make_trainer(tmp_path, eval_every=0, micro_batch_size=8, max_steps=8)
+    t.unwrapped_model.get_input_embeddings().weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(PipelineError, match="overflowed 3 steps in a row"):
+        t.fit()
