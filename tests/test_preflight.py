@@ -145,12 +145,18 @@ def test_mfu_uses_the_peak_of_the_precision_in_use(monkeypatch):
     from pipeline.train.throughput import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     gpu = torch.device("cuda", 0)
     assert peak_flops(gpu, "bf16") == peak_flops(gpu, "fp16") == 989e12
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
     assert peak_flops(gpu, "no") == 67e12  # plain fp32 matmuls
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert peak_flops(gpu, "no") == 989e12 / 2  # TF32 tensor cores
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))
+    assert peak_flops(gpu, "no") == 15.7e12  # no TF32 before Ampere
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA L40")
+    assert peak_flops(gpu, "bf16") == 181e12  # not the L4
 
 
 def test_frozen_weights_cost_4_flops_per_token_trained_ones_6():
