@@ -31,6 +31,16 @@ def _record_path(out_dir: Path, chunk: int) -> Path:
     return out_dir / f"chunk_{chunk:05d}.json"
 
 
+def _chunk_of(record_path: Path) -> int:
+    return int(record_path.stem.split("_")[1])
+
+
+def finished_chunks(out_dir: Path, fingerprint: str) -> dict[int, dict]:
+    """{chunk: record} of the chunks already finished under this fingerprint (an interrupted run's)."""
+    records = {_chunk_of(p): chunk_record(out_dir, _chunk_of(p), fingerprint) for p in out_dir.glob("chunk_*.json")}
+    return {chunk: r for chunk, r in records.items() if r is not None}
+
+
 def chunk_record(out_dir: Path, chunk: int, fingerprint: str) -> dict | None:
     """The record of a chunk finished by a run with this fingerprint, else None."""
     try:
@@ -103,7 +113,7 @@ def remove_leftovers(out, shards: set[str], count: int) -> None:
     records of chunks past the end, partial files."""
     for path in out.iterdir():
         name = path.name
-        stale_record = name.startswith("chunk_") and int(path.stem.split("_")[1]) >= count
+        stale_record = name.startswith("chunk_") and _chunk_of(path) >= count
         unlisted_shard = path.suffix == ".bin" and name not in shards
         if name.startswith(".") or name.endswith(".partial") or unlisted_shard or stale_record:
             path.unlink()

@@ -152,6 +152,24 @@ def resolve_paths(paths: list[str], pattern: str, what: str, key: str = "data.pa
     return files
 
 
+def _open_error(path: Path, e: OSError) -> PipelineError:
+    return PipelineError(f"{path} cannot be read ({e.strerror or e}); fix its permissions or leave it out.")
+
+
+def _is_binary(path: Path, head: bytes, stats: dict) -> bool:
+    """A NUL byte early on: the file is skipped, with a warning, and counted."""
+    if b"\x00" not in head[:8192]:
+        return False
+    log.warning("%s looks binary (NUL bytes); skipped", path)
+    stats["binary_skipped"] = stats.get("binary_skipped", 0) + 1
+    return True
+
+
+def _repaired(path: Path, stats: dict) -> None:
+    log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
+    stats["non_utf8_replaced"] = stats.get("non_utf8_replaced", 0) + 1
+
+
 def read_text(path: Path, stats: dict | None = None) -> str | None:
     """The file as text; None for a binary file (a NUL byte early on), which is skipped and counted.
     Bytes that are not UTF-8 are replaced with U+FFFD and the file is counted."""
@@ -159,16 +177,13 @@ def read_text(path: Path, stats: dict | None = None) -> str | None:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise PipelineError(f"{path} cannot be read ({e.strerror or e}); fix its permissions or leave it out.") from None
-    if b"\x00" in data[:8192]:
-        log.warning("%s looks binary (NUL bytes); skipped", path)
-        stats["binary_skipped"] = stats.get("binary_skipped", 0) + 1
+        raise _open_error(path, e) from None
+    if _is_binary(path, data, stats):
         return None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
-        stats["non_utf8_replaced"] = stats.get("non_utf8_replaced", 0) + 1
+        _repaired(path, stats)
         return data.decode("utf-8", errors="replace")
 
 
@@ -190,14 +205,12 @@ def read_separated(path: Path, separator: str, stats: dict | None = None) -> Ite
     try:
         f = open(path, "rb")  # noqa: SIM115 (a generator: closed by the with below)
     except OSError as e:
-        raise PipelineError(f"{path} cannot be read ({e.strerror or e}); fix its permissions or leave it out.") from None
+        raise _open_error(path, e) from None
     keep = len(separator) - 1  # a separator may straddle two blocks
     replaced_before = _replaced[0]
     with f:
         block = f.read(READ_BLOCK)
-        if b"\x00" in block[:8192]:
-            log.warning("%s looks binary (NUL bytes); skipped", path)
-            stats["binary_skipped"] = stats.get("binary_skipped", 0) + 1
+        if _is_binary(path, block, stats):
             return
         decoder = codecs.getincrementaldecoder("utf-8")("pipeline-count-replace")
         pending, edge = [], ""  # the unfinished part is "".join(pending) + edge (its last `keep` characters)
@@ -218,8 +231,7 @@ def read_separated(path: Path, separator: str, stats: dict | None = None) -> Ite
             block = f.read(READ_BLOCK)
         yield "".join(pending) + edge
     if _replaced[0] > replaced_before:
-        log.warning("%s is not valid UTF-8; undecodable bytes were replaced with U+FFFD", path)
-        stats["non_utf8_replaced"] = stats.get("non_utf8_replaced", 0) + 1
+        _repaired(path, stats)
 
 
 def _text_documents(spec: CorpusSpec, files: list[Path], stats: dict) -> Iterator[str]:

@@ -34,13 +34,17 @@ def build_model(config: LlamaConfig, seed: int) -> PreTrainedModel:
     return LlamaForCausalLM(config)
 
 
+def numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty local tensor
+
+
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) in seen or (trainable_only and not p.requires_grad):
             continue
         seen.add(id(p))
-        total += getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty local tensor
+        total += numel(p)
     return total
 
 
@@ -57,7 +61,6 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     # PEFT's modules_to_save keeps the frozen original beside the trained copy: only the copy runs.
     matmul = [p for name, p in model.named_parameters()
               if all(p is not e for e in lookup) and "original_module" not in name]
-    n = sum(getattr(p, "ds_numel", p.numel()) for p in matmul)  # ZeRO-3 leaves an empty local tensor
-    trained = sum(getattr(p, "ds_numel", p.numel()) for p in matmul if p.requires_grad)
+    n, trained = sum(map(numel, matmul)), sum(numel(p) for p in matmul if p.requires_grad)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     return 4 * n + 2 * trained + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from pipeline.data.encode import BATCH_BYTES, Chunks, encode_chunks
-from pipeline.data.shards import chunk_record, collect, remove_leftovers, token_dtype, write_index
+from pipeline.data.shards import collect, finished_chunks, remove_leftovers, token_dtype, write_index
 from pipeline.data.sources import corpus_bytes, labelled_documents
 from pipeline.errors import PipelineError
 from pipeline.model.tokenizer import EOS
@@ -45,11 +45,7 @@ def run(ctx: StageContext) -> dict | None:
     vocab_size, eos_id, dtype = tok.get_vocab_size(), tok.token_to_id(EOS), token_dtype(tok.get_vocab_size())
     t0 = time.time()
     rank, world, fp = state.process_index, state.num_processes, ctx.fingerprint
-    kept = {}  # chunk -> record, of an interrupted run of this config
-    for path in ctx.out.glob("chunk_*.json"):
-        chunk = int(path.stem.split("_")[1])
-        kept[chunk] = chunk_record(ctx.out, chunk, fp)
-    kept = {c: r for c, r in kept.items() if r is not None}
+    kept = finished_chunks(ctx.out, fp)  # of an interrupted run of this config
     state.wait_for_everyone()  # every rank has looked before any writes
     if kept:
         log.info("prepare: keeping %d finished chunks of an interrupted run", len(kept))

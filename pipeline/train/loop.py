@@ -35,7 +35,7 @@ from pipeline.train.metrics_file import MetricsFile
 from pipeline.train.optim import lr_at
 from pipeline.train.preflight import report
 from pipeline.train.signals import StopSignal
-from pipeline.train.spec import TrainSpec, batch_layout, parse_duration
+from pipeline.train.spec import TrainSpec, batch_layout
 from pipeline.train.strategy import Strategy, to_device
 from pipeline.train.throughput import mfu, peak_flops
 
@@ -109,11 +109,11 @@ class Trainer:
         self.budget, self.budget_facts = None, None
         if self.spec.time_budget and stored.get("max_steps"):  # decided before the checkpoint: keep it
             self._set_max_steps(stored["max_steps"])
-            self.budget_facts = {"seconds": parse_duration(self.spec.time_budget, ""), "steps": stored["max_steps"],
+            self.budget_facts = {"seconds": self.spec.budget_seconds, "steps": stored["max_steps"],
                                  "kept_from_checkpoint": True}
         elif self.spec.time_budget:  # a run resumed before deciding goes on with what it had spent
             self.budget = TimeBudget(
-                parse_duration(self.spec.time_budget, ""), self.started - stored.get("budget_spent", 0.0),
+                self.spec.budget_seconds, self.started - stored.get("budget_spent", 0.0),
                 self.spec.warmup_steps, self.spec.eval_every, stored.get("step", 0), self.spec.decay == "constant",
                 stored.get("eval_seconds", 0.0))
         self.model, self.optimizer, self.forward = self.strategy.setup(job.model)
@@ -149,9 +149,8 @@ class Trainer:
         per_rank = batch_layout(spec, state.num_processes, 1).global_seqs // state.num_processes
         micro = min(spec.micro_batch_size if isinstance(spec.micro_batch_size, int) else 4, per_rank)
         batch = to_device(job.batch(state.process_index * micro, micro), state.device)
-        budget = parse_duration(spec.time_budget, "") if spec.time_budget else None
         result = measure_precision(job.model.to(state.device), batch, state.device,
-                                   spec.max_steps * per_rank // micro, budget)
+                                   spec.max_steps * per_rank // micro, spec.budget_seconds)
         if state.num_processes > 1:
             result = broadcast_object_list([result], from_process=0)[0]
         label = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}

@@ -83,6 +83,12 @@ class TrainSpec:
             raise PipelineError(f"{key}.batch_tokens={self.batch_tokens} is not a multiple of {key}.seq_len={self.seq_len}.")
 
 
+    @property
+    def budget_seconds(self) -> float | None:
+        """train.time_budget in seconds (checked at construction), or None."""
+        return parse_duration(self.time_budget, "time_budget") if self.time_budget is not None else None
+
+
 class BatchLayout(NamedTuple):
     """How one optimizer step's global batch is cut: global = processes x micro x accumulation."""
 

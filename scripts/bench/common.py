@@ -1,10 +1,14 @@
-"""What the bench scripts share: the model/batch flags, a model from conf/model/, a TrainSpec."""
+"""What the bench scripts share: the model/batch flags, a model from conf/model/, a TrainSpec,
+and a child process's own wall time and peak memory."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -59,3 +63,15 @@ def device_name(device: torch.device) -> str:
         if line.startswith("model name"):
             return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
     return platform.processor() or "cpu"
+
+
+def run_child(cmd: list[str], what: str, **popen) -> tuple[str, float, float]:
+    """(stdout, wall seconds, peak RSS in GB) of a child process; the peak is the child's own
+    (wait4), not the largest of every child this process ran."""
+    t0 = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, **popen)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if status:
+        raise SystemExit(f"{what} failed (wait status {status})")
+    return out, time.perf_counter() - t0, usage.ru_maxrss / 1e6

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, device_name  # also puts the repo on sys.path
+from common import REPO, device_name, run_child  # also puts the repo on sys.path
 
 from pipeline.data.encode import BATCH_BYTES, Chunks, encode_chunks
 from pipeline.data.sources import CorpusSpec, labelled_documents, take_bytes, utf8_len
@@ -91,17 +90,12 @@ def prepare_at_scale(spec: CorpusSpec, gb: float) -> dict:
                 f"data.paths=[{work}/corpus.txt]", f"data.separator='{SEPARATOR}'",
                 "tokenizer.max_train_bytes=20000000"]
         subprocess.run([*args, "stage=tokenizer"], check=True, cwd=REPO, capture_output=True)
-        t0 = time.perf_counter()
-        child = subprocess.Popen([*args, "stage=prepare"], cwd=REPO)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - t0
-        if status:
-            raise SystemExit(f"pipeline stage=prepare failed (wait status {status})")
+        _, wall, peak_gb = run_child([*args, "stage=prepare"], "pipeline stage=prepare", cwd=REPO)
         facts = json.loads((work / "runs/bench/data/manifest.json").read_text())["facts"]
     return {"generated_gb": round(nbytes / 1e9, 2), "prepare_wall_s": round(wall, 1),
             "prepare_mb_per_s": round(nbytes / 1e6 / wall, 2), "chunks": facts["chunks"],
             "tokens": facts["train"]["tokens"] + facts["val"]["tokens"],
-            "prepare_peak_rss_gb": round(usage.ru_maxrss / 1e6, 3)}
+            "prepare_peak_rss_gb": round(peak_gb, 3)}
 
 
 def main() -> None:

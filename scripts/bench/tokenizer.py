@@ -12,11 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 
-from common import REPO, device_name  # also puts the repo on sys.path
+from common import REPO, device_name, run_child  # also puts the repo on sys.path
 
 CHILD = """
 import sys, time
@@ -42,18 +40,13 @@ def main() -> None:
 
     cpu = device_name(torch.device("cpu"))
     for mb in args.mb:
-        child = subprocess.Popen(
+        out, wall, peak_gb = run_child(
             [sys.executable, "-c", CHILD, args.data, ",".join(args.paths), args.glob, str(int(mb * 1e6)),
-             str(args.vocab_size)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        t0 = time.perf_counter()
-        out = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        if status:
-            raise SystemExit(f"BPE training on {mb} MB failed (wait status {status})")
+             str(args.vocab_size)], f"BPE training on {mb} MB", env={**os.environ, "PYTHONPATH": str(REPO)})
         nbytes, secs = out.split()
         print(json.dumps({"device": cpu, "vocab_size": args.vocab_size, "train_mb": round(int(nbytes) / 1e6, 1),
                           "bpe_seconds": round(float(secs), 1), "mb_per_s": round(int(nbytes) / 1e6 / float(secs), 2),
-                          "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)}))
+                          "wall_s": round(wall, 1), "peak_rss_gb": round(peak_gb, 2)}))
 
 
 if __name__ == "__main__":
