@@ -50,6 +50,9 @@ class FinetuneSpec:
     method: str = "lora"  # lora | full
     merge: bool = True  # also write merged/: base + adapter as one plain HF model
     packing: bool = False
+    chat_template: str | None = None  # a .jinja file to use instead of the base's own template
+    attn_implementation: str | None = None  # null: the model's default; eager | sdpa | flash_attention_2
+    quantize: str | None = None  # 4bit: QLoRA, the frozen base in NF4 on a CUDA GPU (bitsandbytes)
     trust_remote_code: bool = False
     data: ChatDataSpec = field(default_factory=ChatDataSpec)
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -58,6 +61,11 @@ class FinetuneSpec:
     def __post_init__(self):
         if self.method not in ("lora", "full"):
             raise PipelineError(f"finetune.method={self.method!r} is unknown; use lora or full.")
+        if self.quantize not in (None, "4bit"):
+            raise PipelineError(f"finetune.quantize={self.quantize!r} is unknown; use 4bit (QLoRA) or null.")
+        if self.quantize and self.method != "lora":
+            raise PipelineError("finetune.quantize=4bit trains LoRA adapters on a frozen 4-bit base; set "
+                                "finetune.method=lora.")
 
 
 @dataclass

@@ -8,6 +8,7 @@
 # Runs, each under its own time limit so one failure does not stop the rest:
 #   env        GPU name, torch/CUDA versions, bf16 support
 #   tests      the trainer, precision/time-budget and pre-flight tests, on the GPU (CUDA path of the loop)
+#   chat_families  template masks and QLoRA (finetune.quantize=4bit; skipped without bitsandbytes)
 #   bench_*    scripts/bench/pretrain.py on gpt2_124m in bf16, eager and torch.compile: tokens/s, MFU, peak
 #              memory; and the small model in fp16 (loss scaling, overflow-skipped steps)
 #   fsdp1      `accelerate launch` with conf/accelerate/fsdp.yaml on 1 process: a tiny pretrain end to end
@@ -55,6 +56,7 @@ step env 20 python -c 'import json, torch; print(json.dumps({"gpu": torch.cuda.g
   "torch": torch.__version__, "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported(),
   "memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)}))'
 step tests 100 python -m pytest -q -x tests/test_training.py tests/test_autotune.py tests/test_preflight.py
+step chat_families 60 python -m pytest -q tests/test_chat_families.py -m "not slow"
 bench=(python scripts/bench/pretrain.py --model gpt2_124m --vocab 50304 --seq-len 1024 --micro-batch 16
        --batch-tokens 131072 --steps 20 --warmup 5 --precision bf16 --skip-bare)
 step bench_eager 80 "${bench[@]}"

@@ -21,7 +21,7 @@ from pipeline.data.conversations import (
     to_messages,
 )
 from pipeline.errors import PipelineError
-from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
+from pipeline.model.tokenizer import end_of_turn, to_hf_tokenizer, train_bpe
 from tests.conftest import make_documents
 
 SINGLE = [{"role": "user", "content": "add two numbers"}, {"role": "assistant", "content": "def add(a, b): return a + b"}]
@@ -46,14 +46,14 @@ def trained_text(tok, ex):
 
 
 def test_single_turn_trains_exactly_the_answer_and_end_of_turn(tok):
-    ex = render(tok, SINGLE)
+    [ex] = render(tok, SINGLE)
     assert trained_text(tok, ex) == "def add(a, b): return a + b<|end|>"
 
 
 def test_multi_turn_trains_every_assistant_turn_and_nothing_else(tok):
-    ex = render(tok, MULTI)
+    [ex] = render(tok, MULTI)
     assert trained_text(tok, ex) == "first answer<|end|>second answer<|end|>"
-    spans = show_trained_span(tok, build_examples(tok, [MULTI], 512)[0][0])
+    spans = show_trained_span(tok, build_examples(tok, [MULTI], 512).examples[0])
     assert spans.count("[[") == 2 and "[[first answer<|end|>]]" in spans
 
 
@@ -61,17 +61,18 @@ def test_foreign_template_without_generation_markers_gets_the_same_mask(tok):
     plain = tok.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
     tok2 = AutoTokenizer.from_pretrained(tok.name_or_path)
     tok2.chat_template = plain
-    ex = render(tok2, MULTI)
-    # Without markers the span runs to the end of the turn as the template renders it.
-    assert trained_text(tok2, ex) == "first answer<|end|>\nsecond answer<|end|>\n"
+    [ex] = render(tok2, MULTI, end_of_turn(tok2))
+    # Without markers each turn is found after its own prompt and runs through the end-of-turn token.
+    assert trained_text(tok2, ex) == "first answer<|end|>second answer<|end|>"
+    assert ex.input_ids == render(tok, MULTI)[0].input_ids
 
 
 def test_shifted_examples_and_truncation_never_leave_an_empty_mask(tok):
     long_prompt = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]
-    examples, dropped = build_examples(tok, [SINGLE, long_prompt], max_len=64)
-    assert dropped == 1 and len(examples) == 1
-    ex = examples[0]
-    full = render(tok, SINGLE)
+    out = build_examples(tok, [SINGLE, long_prompt], max_len=64)
+    assert out.too_long == 1 and len(out.examples) == 1
+    ex = out.examples[0]
+    [full] = render(tok, SINGLE)
     assert ex.input_ids == full.input_ids[:-1] and ex.labels == full.labels[1:]
     with pytest.raises(PipelineError, match="seq_len"):
         build_examples(tok, [long_prompt], max_len=64)
@@ -86,7 +87,7 @@ def tiny_llama(vocab):
 
 def test_packed_examples_do_not_attend_to_each_other(tok):
     convs = [SINGLE, MULTI, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y z"}]]
-    examples, _ = build_examples(tok, convs, 128)
+    examples = build_examples(tok, convs, 128).examples
     rows = pack(examples, 128, tok.pad_token_id)
     assert len(rows) == 1
     row = rows[0]
@@ -105,7 +106,7 @@ def test_packed_examples_do_not_attend_to_each_other(tok):
 
 
 def test_padded_batches_mask_padding(tok):
-    examples, _ = build_examples(tok, [SINGLE, MULTI], 128)
+    examples = build_examples(tok, [SINGLE, MULTI], 128).examples
     b = ChatSamples(examples, seed=0, pad_id=tok.pad_token_id).batch(0, 2)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
     assert ((b["attention_mask"] == 0) <= (b["labels"] == IGNORE)).all()

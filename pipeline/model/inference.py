@@ -17,10 +17,10 @@ import torch
 from pipeline.artifacts import read_manifest
 from pipeline.device import DTYPES, best_device, half_precision
 from pipeline.errors import PipelineError, first_line
-from pipeline.model.hf_dir import load_causal_lm, load_tokenizer
+from pipeline.model.hf_dir import grow_vocab, load_causal_lm, load_tokenizer
 from pipeline.model.lora import adapter_base, check_adapter_base
 from pipeline.model.sampling import Sampling
-from pipeline.model.tokenizer import END_OF_TURN, ensure_pad_token
+from pipeline.model.tokenizer import TEMPLATE_VARS, adds_bos, end_of_turn, ensure_pad_token
 
 
 @dataclass
@@ -84,6 +84,7 @@ def load_model(choice: ModelChoice, trust_remote_code: bool = False):
     if choice.adapter_dir:
         from peft import PeftModel
 
+        grow_vocab(model, tokenizer)  # tokens added for the chat template when the base had none
         try:
             model = PeftModel.from_pretrained(model, choice.adapter_dir)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -94,37 +95,40 @@ def load_model(choice: ModelChoice, trust_remote_code: bool = False):
     return model.to(device).eval(), tokenizer
 
 
-def stop_ids(tokenizer, model) -> list[int]:
-    """Token ids that end an answer: EOS, our end-of-turn marker, and the model's own."""
+def stop_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an answer: EOS, the chat template's end-of-turn token, and the model's own."""
     ids = {tokenizer.eos_token_id}
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if isinstance(end, int) and end != tokenizer.unk_token_id:
-        ids.add(end)
+    eot = end_of_turn(tokenizer)
+    if eot:
+        ids.add(tokenizer.convert_tokens_to_ids(eot))
     gen = getattr(model, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None)
     ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
     return sorted(i for i in ids if i is not None)
 
 
+def stops_at_end_of_turn(model, tokenizer):
+    """The model with its generation config stopping at the end-of-turn token too, so any HF tool
+    that loads it (pipeline, transformers' generate, TGI, vLLM) ends answers where they end."""
+    model.generation_config.eos_token_id = stop_ids(tokenizer, model)
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def format_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> str:
     """A chat prompt through the template (with the assistant turn opened), or plain text."""
-    if isinstance(prompt, list):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    if chat:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+    if isinstance(prompt, str) and not chat:
+        return prompt
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **TEMPLATE_VARS)
 
 
 def add_special_tokens(tokenizer, chat: bool) -> bool:
     """How to tokenize a formatted prompt: a chat template writes its own special tokens; plain
     text gets the tokenizer's BOS where it adds exactly that (Llama-family base models expect it),
     never an EOS after the prompt."""
-    if chat or tokenizer.bos_token_id is None:
-        return False
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    return tokenizer("x")["input_ids"] == [tokenizer.bos_token_id, *plain]
+    return not chat and adds_bos(tokenizer)
 
 
 @torch.no_grad()

@@ -29,8 +29,9 @@ class LoraSpec:
             raise PipelineError("finetune.lora.target_modules is empty; use [all-linear] or name the modules.")
 
 
-def apply_lora(model, spec: LoraSpec):
-    """The model wrapped by PEFT with trainable LoRA weights; everything else is frozen."""
+def apply_lora(model, spec: LoraSpec, new_token_ids: list[int] | None = None):
+    """The model wrapped by PEFT with trainable LoRA weights; everything else is frozen, except the
+    embedding (and untied output) rows of tokens added for the chat template, which must learn."""
     from peft import LoraConfig, get_peft_model
 
     targets = spec.target_modules
@@ -38,8 +39,22 @@ def apply_lora(model, spec: LoraSpec):
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
         target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
         modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
+        trainable_token_indices=_token_rows(model, new_token_ids) if new_token_ids else None,
     )
     return get_peft_model(model, config)
+
+
+def _token_rows(model, ids: list[int]) -> dict[str, list[int]]:
+    """PEFT's trainable_token_indices: the input embedding, plus the output head when it is not
+    tied to it (PEFT ties the rows itself when it is)."""
+    def name(layer):
+        return next(n for n, m in model.named_modules() if m is layer).rsplit(".", 1)[-1]
+
+    rows = {name(model.get_input_embeddings()): list(ids)}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        rows[name(head)] = list(ids)
+    return rows
 
 
 def merge_adapter(base_model, adapter_dir: Path):

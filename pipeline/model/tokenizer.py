@@ -4,10 +4,13 @@ every tokenizer the chain uses must have (a chat template to fine-tune with, a p
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -28,6 +31,13 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- endif %}"
 )
+
+
+# Templates that write today's date (Llama 3.x) get a fixed one, in training and in pipeline's
+# generation alike, so examples (and the packing a resumed run repeats) do not change at midnight
+# and prompts match what was trained. It is the date Llama's template itself falls back to;
+# other templates ignore the variable.
+TEMPLATE_VARS = {"date_string": "26 Jul 2024"}
 
 
 def train_bpe(docs: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -67,11 +77,48 @@ def ensure_pad_token(tokenizer) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def ensure_chat_template(tokenizer, source: str) -> str:
-    """Fine-tuning renders conversations with the base's own template; a base without one gets
-    pipeline's, with a warning. Returns whose template it is: "base" or "pipeline"."""
+def use_chat_template(tokenizer, source: str, template_file: str | None = None) -> str:
+    """Fine-tuning renders conversations with the base's own template, or the one in
+    finetune.chat_template. A base without either gets pipeline's, and its special tokens are
+    added to the vocabulary (the caller resizes the embeddings). Returns whose template it is."""
+    if template_file:
+        path = Path(template_file).expanduser()
+        if not path.is_file():
+            raise PipelineError(f"finetune.chat_template={template_file} is not a file; give a .jinja template file.")
+        tokenizer.chat_template = path.read_text()
+        return str(path)
     if tokenizer.chat_template:
         return "base"
-    log.warning("%s has no chat template; using pipeline's (<|user|> ... <|end|>)", source)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    added = tokenizer.add_tokens([END_OF_TURN, *ROLE_TOKENS], special_tokens=True)
+    log.warning("%s has no chat template; using pipeline's (<|user|> ... <|end|>), %d special tokens added",
+                source, added)
+    # A base trained with BOS before every text keeps it: the template writes it, as chat
+    # templates do, since rendered conversations are tokenized without special tokens.
+    tokenizer.chat_template = ("{{- bos_token }}" if adds_bos(tokenizer) else "") + CHAT_TEMPLATE
     return "pipeline"
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts exactly its BOS before a text (Llama, Mistral, Gemma bases)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return tokenizer("x")["input_ids"] == [tokenizer.bos_token_id, *plain]
+
+
+def end_of_turn(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant turn with (<|eot_id|>, <|im_end|>,
+    <end_of_turn>, </s>, ...): the first special token rendered after an assistant's words."""
+    if not tokenizer.chat_template:
+        return None
+    probe = "Probe answer 7"
+    conv = [{"role": "user", "content": "Probe question"}, {"role": "assistant", "content": probe}]
+    try:
+        text = tokenizer.apply_chat_template(conv, tokenize=False)
+    except Exception:  # a template that cannot render a plain exchange has no end-of-turn to find
+        return None
+    after = text[text.rfind(probe) + len(probe):]
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    special.update(tokenizer.all_special_tokens)
+    found = [(after.find(t), t) for t in special if t and t in after]
+    return min(found)[1] if found else None

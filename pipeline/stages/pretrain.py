@@ -12,7 +12,7 @@ from pipeline.data.shards import open_split
 from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.model.build import build_model, count_params, flops_per_token, hf_config
 from pipeline.model.hf_dir import publish_hf_dir
-from pipeline.model.tokenizer import END_OF_TURN
+from pipeline.model.inference import stops_at_end_of_turn
 from pipeline.stages.context import StageContext
 from pipeline.train.bpb import compressor_references, token_byte_strings
 from pipeline.train.loop import run_training
@@ -39,9 +39,7 @@ def run(ctx: StageContext) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tok_art.path)
     vocab_size = check_lineage(tokenizer, tok_art, data_art)
     config = hf_config(specs.model, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model = build_model(config, specs.seed)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = stops_at_end_of_turn(build_model(config, specs.seed), tokenizer)
 
     windows = PackedWindows(open_split(data_art.path, "train"), tspec.seq_len, specs.seed)
     val_rows = eval_windows(open_split(data_art.path, "val"), tspec.seq_len, tspec.eval_tokens)

@@ -162,7 +162,8 @@ class Strategy:
         if self.device.type == "cpu":
             free = psutil.virtual_memory().available
             cap = max([d for d in divisors_desc(per_rank) if act(d) <= free / 4] or [1])
-        model.to(self.device)
+        if not getattr(model, "hf_device_map", None):  # a quantized base is placed when loaded
+            model.to(self.device)
         gen = torch.Generator().manual_seed(0)
 
         def probe(size):
