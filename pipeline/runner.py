@@ -38,6 +38,8 @@ from pipeline.errors import PipelineError
 from pipeline.specs import RunSpecs
 from pipeline.stages import finetune, generate, prepare, pretrain, tokenizer
 from pipeline.stages.context import StageContext
+from pipeline.train import checkpoints
+from pipeline.train.spec import math_only
 
 STAGES = {m.NAME: m for m in (tokenizer, prepare, pretrain, finetune, generate)}
 ORDER = list(STAGES)
@@ -59,6 +61,24 @@ def forced(force, name: str) -> bool:
     return name in (force if not isinstance(force, str) else [force])
 
 
+def _resumable_checkpoints(out: Path, fingerprint: str) -> list[Path]:
+    return [c for c in (out / "checkpoints").glob("step_*") if checkpoints.fingerprint_of(c) == fingerprint]
+
+
+def _clear(out: Path, keep: list[Path]) -> None:
+    """Remove `out` except the paths in `keep` (and the folders holding them)."""
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in sorted(out.rglob("*"), reverse=True):  # children before their folders
+        if any(path == k or k in path.parents or path in k.parents for k in keep):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
 class Runner:
     def __init__(self, specs: RunSpecs, run_dir: Path, force=False, shared_upstream: bool = False):
         self.specs, self.run_dir, self.force, self.shared = specs, run_dir, force, shared_upstream
@@ -76,6 +96,12 @@ class Runner:
         """This stage's identity: its config and the content of its inputs. Checkpoints must match
         it, and it names the stage's entry in the shared store."""
         return canonical_hash({"config": config, "inputs": {k: a.hash for k, a in inputs.items()}})
+
+    @staticmethod
+    def _checkpoint_fingerprint(config: dict, inputs: dict[str, Artifact]) -> str:
+        """What a training checkpoint must match to be resumed: the config without the keys that
+        leave the weights as they are (intervals, step count, micro-batch), and the inputs."""
+        return canonical_hash({"config": math_only(config), "inputs": {k: a.hash for k, a in inputs.items()}})
 
     @staticmethod
     def _complete(path: Path, config_hash: str, inputs: dict[str, Artifact]) -> bool:
@@ -125,7 +151,8 @@ class Runner:
             reason = "forced" if status == "complete" else status
             log.info("%s: building (%s)", name, reason)
             try:
-                self._build(stage, config, StageContext(self.specs, inputs, out, fingerprint), status == "incomplete")
+                context = StageContext(self.specs, inputs, out, fingerprint, self._checkpoint_fingerprint(config, inputs))
+                self._build(stage, config, context, status == "incomplete", not is_forced)
             except BaseException as e:  # a refusal, a stop signal, Ctrl-C: the history says so too
                 self._record({"stage": name, "action": f"failed ({reason}): {type(e).__name__}",
                               "seconds": round(time.time() - t0, 2)})
@@ -160,16 +187,18 @@ class Runner:
                 replace_dir(out, shared)
         self._link(out, shared)
 
-    def _build(self, stage, config: dict, ctx: StageContext, keep_work: bool) -> None:
+    def _build(self, stage, config: dict, ctx: StageContext, keep_work: bool, keep_checkpoints: bool) -> None:
         out = ctx.out
         if self.state.is_main_process:
             if out.is_symlink():  # a link into the shared store: never build into it
                 out.unlink()
             (out / MANIFEST).unlink(missing_ok=True)  # from here on the old artifact is untrusted
-            # An interrupted run of a resumable stage keeps its checkpoints; a changed config,
-            # changed inputs or force=true start it over.
+            # An interrupted run of a resumable stage keeps its work. A changed config keeps the
+            # training checkpoints it can resume (same math: a raised max_steps, other intervals)
+            # and its metrics; anything else, and force=true, starts over.
             if not (keep_work and getattr(stage, "KEEPS_WORK", False)):
-                shutil.rmtree(out, ignore_errors=True)
+                resumable = _resumable_checkpoints(out, ctx.checkpoint_fingerprint) if keep_checkpoints else []
+                _clear(out, keep=resumable + ([out / "metrics.jsonl"] if resumable else []))
             out.mkdir(parents=True, exist_ok=True)
         self.state.wait_for_everyone()
         t0 = time.time()

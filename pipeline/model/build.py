@@ -1,16 +1,22 @@
-"""Build a Llama-style causal LM from `transformers` classes, and count its parameters and FLOPs."""
+"""Build a causal LM from `transformers` classes (Llama, or Qwen3 for QK-norm), and count its
+parameters and FLOPs. Either way the result is a plain AutoModelForCausalLM directory."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen3Config
 
 from pipeline.model.spec import ModelSpec
 
 
-def hf_config(spec: ModelSpec, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> LlamaConfig:
+def hf_config(spec: ModelSpec, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> PretrainedConfig:
+    """model.arch=llama: Llama blocks; qwen3: the same blocks with RMS-normed queries and keys
+    (QK-norm), transformers' Qwen3 class."""
     d_ff = spec.d_ff or 64 * -(-8 * spec.d_model // 3 // 64)
-    return LlamaConfig(
+    arch = {"llama": (LlamaConfig, {}), "qwen3": (Qwen3Config, {"head_dim": spec.d_model // spec.n_head})}
+    config_class, extra = arch[spec.arch]
+    return config_class(
+        **extra,
         vocab_size=vocab_size,
         hidden_size=spec.d_model,
         intermediate_size=d_ff,
@@ -28,10 +34,10 @@ def hf_config(spec: ModelSpec, vocab_size: int, bos_id: int, eos_id: int, pad_id
     )
 
 
-def build_model(config: LlamaConfig, seed: int) -> PreTrainedModel:
+def build_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
     """A freshly initialised model; the same seed gives the same weights on every rank."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def numel(p: torch.Tensor) -> int:

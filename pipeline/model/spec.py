@@ -11,6 +11,7 @@ from pipeline.errors import PipelineError
 class ModelSpec:
     """Architecture knobs; the vocabulary size always comes from the tokenizer artifact."""
 
+    arch: str = "llama"  # llama | qwen3 (Llama blocks with QK-norm)
     d_model: int = 256
     n_layer: int = 4
     n_head: int = 4
@@ -22,6 +23,8 @@ class ModelSpec:
     init_std: float = 0.02
 
     def __post_init__(self):
+        if self.arch not in ("llama", "qwen3"):
+            raise PipelineError(f"model.arch={self.arch!r} is unknown; use llama or qwen3 (QK-norm).")
         for name in ("d_model", "n_layer", "n_head", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise PipelineError(f"model.{name}={getattr(self, name)} must be a positive number.")

@@ -32,8 +32,19 @@ def seal(tmp: Path, final: Path, state: dict, keep: int) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(final.parent.glob("step_*"))[:-keep] if keep > 0 else []:
+    # Only this run's own: another config's checkpoints (a run with other settings in the same
+    # dir) are not this run's to prune, and must not push its fresh ones out by sorting later.
+    mine = [c for c in sorted(final.parent.glob("step_*")) if fingerprint_of(c) == state["fingerprint"]]
+    for old in mine[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def fingerprint_of(ckpt: Path) -> str | None:
+    """The fingerprint a checkpoint was written under (None if unreadable)."""
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
 
 
 def save(strategy, root: Path, state: dict, keep: int, previous: Path | None) -> Path:
@@ -57,9 +68,11 @@ def save(strategy, root: Path, state: dict, keep: int, previous: Path | None) ->
     return final
 
 
-def restore(strategy, root: Path, fingerprint: str, resume: str) -> dict | None:
-    """Load the newest valid checkpoint of this run into the strategy's objects and return its
-    state ({"step", "tokens_seen", ...}), or None to start from scratch (resume="never" clears them)."""
+def restore(strategy, root: Path, fingerprint: str, resume: str, usable=None) -> dict | None:
+    """Load the newest valid checkpoint of this run (that `usable(state)` accepts) into the
+    strategy's objects and return its state ({"step", "tokens_seen", ...}), or None to start
+    from scratch (resume="never" clears them). This run's checkpoints past the one resumed were
+    trained on another schedule (an extended run redoing its cooldown): they are removed."""
     if strategy.is_main:
         root.mkdir(parents=True, exist_ok=True)
         for tmp in root.glob(".tmp-step_*"):
@@ -68,10 +81,16 @@ def restore(strategy, root: Path, fingerprint: str, resume: str) -> dict | None:
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
     strategy.wait()
-    found = latest(root, fingerprint) if resume != "never" else None
+    found = latest(root, fingerprint, usable) if resume != "never" else None
     if found is None:
         return None
     path, state = found
+    strategy.wait()
+    if strategy.is_main:
+        for later in sorted(root.glob("step_*")):
+            if later.name > path.name and fingerprint_of(later) == fingerprint:
+                log.info("removing %s: trained on the schedule of another step count", later)
+                shutil.rmtree(later, ignore_errors=True)
     strategy.load_state(path)
     log.info("resumed from %s (step %d)", path, state["step"])
     return dict(state, path=path)
@@ -108,9 +127,9 @@ def peek(root: Path, fingerprint: str) -> dict:
     return {}
 
 
-def latest(root: Path, fingerprint: str) -> tuple[Path, dict] | None:
+def latest(root: Path, fingerprint: str, usable=None) -> tuple[Path, dict] | None:
     for ckpt in sorted(root.glob("step_*"), reverse=True):
         state = read_valid_state(ckpt, fingerprint)
-        if state is not None:
+        if state is not None and (usable is None or usable(state)):
             return ckpt, state
     return None

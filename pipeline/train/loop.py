@@ -32,7 +32,7 @@ from pipeline.train.bpb import bits_per_byte
 from pipeline.train.loss import IGNORE, token_losses
 from pipeline.train.memory import freed_memory_kept, peak_memory_gb
 from pipeline.train.metrics_file import MetricsFile
-from pipeline.train.optim import lr_at
+from pipeline.train.optim import decay_start, lr_at
 from pipeline.train.preflight import report
 from pipeline.train.signals import StopSignal
 from pipeline.train.spec import TrainSpec, batch_layout
@@ -108,6 +108,10 @@ class Trainer:
         self.strategy = Strategy(job.spec, job.out_dir, job.tracking.trackers, self.precision_choice["choice"])
         self.budget, self.budget_facts = None, None
         if self.spec.time_budget and stored.get("max_steps"):  # decided before the checkpoint: keep it
+            if stored.get("budget_seconds", self.spec.budget_seconds) != self.spec.budget_seconds:
+                log.warning("train.time_budget changed since this run decided its step count (%d steps); that count "
+                            "is kept. To extend the run, set train.time_budget=null train.max_steps=N.",
+                            stored["max_steps"])
             self._set_max_steps(stored["max_steps"])
             self.budget_facts = {"seconds": self.spec.budget_seconds, "steps": stored["max_steps"],
                                  "kept_from_checkpoint": True}
@@ -165,12 +169,31 @@ class Trainer:
 
     def _choices(self) -> dict:
         """What this run decided at its start, for its checkpoints: a resume keeps it."""
-        choices = {"precision": self.strategy.precision, "precision_device": self.strategy.device.type}
+        choices = {"precision": self.strategy.precision, "precision_device": self.strategy.device.type,
+                   "schedule_steps": self.spec.max_steps}
         if self.spec.time_budget and self.budget is None:
-            choices["max_steps"] = self.spec.max_steps
+            choices.update(max_steps=self.spec.max_steps, budget_seconds=self.spec.budget_seconds)
         elif self.budget is not None:
             choices.update(budget_spent=time.time() - self.budget.started, eval_seconds=self.budget.eval_seconds)
         return choices
+
+    def _on_schedule(self, state: dict) -> bool:
+        """Whether a checkpoint of this config lies on this run's learning-rate schedule: trained
+        for the same step count, or stopped before a different one changes the rate. An extended
+        wsd run so resumes before its old cooldown and redoes it (exactly a longer run); a cosine
+        or linear run resumes from its newest checkpoint with the rate of the new schedule."""
+        step, trained_for = state["step"], state.get("schedule_steps", self.spec.max_steps)
+        if step > self.spec.max_steps:
+            return False
+        if trained_for == self.spec.max_steps or self.spec.decay == "constant":
+            return True
+        if self.spec.decay == "wsd":
+            return step <= min(decay_start(self.spec, trained_for), decay_start(self.spec))
+        log.warning("resuming step %d of a %d-step %s schedule for %d steps: the learning rate follows the new "
+                    "schedule from here, so this is not the run a straight %d steps would be (train.decay=wsd "
+                    "makes runs extendable exactly)", step, trained_for, self.spec.decay, self.spec.max_steps,
+                    self.spec.max_steps)
+        return True
 
     def _set_max_steps(self, steps: int) -> None:
         self.spec = replace(self.spec, max_steps=steps, key=self.spec._key)
@@ -307,10 +330,17 @@ class Trainer:
     def _every(self, step: int, interval: int) -> bool:
         return bool(interval and step % interval == 0) or step == self.spec.max_steps
 
+    def _checkpoint_due(self, step: int) -> bool:
+        """Every ckpt_every steps, at the end, and where a wsd cooldown begins (an extended run
+        resumes there)."""
+        cooldown = self.spec.decay == "wsd" and step == decay_start(self.spec)
+        return self._every(step, self.spec.ckpt_every) or cooldown
+
     def fit(self) -> dict:
         """Resume or start, train to max_steps, evaluate, checkpoint; returns the summary."""
         self._log_preflight()
-        state = checkpoints.restore(self.strategy, self.ckpt_root, self.job.fingerprint, self.job.resume)
+        state = checkpoints.restore(self.strategy, self.ckpt_root, self.job.fingerprint, self.job.resume,
+                                    self._on_schedule)
         start = state["step"] if state else 0
         run = _Progress(start, state["tokens_seen"] if state else 0, state["path"] if state else None)
         run.train_seconds = start_seconds = state.get("train_seconds", 0.0) if state else 0.0
@@ -373,7 +403,7 @@ class Trainer:
         spec = self.spec
         signalled = self.strategy.world == 1 and stop.signum is not None  # several ranks agree at read steps
         return (self._every(step, spec.log_every) or self._every(step, spec.eval_every)
-                or self._every(step, spec.ckpt_every) or bool(spec.skip_nonfinite) or signalled)
+                or self._checkpoint_due(step) or bool(spec.skip_nonfinite) or signalled)
 
     def _at_read_step(self, run: _Progress, stop: StopSignal, bar, summary: dict) -> None:
         """Check and log the pending steps, evaluate, checkpoint, and stop on a signal."""
@@ -389,7 +419,7 @@ class Trainer:
             log.info("step %d: train loss %.4f, val loss %.4f%s", step, loss, ev["val_loss"], _bpb(ev))
             run.t_last = time.time()  # evaluation time is not training time
         stopping = self.strategy.any_rank(stop.signum is not None)
-        if self._every(step, spec.ckpt_every) or stopping:
+        if self._checkpoint_due(step) or stopping:
             state = {"step": step, "tokens_seen": run.tokens_seen, "train_seconds": run.train_seconds,
                      "fingerprint": self.job.fingerprint, **self._choices()}
             run.last_ckpt = checkpoints.save(self.strategy, self.ckpt_root, state, spec.keep_checkpoints, run.last_ckpt)

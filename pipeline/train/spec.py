@@ -10,7 +10,12 @@ from typing import Any, NamedTuple
 from pipeline.errors import PipelineError
 
 PRECISIONS = ("auto", "bf16", "fp16", "no")
-DECAYS = ("cosine", "linear", "constant")
+DECAYS = ("cosine", "linear", "constant", "wsd")
+# How a run is watched, saved, batched on the device or bounded in time, not what its weights
+# become: checkpoints stay resumable when these change (a different max_steps: Trainer decides).
+NOT_IN_CHECKPOINT_FINGERPRINT = ("max_steps", "time_budget", "log_every", "eval_every", "eval_tokens", "ckpt_every",
+                                 "keep_checkpoints", "micro_batch_size", "compile", "activation_checkpointing",
+                                 "skip_nonfinite")
 _DURATION = r"(\d+(?:\.\d+)?)\s*(min|s|h)"
 _SECONDS = {"s": 1, "min": 60, "h": 3600}
 
@@ -33,8 +38,10 @@ class TrainSpec:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # decay ends at lr * min_lr_ratio
     warmup_steps: int = 20
-    decay: str = "cosine"  # cosine | linear | constant
+    decay: str = "cosine"  # cosine | linear | constant | wsd (warmup, stable, then a cooldown: runs can be extended)
+    cooldown: float = 0.2  # wsd: the share of max_steps spent decaying, at the end
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
@@ -64,14 +71,16 @@ class TrainSpec:
                 raise PipelineError(f"{key}.{name}={getattr(self, name)} must be 0 or more.")
         if not self.lr > 0:
             raise PipelineError(f"{key}.lr={self.lr} must be positive (e.g. 3e-4).")
+        if self.optimizer not in ("adamw", "muon"):
+            raise PipelineError(f"{key}.optimizer={self.optimizer!r} is unknown; use adamw or muon.")
+        if not 0 < self.cooldown <= 1:
+            raise PipelineError(f"{key}.cooldown={self.cooldown} must be in (0, 1]: the share of the steps spent decaying.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise PipelineError(f"{key}.min_lr_ratio={self.min_lr_ratio} must be between 0 and 1.")
         if self.decay not in DECAYS:
             raise PipelineError(f"{key}.decay={self.decay!r} is unknown; use {', '.join(DECAYS)}.")
         if self.mixed_precision not in PRECISIONS:
             raise PipelineError(f"{key}.mixed_precision={self.mixed_precision!r} is unknown; use {', '.join(PRECISIONS)}.")
-        if self.decay not in DECAYS:
-            raise PipelineError(f"{key}.decay={self.decay!r} is unknown; use {', '.join(DECAYS)}.")
         if self.time_budget is not None:
             parse_duration(self.time_budget, f"{key}.time_budget")
             if self.decay != "constant" and self.warmup_steps < 3:
@@ -87,6 +96,15 @@ class TrainSpec:
     def budget_seconds(self) -> float | None:
         """train.time_budget in seconds (checked at construction), or None."""
         return parse_duration(self.time_budget, "time_budget") if self.time_budget is not None else None
+
+
+def math_only(config):
+    """A stage's config without the train keys that leave the weights as they are: what a
+    checkpoint's fingerprint is made of."""
+    if isinstance(config, dict):
+        is_train = "warmup_steps" in config and "lr" in config
+        return {k: math_only(v) for k, v in config.items() if not (is_train and k in NOT_IN_CHECKPOINT_FINGERPRINT)}
+    return config
 
 
 class BatchLayout(NamedTuple):

@@ -139,7 +139,9 @@ class Strategy:
             config.update(train_micro_batch_size_per_gpu=self.layout.micro,
                           gradient_accumulation_steps=self.layout.accum, gradient_clipping=spec.grad_clip)
             self.accelerator.gradient_accumulation_steps = self.layout.accum
-        model, optimizer = self.accelerator.prepare(model, make_optimizer(model, spec, self.device.type == "cuda"))
+        sharded = self.deepspeed or self.accelerator.distributed_type == DistributedType.FSDP
+        optimizer = make_optimizer(model, spec, self.device.type == "cuda", sharded)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
         self._check_adapter_survived(model)
         self._warn_zero3_tied_lora(model)
         self.forward = CompiledOrEager(model) if spec.compile else model

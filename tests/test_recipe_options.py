@@ -1,0 +1,53 @@
+"""Recipe options: train.optimizer=muon (Muon on the blocks' weight matrices, AdamW on the rest,
+one optimizer to the loop, its state in checkpoints) and model.arch=qwen3 (QK-norm)."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.train.optim import MuonAndAdamW, hidden_matrices, make_optimizer
+from pipeline.train.spec import TrainSpec
+from tests.trainer_helpers import losses, make_trainer, tiny_model, weights
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny_model()
+    opt = make_optimizer(model, TrainSpec(optimizer="muon"), fused=False)
+    assert isinstance(opt, MuonAndAdamW)
+    muon, adamw = ({id(p) for g in part.param_groups for p in g["params"]} for part in opt.parts)
+    assert muon == {id(p) for p in hidden_matrices(model)} and not muon & adamw
+    assert muon | adamw == {id(p) for p in model.parameters()}
+    assert id(model.get_input_embeddings().weight) in adamw and id(model.get_output_embeddings().weight) in adamw
+    assert all(p.dim() == 2 for p in hidden_matrices(model))
+    assert len(opt.param_groups) == sum(len(part.param_groups) for part in opt.parts)
+    with pytest.raises(PipelineError, match="not FSDP or DeepSpeed"):
+        make_optimizer(model, TrainSpec(optimizer="muon"), fused=False, sharded=True)
+
+
+def test_muon_trains_and_its_state_resumes_exactly(tmp_path):
+    straight = make_trainer(tmp_path / "straight", optimizer="muon", decay="constant", max_steps=12)
+    straight.fit()
+    assert losses(straight)[-1] < losses(straight)[0]
+    make_trainer(tmp_path / "run", optimizer="muon", decay="constant", max_steps=6).fit()
+    resumed = make_trainer(tmp_path / "run", optimizer="muon", decay="constant", max_steps=12)
+    assert resumed.fit()["start_step"] == 6
+    np.testing.assert_allclose(losses(resumed), losses(straight), rtol=0, atol=1e-6)
+    for k, v in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[k], v, rtol=0, atol=1e-6)
+
+
+def test_qk_norm_arch_is_a_plain_auto_model_dir(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model.build import build_model, hf_config
+    from pipeline.model.spec import ModelSpec
+
+    model = build_model(hf_config(ModelSpec(arch="qwen3", d_model=32, n_layer=2, n_head=4, d_ff=64), 64, 0, 1, 2), 0)
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.model.layers[0].self_attn.q_norm is not None
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # no remote code
+    ids = torch.tensor([[3, 4, 5, 6]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(PipelineError, match="model.arch='gpt'"):
+        ModelSpec(arch="gpt")
