@@ -20,7 +20,7 @@ def test_extending_a_wsd_run_redoes_its_cooldown_and_equals_the_longer_run(tmp_p
     straight = make_trainer(tmp_path / "straight", max_steps=30, **WSD)
     straight.fit()
     make_trainer(tmp_path / "run", max_steps=20, **WSD).fit()  # cooldown from step 16: checkpointed there
-    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_000016", "step_000020"]
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_000010", "step_000016", "step_000020"]
 
     extended = make_trainer(tmp_path / "run", max_steps=30, **WSD)
     assert extended.fit()["start_step"] == 16
@@ -29,6 +29,32 @@ def test_extending_a_wsd_run_redoes_its_cooldown_and_equals_the_longer_run(tmp_p
         torch.testing.assert_close(weights(extended)[k], v, rtol=0, atol=1e-6)
     state = json.loads((tmp_path / "run/checkpoints/step_000030/trainer_state.json").read_text())
     assert state["schedule_steps"] == 30
+
+
+def test_the_cooldown_checkpoint_survives_pruning_so_a_long_wsd_run_extends(tmp_path):
+    make_trainer(tmp_path / "run", max_steps=60, keep_checkpoints=2, **WSD).fit()  # cooldown from 48
+    names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert names == ["step_000048", "step_000050", "step_000060"]
+    extended = make_trainer(tmp_path / "run", max_steps=100, keep_checkpoints=2, **WSD)
+    assert extended.fit()["start_step"] == 48
+    names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert names == ["step_000080", "step_000090", "step_000100"]  # the old cooldown's gone, the new one's kept
+
+
+def test_a_shorter_cosine_run_or_another_budget_starts_over_and_says_so(tmp_path, caplog):
+    make_trainer(tmp_path / "a", max_steps=12).fit()  # checkpoints 8 and 12, both past the shorter run's decay
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        assert make_trainer(tmp_path / "a", max_steps=8).fit()["start_step"] == 0
+    assert "removing step_000008, step_000012: trained on another schedule" in caplog.text
+    assert "which starts over" in caplog.text
+
+    budget = {"max_steps": 400, "warmup_steps": 3, "ckpt_every": 0, "eval_every": 0}
+    first = make_trainer(tmp_path / "b", time_budget="2s", **budget)
+    first.fit()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        assert make_trainer(tmp_path / "b", time_budget="3s", **budget).fit()["start_step"] == 0
+    assert "which starts over" in caplog.text
 
 
 def test_extending_a_cosine_run_continues_from_its_newest_checkpoint_and_says_how_it_differs(tmp_path, caplog):

@@ -51,3 +51,28 @@ def test_qk_norm_arch_is_a_plain_auto_model_dir(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     with pytest.raises(PipelineError, match="model.arch='gpt'"):
         ModelSpec(arch="gpt")
+
+
+def test_the_schedule_reaches_both_parts_after_prepare_and_resume(tmp_path):
+    from pipeline.train.optim import lr_at
+
+    straight = make_trainer(tmp_path / "straight", optimizer="muon", decay="wsd", max_steps=12, ckpt_every=6)
+    straight.fit()
+    parts = straight.optimizer.optimizer.parts  # through accelerate's wrapper
+    expected = lr_at(11, straight.spec)
+    assert expected < straight.spec.lr  # in the cooldown
+    assert all(g["lr"] == expected for part in parts for g in part.param_groups)
+
+    make_trainer(tmp_path / "run", optimizer="muon", decay="wsd", max_steps=12, ckpt_every=6, lr=3e-3).fit()
+    (tmp_path / "run/checkpoints/step_000012").rename(tmp_path / "run/gone")  # resume where the cooldown begins
+    resumed = make_trainer(tmp_path / "run", optimizer="muon", decay="wsd", max_steps=12, ckpt_every=6)
+    assert resumed.fit()["start_step"] == 10
+    for k, v in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[k], v, rtol=0, atol=1e-6)
+
+
+def test_muon_is_refused_for_lora():
+    from pipeline.model.lora import LoraSpec, apply_lora
+
+    with pytest.raises(PipelineError, match="LoRA adapters train with finetune.train.optimizer=adamw"):
+        make_optimizer(apply_lora(tiny_model(), LoraSpec(r=2)), TrainSpec(optimizer="muon"), fused=False)

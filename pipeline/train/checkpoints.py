@@ -34,17 +34,25 @@ def seal(tmp: Path, final: Path, state: dict, keep: int) -> None:
     os.replace(tmp, final)
     # Only this run's own: another config's checkpoints (a run with other settings in the same
     # dir) are not this run's to prune, and must not push its fresh ones out by sorting later.
-    mine = [c for c in sorted(final.parent.glob("step_*")) if fingerprint_of(c) == state["fingerprint"]]
-    for old in mine[:-keep] if keep > 0 else []:
+    # The newest one where a wsd cooldown began stays too: an extended run resumes there.
+    mine = [c for c in sorted(final.parent.glob("step_*")) if state_of(c).get("fingerprint") == state["fingerprint"]]
+    pinned = [c for c in mine if state_of(c).get("cooldown_start")][-1:]
+    prunable = [c for c in mine if c not in pinned]
+    for old in prunable[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def state_of(ckpt: Path) -> dict:
+    """A checkpoint's trainer_state, files not verified ({} if unreadable)."""
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def fingerprint_of(ckpt: Path) -> str | None:
     """The fingerprint a checkpoint was written under (None if unreadable)."""
-    try:
-        return json.loads((ckpt / STATE_FILE).read_text()).get("fingerprint")
-    except (OSError, ValueError):
-        return None
+    return state_of(ckpt).get("fingerprint")
 
 
 def save(strategy, root: Path, state: dict, keep: int, previous: Path | None) -> Path:
@@ -82,18 +90,21 @@ def restore(strategy, root: Path, fingerprint: str, resume: str, usable=None) ->
             root.mkdir(parents=True)
     strategy.wait()
     found = latest(root, fingerprint, usable) if resume != "never" else None
-    if found is None:
-        return None
-    path, state = found
+    path = found[0] if found else None
+    if found:
+        strategy.load_state(path)
+        log.info("resumed from %s (step %d)", path, found[1]["step"])
     strategy.wait()
-    if strategy.is_main:
-        for later in sorted(root.glob("step_*")):
-            if later.name > path.name and fingerprint_of(later) == fingerprint:
-                log.info("removing %s: trained on the schedule of another step count", later)
-                shutil.rmtree(later, ignore_errors=True)
-    strategy.load_state(path)
-    log.info("resumed from %s (step %d)", path, state["step"])
-    return dict(state, path=path)
+    if strategy.is_main:  # this config's checkpoints past the one resumed are on another schedule
+        stale = [c for c in sorted(root.glob("step_*")) if (path is None or c.name > path.name)
+                 and fingerprint_of(c) == fingerprint]
+        if stale:
+            log.warning("removing %s: trained on another schedule (step count or time budget) than this run%s",
+                        ", ".join(c.name for c in stale), "" if found else ", which starts over")
+        for c in stale:
+            shutil.rmtree(c, ignore_errors=True)
+    strategy.wait()
+    return dict(found[1], path=path) if found else None
 
 
 def read_valid_state(ckpt: Path, fingerprint: str) -> dict | None:
@@ -113,7 +124,7 @@ def read_valid_state(ckpt: Path, fingerprint: str) -> dict | None:
     return state
 
 
-def peek(root: Path, fingerprint: str) -> dict:
+def peek(root: Path, fingerprint: str, usable=None) -> dict:
     """The trainer_state of this run's newest checkpoint, files not verified, or {}: enough for
     the choices a run fixes at its start (precision, a time budget's step count), which every
     checkpoint of the run shares."""
@@ -122,14 +133,19 @@ def peek(root: Path, fingerprint: str) -> dict:
             state = json.loads((ckpt / STATE_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if state.get("fingerprint") == fingerprint:
+        if state.get("fingerprint") == fingerprint and (usable is None or usable(state)):
             return state
     return {}
 
 
 def latest(root: Path, fingerprint: str, usable=None) -> tuple[Path, dict] | None:
+    """The newest intact checkpoint of this fingerprint that `usable(state)` accepts; files are
+    checksummed only for a candidate (an extension may skip several multi-GB ones)."""
     for ckpt in sorted(root.glob("step_*"), reverse=True):
+        state = state_of(ckpt)
+        if state.get("fingerprint") != fingerprint or (usable is not None and not usable(state)):
+            continue
         state = read_valid_state(ckpt, fingerprint)
-        if state is not None and (usable is None or usable(state)):
+        if state is not None:
             return ckpt, state
     return None

@@ -101,17 +101,14 @@ class Trainer:
         self.started = time.time()
         self.job, self.spec = job, job.spec
         self.ckpt_root = job.out_dir / "checkpoints"
-        stored = checkpoints.peek(self.ckpt_root, job.fingerprint) if job.resume != "never" else {}
+        stored = checkpoints.peek(self.ckpt_root, job.fingerprint, self._same_budget if self.spec.time_budget else None) \
+            if job.resume != "never" else {}
         device = PartialState().device.type
         same_device = stored.get("precision_device") == device
         self.precision_choice = self._choose_precision(stored.get("precision") if same_device else None)
         self.strategy = Strategy(job.spec, job.out_dir, job.tracking.trackers, self.precision_choice["choice"])
         self.budget, self.budget_facts = None, None
         if self.spec.time_budget and stored.get("max_steps"):  # decided before the checkpoint: keep it
-            if stored.get("budget_seconds", self.spec.budget_seconds) != self.spec.budget_seconds:
-                log.warning("train.time_budget changed since this run decided its step count (%d steps); that count "
-                            "is kept. To extend the run, set train.time_budget=null train.max_steps=N.",
-                            stored["max_steps"])
             self._set_max_steps(stored["max_steps"])
             self.budget_facts = {"seconds": self.spec.budget_seconds, "steps": stored["max_steps"],
                                  "kept_from_checkpoint": True}
@@ -183,17 +180,26 @@ class Trainer:
         wsd run so resumes before its old cooldown and redoes it (exactly a longer run); a cosine
         or linear run resumes from its newest checkpoint with the rate of the new schedule."""
         step, trained_for = state["step"], state.get("schedule_steps", self.spec.max_steps)
-        if step > self.spec.max_steps:
+        if step > self.spec.max_steps or (self.spec.time_budget and not self._same_budget(state)):
             return False
         if trained_for == self.spec.max_steps or self.spec.decay == "constant":
             return True
         if self.spec.decay == "wsd":
             return step <= min(decay_start(self.spec, trained_for), decay_start(self.spec))
+        if trained_for > self.spec.max_steps:  # a shorter cosine run never reuses a longer one's undecayed steps
+            return False
         log.warning("resuming step %d of a %d-step %s schedule for %d steps: the learning rate follows the new "
                     "schedule from here, so this is not the run a straight %d steps would be (train.decay=wsd "
                     "makes runs extendable exactly)", step, trained_for, self.spec.decay, self.spec.max_steps,
                     self.spec.max_steps)
         return True
+
+    def _same_budget(self, state: dict) -> bool:
+        """A budgeted run resumes only checkpoints of its own budget: its step count decided with
+        the same budget, or written before deciding."""
+        if "budget_seconds" in state:
+            return state["budget_seconds"] == self.spec.budget_seconds
+        return "budget_spent" in state
 
     def _set_max_steps(self, steps: int) -> None:
         self.spec = replace(self.spec, max_steps=steps, key=self.spec._key)
@@ -421,7 +427,8 @@ class Trainer:
         stopping = self.strategy.any_rank(stop.signum is not None)
         if self._checkpoint_due(step) or stopping:
             state = {"step": step, "tokens_seen": run.tokens_seen, "train_seconds": run.train_seconds,
-                     "fingerprint": self.job.fingerprint, **self._choices()}
+                     "fingerprint": self.job.fingerprint, **self._choices(),
+                     "cooldown_start": self.spec.decay == "wsd" and step == decay_start(self.spec)}
             run.last_ckpt = checkpoints.save(self.strategy, self.ckpt_root, state, spec.keep_checkpoints, run.last_ckpt)
             run.t_last = time.time()
         if stopping:

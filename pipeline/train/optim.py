@@ -54,7 +54,13 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec, fused: bool, sharded
     if sharded:
         raise PipelineError("train.optimizer=muon needs whole weight matrices on each process; use it with one "
                             "process or DDP, not FSDP or DeepSpeed.")
+    if hasattr(model, "peft_config"):
+        raise PipelineError("train.optimizer=muon is for pretraining and full fine-tuning; LoRA adapters train with "
+                            "finetune.train.optimizer=adamw.")
     hidden = {id(p) for p in hidden_matrices(model)}
+    if not hidden:
+        raise PipelineError("train.optimizer=muon found no trained weight matrices inside the model's blocks; "
+                            "use train.optimizer=adamw.")
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]}
             for g in param_groups(model, spec.weight_decay)]
     # match_rms_adamw scales each matrix's update to AdamW's RMS, so one lr and weight decay serve both.
@@ -95,3 +101,6 @@ class MuonAndAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         for part, state in zip(self.parts, state_dict["parts"]):
             part.load_state_dict(state)
+        # Loading gives the parts new group dicts (accelerate's prepare loads once too): point this
+        # list at them again, or the schedule's lr would never reach the parts.
+        self.param_groups[:] = [g for part in self.parts for g in part.param_groups]

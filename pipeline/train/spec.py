@@ -13,7 +13,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "no")
 DECAYS = ("cosine", "linear", "constant", "wsd")
 # How a run is watched, saved, batched on the device or bounded in time, not what its weights
 # become: checkpoints stay resumable when these change (a different max_steps: Trainer decides).
-NOT_IN_CHECKPOINT_FINGERPRINT = ("max_steps", "time_budget", "log_every", "eval_every", "eval_tokens", "ckpt_every",
+NOT_IN_CHECKPOINT_FINGERPRINT = ("max_steps", "time_budget", "log_every", "eval_every", "ckpt_every",
                                  "keep_checkpoints", "micro_batch_size", "compile", "activation_checkpointing",
                                  "skip_nonfinite")
 _DURATION = r"(\d+(?:\.\d+)?)\s*(min|s|h)"
