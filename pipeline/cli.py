@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError, TrainingStopped, first_line
 from pipeline.requirements import check_versions
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-STAGE_CHOICES = ("all", "tokenizer", "prepare", "pretrain", "finetune", "generate")
+STAGE_CHOICES = ("all", "tokenizer", "prepare", "pretrain", "finetune", "generate", "eval")
 DEFAULT_RECIPE = "quickstart"
 log = logging.getLogger("pipeline")
 
@@ -66,7 +66,7 @@ def _register_schemas() -> None:
         ("data", "corpus_schema", specs.CorpusSpec), ("tokenizer", "tokenizer_schema", specs.TokenizerSpec),
         ("model", "model_schema", specs.ModelSpec), ("train", "train_schema", specs.TrainSpec),
         ("finetune", "finetune_schema", specs.FinetuneSpec), ("generate", "generate_schema", specs.GenerateSpec),
-        ("logger", "logger_schema", specs.LoggerSpec),
+        ("eval", "eval_schema", specs.EvalSpec), ("logger", "logger_schema", specs.LoggerSpec),
     ):
         store.store(group=group, name=name, node=node)
 

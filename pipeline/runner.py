@@ -36,12 +36,13 @@ from pipeline.artifacts import (
 )
 from pipeline.errors import PipelineError
 from pipeline.specs import RunSpecs
+from pipeline.stages import eval as evaluate
 from pipeline.stages import finetune, generate, prepare, pretrain, tokenizer
 from pipeline.stages.context import StageContext
 from pipeline.train import checkpoints
 from pipeline.train.spec import math_only
 
-STAGES = {m.NAME: m for m in (tokenizer, prepare, pretrain, finetune, generate)}
+STAGES = {m.NAME: m for m in (tokenizer, prepare, pretrain, finetune, generate, evaluate)}
 ORDER = list(STAGES)
 HISTORY = "history.jsonl"
 SHARED = ".shared"  # with shared_upstream: <run.root>/.shared/<stage>-<hash>/, write-once, linked from runs

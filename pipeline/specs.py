@@ -69,6 +69,24 @@ class FinetuneSpec:
 
 
 @dataclass
+class EvalSpec:
+    model: str | None = None  # null: this run's fine-tuned model and its base; or any model/adapter/run dir
+    base: bool = True  # also score the fine-tuned model's base, for comparison
+    max_prompts: int = 64
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    timeout_seconds: float = 5.0  # per answer's doctests
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        for name in ("max_prompts", "max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise PipelineError(f"eval.{name}={getattr(self, name)} must be a positive number.")
+        if not self.timeout_seconds > 0:
+            raise PipelineError(f"eval.timeout_seconds={self.timeout_seconds} must be positive.")
+
+
+@dataclass
 class GenerateSpec(Sampling):
     model: str | None = None  # null: this run's newest model; or an HF model dir / adapter dir / run dir
     adapter: str | None = None
@@ -109,6 +127,7 @@ class RunSpecs:
     train: TrainSpec
     finetune: FinetuneSpec
     generate: GenerateSpec
+    eval: EvalSpec
     logger: LoggerSpec
     seed: int
     resume: str
@@ -124,6 +143,7 @@ def build_specs(cfg: dict) -> RunSpecs:
         data=CorpusSpec(**cfg["data"]), tokenizer=TokenizerSpec(**cfg["tokenizer"]),
         prepare=PrepareSpec(**cfg["prepare"]), model=ModelSpec(**cfg["model"]),
         train=TrainSpec(**cfg["train"]), finetune=finetune, generate=GenerateSpec(**cfg["generate"]),
+        eval=EvalSpec(**cfg["eval"]),
         logger=LoggerSpec(**cfg["logger"]), seed=cfg["seed"], resume=cfg["resume"], force=cfg["force"],
     )
     if not isinstance(specs.seed, int) or isinstance(specs.seed, bool):

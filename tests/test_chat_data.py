@@ -151,3 +151,17 @@ def test_stdlib_pairs_ask_for_the_function_and_answer_with_its_source():
     for user, assistant in pairs:
         name = user["content"].split("`")[1]
         assert assistant["content"].startswith((f"def {name}(", f"async def {name}("))
+
+
+@pytest.mark.slow
+def test_stdlib_validation_answers_come_from_the_pretraining_validation_files_only():
+    from pipeline.data.conversations import stdlib_conversations_by_file
+    from pipeline.data.sources import CorpusSpec, is_val
+
+    spec = ChatDataSpec(source="stdlib", max_val_examples=10**6)
+    assert spec.val_fraction == CorpusSpec().val_fraction  # the same split rule and share as the corpus
+    from_val_files = [conv for text, conv in stdlib_conversations_by_file(spec.max_code_chars)
+                      if is_val(text, spec.val_fraction)]
+    train, val, _ = load_conversations(spec)
+    assert val == from_val_files and len(val) > 50
+    assert all(len(c[1]["content"]) <= spec.max_code_chars for c in train + val)

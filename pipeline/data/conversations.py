@@ -41,7 +41,7 @@ class ChatDataSpec:
     val_fraction: float = 0.05
     max_val_examples: int = 256  # validation is run before and after training: keep it quick
     max_examples: int | None = None
-    max_code_chars: int = 800  # stdlib: skip functions longer than this (they would be truncated)
+    max_code_chars: int = 400  # stdlib: skip longer functions (answers must fit the quickstart's 256 tokens whole)
     skip_bad: bool = False  # true: skip and count malformed lines instead of stopping
 
     def __post_init__(self):
@@ -101,6 +101,13 @@ def _hf_conversations(spec: ChatDataSpec, counts: dict) -> Iterator[list[dict]]:
 
 def stdlib_conversations(max_code_chars: int) -> Iterator[list[dict]]:
     """(docstring summary -> function source) pairs from the standard library."""
+    for _, conv in stdlib_conversations_by_file(max_code_chars):
+        yield conv
+
+
+def stdlib_conversations_by_file(max_code_chars: int) -> Iterator[tuple[str, list[dict]]]:
+    """(source file text, conversation) pairs: the file decides the split, as in pretraining, so
+    no validation answer is a function the pretrained model saw in its training split."""
     for path in stdlib_files():
         source = read_text(path)
         if source is None:
@@ -120,24 +127,23 @@ def stdlib_conversations(max_code_chars: int) -> Iterator[list[dict]]:
             if not doc or not code.startswith(("def ", "async def ")) or len(code) > max_code_chars:
                 continue
             summary = doc.strip().split("\n\n")[0].replace("\n", " ")
-            yield [
+            yield source, [
                 {"role": "user", "content": f"Write a Python function `{node.name}`: {summary}"},
                 {"role": "assistant", "content": code},
             ]
 
 
 def load_conversations(spec: ChatDataSpec) -> tuple[list[list[dict]], list[list[dict]], dict]:
-    """(train, val, counts): a deterministic split by a hash of each conversation."""
+    """(train, val, counts): a deterministic split by a hash of each conversation (of its source
+    file for the stdlib pairs, the same rule and fraction as the pretraining corpus's split)."""
     counts = {"bad": 0}
     if spec.source == "stdlib":
-        convs = stdlib_conversations(spec.max_code_chars)
-    elif spec.source == "jsonl":
-        convs = _jsonl_conversations(spec, counts)
+        keyed = stdlib_conversations_by_file(spec.max_code_chars)
     else:
-        convs = _hf_conversations(spec, counts)
+        convs = _jsonl_conversations(spec, counts) if spec.source == "jsonl" else _hf_conversations(spec, counts)
+        keyed = ((json.dumps(conv, sort_keys=True), conv) for conv in convs)
     train, val = [], []
-    for conv in convs:
-        key = json.dumps(conv, sort_keys=True)
+    for key, conv in keyed:
         if is_val(key, spec.val_fraction):
             if len(val) < spec.max_val_examples:
                 val.append(conv)

@@ -177,7 +177,7 @@ def test_an_fp16_overflow_is_a_skipped_step_not_an_error(tmp_path, monkeypatch, 
     from pipeline.train.optim import make_optimizer
     from pipeline.train.strategy import Strategy
 
-    monkeypatch.setattr(strategy_module, "make_optimizer", lambda model, spec, _: make_optimizer(model, spec, fused))
+    monkeypatch.setattr(strategy_module, "make_optimizer", lambda model, spec, _, sharded: make_optimizer(model, spec, fused, sharded))
     original = Strategy.__init__
 
     def with_scaler(self, *args, **kwargs):
