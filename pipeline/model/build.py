@@ -34,10 +34,18 @@ def hf_config(spec: ModelSpec, vocab_size: int, bos_id: int, eos_id: int, pad_id
     )
 
 
-def build_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
-    """A freshly initialised model; the same seed gives the same weights on every rank."""
+def build_model(config: PretrainedConfig, seed: int, zero_init_proj: bool = False) -> PreTrainedModel:
+    """A freshly initialised model; the same seed gives the same weights on every rank.
+    zero_init_proj: each block's output projections (attention o_proj, MLP down_proj) start at
+    zero, so every block starts as the identity on the residual stream."""
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    if zero_init_proj:
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if name.endswith(("self_attn.o_proj", "mlp.down_proj")):
+                    module.weight.zero_()
+    return model
 
 
 def numel(p: torch.Tensor) -> int:

@@ -21,6 +21,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    zero_init_proj: bool = False  # blocks' output projections (o_proj, down_proj) start at zero
 
     def __post_init__(self):
         if self.arch not in ("llama", "qwen3"):

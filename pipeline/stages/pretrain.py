@@ -39,7 +39,7 @@ def run(ctx: StageContext) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(tok_art.path)
     vocab_size = check_lineage(tokenizer, tok_art, data_art)
     config = hf_config(specs.model, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model = stops_at_end_of_turn(build_model(config, specs.seed), tokenizer)
+    model = stops_at_end_of_turn(build_model(config, specs.seed, specs.model.zero_init_proj), tokenizer)
 
     windows = PackedWindows(open_split(data_art.path, "train"), tspec.seq_len, specs.seed)
     val_rows = eval_windows(open_split(data_art.path, "val"), tspec.seq_len, tspec.eval_tokens)
