@@ -144,12 +144,13 @@ def load_conversations(spec: ChatDataSpec) -> tuple[list[list[dict]], list[list[
         keyed = ((json.dumps(conv, sort_keys=True), conv) for conv in convs)
     train, val = [], []
     for key, conv in keyed:
+        train_full = bool(spec.max_examples) and len(train) >= spec.max_examples
         if is_val(key, spec.val_fraction):
             if len(val) < spec.max_val_examples:
                 val.append(conv)
-        else:
+        elif not train_full:
             train.append(conv)
-        if spec.max_examples and len(train) >= spec.max_examples:
+        if train_full and len(val) >= spec.max_val_examples:  # the split is by file: val may come late
             break
     if counts["bad"]:
         log.warning("finetune data: skipped %d malformed records (finetune.data.skip_bad=true)", counts["bad"])
