@@ -35,8 +35,9 @@ def seal(tmp: Path, final: Path, state: dict, keep: int) -> None:
     # Only this run's own: another config's checkpoints (a run with other settings in the same
     # dir) are not this run's to prune, and must not push its fresh ones out by sorting later.
     # The newest one where a wsd cooldown began stays too: an extended run resumes there.
-    mine = [c for c in sorted(final.parent.glob("step_*")) if state_of(c).get("fingerprint") == state["fingerprint"]]
-    pinned = [c for c in mine if state_of(c).get("cooldown_start")][-1:]
+    states = {c: state_of(c) for c in sorted(final.parent.glob("step_*"))}
+    mine = [c for c, s in states.items() if s.get("fingerprint") == state["fingerprint"]]
+    pinned = [c for c in mine if states[c].get("cooldown_start")][-1:]
     prunable = [c for c in mine if c not in pinned]
     for old in prunable[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -129,10 +130,7 @@ def peek(root: Path, fingerprint: str, usable=None) -> dict:
     the choices a run fixes at its start (precision, a time budget's step count), which every
     checkpoint of the run shares."""
     for ckpt in sorted(root.glob("step_*"), reverse=True):
-        try:
-            state = json.loads((ckpt / STATE_FILE).read_text())
-        except (OSError, ValueError):
-            continue
+        state = state_of(ckpt)
         if state.get("fingerprint") == fingerprint and (usable is None or usable(state)):
             return state
     return {}
