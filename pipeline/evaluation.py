@@ -25,13 +25,16 @@ class CodeTask:
 
 def held_out_tasks(val_fraction: float, max_code_chars: int, limit: int) -> list[CodeTask]:
     """Tasks from documented functions of the validation-split stdlib files (the files neither
-    pretraining nor fine-tuning trained on), in a fixed order."""
-    tasks = []
+    pretraining nor fine-tuning trained on), in a fixed order, each function name once."""
+    tasks, names = [], set()
     for text, conv in stdlib_conversations_by_file(max_code_chars):
         if not is_val(text, val_fraction):
             continue
         user, reference = conv
         node = ast.parse(reference["content"]).body[0]
+        if node.name in names:  # datetime's classes share method names: one prompt per name
+            continue
+        names.add(node.name)
         doc = ast.get_docstring(node) or ""
         tasks.append(CodeTask(node.name, [user], doc if ">>>" in doc else ""))
         if len(tasks) >= limit:

@@ -1,5 +1,6 @@
 """Chat rendering, the assistant-only loss mask, packing without cross-talk, and chat data sources."""
 
+import ast
 import json
 
 import pytest
@@ -145,12 +146,37 @@ def test_stdlib_pairs_ask_for_the_function_and_answer_with_its_source():
     pairs = []
     for conv in stdlib_conversations(800):
         pairs.append(conv)
-        if len(pairs) == 50:
+        if len(pairs) == 200:
             break
-    assert len(pairs) == 50
+    assert len(pairs) == 200
     for user, assistant in pairs:
-        name = user["content"].split("`")[1]
-        assert assistant["content"].startswith((f"def {name}(", f"async def {name}("))
+        name, summary = user["content"].removeprefix("Write a Python function named ").split(": ", 1)
+        assert len(summary.split()) >= 3  # a request, not a property name
+        code = assistant["content"]
+        node = ast.parse(code).body[0]
+        assert code.startswith(("def ", "async def ")) and node.name == name
+        assert ast.get_docstring(node) == summary and len(node.body) > 1  # the summary docstring, then code
+
+
+def test_the_answer_keeps_the_signature_and_body_and_cuts_the_docstring_to_its_summary():
+    from pipeline.data.conversations import _with_summary_docstring
+
+    source = (
+        "class A:\n"
+        "    def f(self, a,\n"
+        "          b=1):\n"
+        '        """Add a and b.\n\n        Long prose that small models loop on.\n        """\n'
+        "        # why\n"
+        "        return a + b\n"
+    )
+    node = ast.parse(source).body[0].body[0]
+    code = _with_summary_docstring(source.splitlines(keepends=True), node, "Add a and b.")
+    assert code == 'def f(self, a,\n      b=1):\n    """Add a and b."""\n    # why\n    return a + b'
+    only_doc = ast.parse('def g():\n    """Doc only."""\n').body[0]
+    assert _with_summary_docstring(['def g():\n', '    """Doc only."""\n'], only_doc, "Doc only.") is None
+    quote = ast.parse('def h():\n    """Ends in a quote\\""""\n    return 1\n').body[0]
+    lines = ['def h():\n', '    """Ends in a quote\\""""\n', '    return 1\n']
+    assert _with_summary_docstring(lines, quote, 'Ends in a quote"') is None  # would not parse
 
 
 @pytest.mark.slow

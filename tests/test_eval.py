@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.evaluation import CodeTask, extract_code, held_out_tasks, score, summarize
 
-ADD = CodeTask("add", [{"role": "user", "content": "Write a Python function `add`: Add two numbers."}],
+ADD = CodeTask("add", [{"role": "user", "content": "Write a Python function named add: Add two numbers."}],
                ">>> add(2, 3)\n5\n>>> add(-1, 1)\n0")
 
 
@@ -38,7 +38,8 @@ def test_summary_shares_and_tasks_without_doctests():
 @pytest.mark.slow
 def test_held_out_tasks_ask_for_documented_functions_of_validation_files():
     tasks = held_out_tasks(0.05, 400, 64)
-    assert len(tasks) == 64 and all(f"`{t.name}`" in t.messages[0]["content"] for t in tasks)
+    assert len(tasks) == 64 and all(f" named {t.name}: " in t.messages[0]["content"] for t in tasks)
+    assert len({t.name for t in tasks}) == 64  # each name once
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 ROLES = ("system", "user", "assistant")
+MIN_SUMMARY_WORDS = 3  # "days" or "year (1-9999)" name a property, they do not ask for anything
 
 
 @dataclass
@@ -105,6 +106,33 @@ def stdlib_conversations(max_code_chars: int) -> Iterator[list[dict]]:
         yield conv
 
 
+def code_request(name: str, summary: str) -> str:
+    """The quickstart's user turn. The name follows a space, as it does after `def`: a byte-level
+    BPE splits "`name" and " name" into different tokens, and small models copied the first,
+    writing `defname(` (a quarter of the answers before this format)."""
+    return f"Write a Python function named {name}: {summary}"
+
+
+def _with_summary_docstring(lines: list[str], node: ast.FunctionDef, summary: str) -> str | None:
+    """The function's source with its docstring cut to the one-line summary, or None where it
+    cannot be cut cleanly. Prose paragraphs are where small models loop ("the number of the
+    number of ..."), and the answer is shorter to learn and to write whole."""
+    doc, rest = node.body[0], node.body[1:]
+    if not rest or doc.lineno == node.lineno or rest[0].lineno <= doc.end_lineno:
+        return None  # a docstring alone, or sharing a line with the def or the body
+    body = lines[doc.end_lineno : node.end_lineno]  # from the line after the docstring: comments stay
+    while body and not body[0].strip():
+        body.pop(0)
+    indent = body[0][: len(body[0]) - len(body[0].lstrip())]
+    head = "".join(lines[node.lineno - 1 : doc.lineno - 1])
+    code = textwrap.dedent(head + f'{indent}"""{summary}"""\n' + "".join(body)).rstrip()
+    try:
+        ast.parse(code)  # a summary ending in a quote or a backslash would not
+    except SyntaxError:
+        return None
+    return code if code.startswith(("def ", "async def ")) else None
+
+
 def stdlib_conversations_by_file(max_code_chars: int) -> Iterator[tuple[str, list[dict]]]:
     """(source file text, conversation) pairs: the file decides the split, as in pretraining, so
     no validation answer is a function the pretrained model saw in its training split."""
@@ -123,12 +151,14 @@ def stdlib_conversations_by_file(max_code_chars: int) -> Iterator[tuple[str, lis
             if node.end_lineno - node.lineno > max_code_chars // 10:
                 continue
             doc = ast.get_docstring(node)
-            code = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno])).rstrip()
-            if not doc or not code.startswith(("def ", "async def ")) or len(code) > max_code_chars:
+            summary = " ".join((doc or "").strip().split("\n\n")[0].split())
+            if len(summary.split()) < MIN_SUMMARY_WORDS:
                 continue
-            summary = doc.strip().split("\n\n")[0].replace("\n", " ")
+            code = _with_summary_docstring(lines, node, summary)
+            if code is None or len(code) > max_code_chars:
+                continue
             yield source, [
-                {"role": "user", "content": f"Write a Python function `{node.name}`: {summary}"},
+                {"role": "user", "content": code_request(node.name, summary)},
                 {"role": "assistant", "content": code},
             ]
 

@@ -21,10 +21,10 @@ from pipeline.stages.context import StageContext
 NAME = "generate"
 log = logging.getLogger("pipeline")
 CHAT_PROMPTS = [
-    "Write a Python function `reverse_list`: Return a new list with the items in reverse order.",
-    "Write a Python function `is_palindrome`: Return True if the string reads the same backwards.",
-    "Write a Python function `read_lines`: Return the lines of a text file without newlines.",
-    "Write a Python function `flatten`: Flatten a list of lists into one list.",
+    "Write a Python function named reverse_list: Return a new list with the items in reverse order.",
+    "Write a Python function named is_palindrome: Return True if the string reads the same backwards.",
+    "Write a Python function named read_lines: Return the lines of a text file without newlines.",
+    "Write a Python function named flatten: Flatten a list of lists into one list.",
 ]
 COMPLETION_PROMPTS = ["def ", "import os\n\n\ndef ", "class Stack:\n    \"\"\"", "    def __init__(self"]
 
