@@ -31,10 +31,10 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _timed_pass(model, batch: dict, device: torch.device, precision: str) -> float:
+def _timed_pass(model, batch: dict, device: torch.device, precision: str, chunk_tokens) -> float:
     t0 = time.perf_counter()
     with _autocast(device, precision):
-        loss = token_losses(model, batch).sum()
+        loss = token_losses(model, batch, chunk_tokens).sum()
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -52,17 +52,18 @@ def candidates(device: torch.device) -> list[str]:
 
 
 def measure_precision(model, batch: dict, device: torch.device, run_passes: int | None,
-                      run_seconds: float | None) -> dict:
+                      run_seconds: float | None, loss_chunk_tokens: int | str = 0) -> dict:
     """{"choice": precision, "seconds": {precision: median seconds per pass}, ...}. The run's
-    length is given in forward+backward passes or in seconds (a time budget)."""
+    length is given in forward+backward passes or in seconds (a time budget); the passes compute
+    the loss as training will (train.loss_chunk_tokens)."""
     options = candidates(device)
     if len(options) == 1:
         return {"choice": options[0], "measured": False}
     was_training = model.training
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        _timed_pass(model, batch, device, options[0])  # warm-up: the first pass pays for allocations
-        first = _timed_pass(model, batch, device, options[0])
+        _timed_pass(model, batch, device, options[0], loss_chunk_tokens)  # warm-up: the first pass pays for allocations
+        first = _timed_pass(model, batch, device, options[0], loss_chunk_tokens)
         total = run_seconds if run_seconds is not None else first * (run_passes or 0)
         cost = first * (len(options) * (TIMED_PASSES + 1) - 1)  # what measuring all of them would add
         if cost > MEASURE_SHARE * total:
@@ -70,7 +71,7 @@ def measure_precision(model, batch: dict, device: torch.device, run_passes: int 
             return {"choice": "no", "measured": False, "reason": f"run too short to measure (~{cost:.1f}s)"}
         for precision in list(options[1:]):
             try:
-                _timed_pass(model, batch, device, precision)  # warm-up
+                _timed_pass(model, batch, device, precision, loss_chunk_tokens)  # warm-up
             except RuntimeError as e:  # an op without a kernel for this type here
                 log.info("precision: %s does not run here (%s)", precision, str(e).splitlines()[0][:120])
                 model.zero_grad(set_to_none=True)
@@ -79,7 +80,7 @@ def measure_precision(model, batch: dict, device: torch.device, run_passes: int 
         for round_ in range(TIMED_PASSES):
             for precision in options:  # interleaved, so drift in machine speed hits all alike
                 if round_ or precision != options[0]:
-                    times[precision].append(_timed_pass(model, batch, device, precision))
+                    times[precision].append(_timed_pass(model, batch, device, precision, loss_chunk_tokens))
     model.train(was_training)
     seconds = {p: round(statistics.median(t), 4) for p, t in times.items()}
     fastest = min(seconds, key=seconds.get)

@@ -151,7 +151,7 @@ class Trainer:
         micro = min(spec.micro_batch_size if isinstance(spec.micro_batch_size, int) else 4, per_rank)
         batch = to_device(job.batch(state.process_index * micro, micro), state.device)
         result = measure_precision(job.model.to(state.device), batch, state.device,
-                                   spec.max_steps * per_rank // micro, spec.budget_seconds)
+                                   spec.max_steps * per_rank // micro, spec.budget_seconds, spec.loss_chunk_tokens)
         if state.num_processes > 1:
             result = broadcast_object_list([result], from_process=0)[0]
         label = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
@@ -235,7 +235,7 @@ class Trainer:
             # Every rank runs the same number of forwards: a sharded model's forward is collective.
             batch = {k: v.to(device) for k, v in self.eval_data[min(index, n - 1)].items()}
             with self.strategy.accelerator.autocast():
-                losses = token_losses(self.forward, batch).to(acc)
+                losses = token_losses(self.forward, batch, self.strategy.loss_chunk_tokens).to(acc)
             if index >= n:
                 continue  # a padding pass, only to keep the ranks in step
             mask = batch["labels"] != IGNORE
@@ -284,7 +284,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=acc, device=strategy.device)
         for m, batch in enumerate(batches):
             with strategy.micro_step(self.model, last=m == len(batches) - 1):
-                micro_sum = token_losses(self.forward, batch).sum()
+                micro_sum = token_losses(self.forward, batch, strategy.loss_chunk_tokens).sum()
                 strategy.backward(micro_sum * scale)
             loss_sum += micro_sum.detach().to(acc)
         grad_norm = strategy.clip_grad_norm(self.model)

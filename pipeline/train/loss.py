@@ -1,18 +1,73 @@
-"""The training objective: per-token next-token cross entropy, with IGNORE marking untrained labels."""
+"""The training objective: per-token next-token cross entropy, with IGNORE marking untrained labels.
+
+Two ways to the same losses. The plain one takes the model's logits. The chunked one takes the
+model's final hidden states and projects them through its output embedding a chunk of positions
+at a time, each chunk's logits recomputed in backward, so the (batch, seq, vocab) logits and their
+fp32 copy are never kept: gpt2-124m at 16 x 1024 tokens saves 1.6 GB of bf16 and 3.3 GB of fp32.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # label of a token that is not trained (prompt, padding); torch's and transformers' convention
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Architectures whose logits are exactly output_embedding(hidden_states[-1]), checked by
+# tests/test_chunked_loss.py; any other takes the plain path (Gemma 2 softcaps its logits, Cohere scales them).
+CHUNKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"})
+LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+AUTO_CHUNK_BYTES = 256 * 2**20  # loss_chunk_tokens=auto: no chunk's fp32 logits are larger
 
 
-def token_losses(model, batch: dict) -> torch.Tensor:
-    """Per-token cross entropy in fp32 (0 where labels are IGNORE)."""
+def token_losses(model, batch: dict, chunk_tokens: int | str = 0) -> torch.Tensor:
+    """Per-token cross entropy in fp32 (0 where labels are IGNORE). chunk_tokens: positions per
+    chunk of the chunked path; 0: the plain path; "auto": chunked only when a micro batch's fp32
+    logits would exceed AUTO_CHUNK_BYTES (recomputing the logits costs time where memory is no issue)."""
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-    logits = model(**inputs, use_cache=False).logits  # no cache: packed position ids then split attention
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE, reduction="none"
-    ).view_as(batch["labels"])
+    labels = batch["labels"]
+    head, chunk = _chunking(model, chunk_tokens, labels.numel())
+    if head is None:
+        logits = model(**inputs, use_cache=False).logits  # no cache: packed position ids then split attention
+        return _cross_entropy(logits.flatten(0, 1), labels.flatten()).view_as(labels)
+    # Through the model's own forward, so DDP's and PEFT's wrappers see their call. It projects just
+    # one position (so the head stays in the outputs' graph, where DDP's find_unused_parameters looks);
+    # output_hidden_states=-1 keeps only the last hidden state, which transformers returns after the final norm.
+    hidden = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=-1).hidden_states[-1]
+    losses = [checkpoint(_head_cross_entropy, head, h, y, use_reentrant=False)
+              for h, y in zip(hidden.flatten(0, 1).split(chunk), labels.flatten().split(chunk))]
+    return torch.cat(losses).view_as(labels)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
+
+
+def _head_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # Called as a module: a PEFT head (LoRA, trainable tokens, modules_to_save) applies its adapter.
+    return _cross_entropy(head(hidden), labels)
+
+
+def _chunking(model, chunk_tokens: int | str, positions: int) -> tuple[torch.nn.Module | None, int]:
+    """(output embedding, positions per chunk) for the chunked path, or (None, 0) for the plain one.
+    The caller passes 0 where parameters live sharded outside the forward (FSDP, DeepSpeed)."""
+    if not chunk_tokens:
+        return None, 0
+    if not isinstance(model, torch.nn.Module):  # strategy.CompiledOrEager: a callable holding the model
+        model = model.model
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)  # DDP's .module, compile's _orig_mod
+    config = inner.config
+    if config.model_type not in CHUNKABLE_MODEL_TYPES or any(getattr(config, k, None) is not None
+                                                              for k in LOGIT_MODIFIERS):
+        return None, 0
+    chunk = auto_chunk_tokens(positions, config.vocab_size) if chunk_tokens == "auto" else int(chunk_tokens)
+    return (inner.get_output_embeddings(), chunk) if chunk else (None, 0)
+
+
+def auto_chunk_tokens(positions: int, vocab: int) -> int:
+    """loss_chunk_tokens=auto: positions per chunk whose fp32 logits fit AUTO_CHUNK_BYTES, or 0
+    (the plain path, faster) where all `positions` fit in one chunk."""
+    chunk = max(1, AUTO_CHUNK_BYTES // (4 * vocab))
+    return chunk if positions > chunk else 0

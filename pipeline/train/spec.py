@@ -15,7 +15,7 @@ DECAYS = ("cosine", "linear", "constant", "wsd")
 # become: checkpoints stay resumable when these change (a different max_steps: Trainer decides).
 NOT_IN_CHECKPOINT_FINGERPRINT = ("max_steps", "time_budget", "log_every", "eval_every", "ckpt_every",
                                  "keep_checkpoints", "micro_batch_size", "compile", "activation_checkpointing",
-                                 "skip_nonfinite")
+                                 "skip_nonfinite", "loss_chunk_tokens")
 _DURATION = r"(\d+(?:\.\d+)?)\s*(min|s|h)"
 _SECONDS = {"s": 1, "min": 60, "h": 3600}
 
@@ -48,6 +48,9 @@ class TrainSpec:
     mixed_precision: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: fp32 or bf16, whichever measures faster) | bf16 | fp16 | no
     compile: bool = False  # torch.compile; falls back to eager (with a log line) if it fails
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # Loss over chunks of this many positions, their logits recomputed in backward: the full-vocabulary
+    # logits are never kept. auto: where a micro batch's fp32 logits would pass 256 MiB; 0 = off.
+    loss_chunk_tokens: Any = "auto"
     log_every: int = 10  # also how often values are read back from the GPU (and several processes agree to stop)
     eval_every: int = 100  # 0 = only at the end
     eval_tokens: int = 65536  # validation tokens per evaluation
@@ -62,6 +65,9 @@ class TrainSpec:
         micro = self.micro_batch_size
         if micro != "auto" and not (isinstance(micro, int) and not isinstance(micro, bool) and micro > 0):
             raise PipelineError(f"{key}.micro_batch_size={micro} must be a positive number or auto.")
+        chunk = self.loss_chunk_tokens
+        if chunk != "auto" and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
+            raise PipelineError(f"{key}.loss_chunk_tokens={chunk} must be auto, 0 (off) or a number of positions.")
         for name in ("max_steps", "batch_tokens", "seq_len", "log_every", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise PipelineError(f"{key}.{name}={getattr(self, name)} must be a positive number.")

@@ -79,6 +79,10 @@ class Strategy:
         self.acc_dtype = accumulator_dtype(self.device)  # of loss sums and token counts
         self.is_main = acc.is_main_process
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.sharded = self.deepspeed or acc.distributed_type == DistributedType.FSDP
+        # Sharded parameters are gathered only inside the model's forward, so the chunked loss,
+        # which calls the output embedding outside it, is off there.
+        self.loss_chunk_tokens = 0 if self.sharded else spec.loss_chunk_tokens
         self.layout: BatchLayout | None = None
         self.forward = None  # the model as called in training: compiled, or eager after a failed compile
         self.warnings: list[str] = []  # launch-specific caveats, also written to the manifest
@@ -139,8 +143,7 @@ class Strategy:
             config.update(train_micro_batch_size_per_gpu=self.layout.micro,
                           gradient_accumulation_steps=self.layout.accum, gradient_clipping=spec.grad_clip)
             self.accelerator.gradient_accumulation_steps = self.layout.accum
-        sharded = self.deepspeed or self.accelerator.distributed_type == DistributedType.FSDP
-        optimizer = make_optimizer(model, spec, self.device.type == "cuda", sharded)
+        optimizer = make_optimizer(model, spec, self.device.type == "cuda", self.sharded)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self._check_adapter_survived(model)
         self._warn_zero3_tied_lora(model)
@@ -171,7 +174,8 @@ class Strategy:
         def probe(size):
             ids = torch.randint(0, cfg.vocab_size, (size, spec.seq_len + 1), generator=gen).to(self.device)
             with acc.autocast():
-                loss = token_losses(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}).mean()
+                batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+                loss = token_losses(model, batch, self.loss_chunk_tokens).mean()
             loss.backward()
             model.zero_grad(set_to_none=True)
 
