@@ -109,17 +109,24 @@ def untrained_template_tokens(model, tokenizer) -> list[int]:
     return sorted(i for i in set(ids) & special if i < len(norms) and float(norms[i]) < floor)
 
 
-def load_chat_base(base: str, spec):
+def sharded_launch() -> bool:
+    """FSDP or DeepSpeed, as `accelerate launch` tells its processes before an Accelerator exists."""
+    return os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+
+
+def load_chat_base(base: str, spec, dtype=torch.float32, attn_implementation: str | None = None):
     """(model, tokenizer, whose chat template, ids of tokens added for it) of the base for the
     finetune spec, checked to fit each other and the training sequence length, ready to fine-tune
-    for chat (a chat template, its special tokens, a pad token)."""
+    for chat (a chat template, its special tokens, a pad token). `attn_implementation` is used
+    where spec.attn_implementation is not set."""
     tokenizer = load_tokenizer(base, spec.trust_remote_code)
     known = tokenizer.get_vocab()
     template = use_chat_template(tokenizer, base, spec.chat_template)
     added = sorted(i for t, i in tokenizer.get_vocab().items() if t not in known)
     ensure_pad_token(tokenizer)
     quantized = quantized_loading(spec.quantize) if spec.quantize else {}
-    model = load_causal_lm(base, spec.trust_remote_code, attn_implementation=spec.attn_implementation, **quantized)
+    attention = spec.attn_implementation or attn_implementation
+    model = load_causal_lm(base, spec.trust_remote_code, dtype, attn_implementation=attention, **quantized)
     n_embed = model.get_input_embeddings().num_embeddings
     if len(known) > n_embed:
         raise PipelineError(f"the tokenizer in {base} has {len(known)} tokens but the model only {n_embed} "
@@ -139,7 +146,7 @@ def quantized_loading(quantize: str) -> dict:
     if not torch.cuda.is_available():
         raise PipelineError(f"finetune.quantize={quantize} (QLoRA) needs a CUDA GPU for bitsandbytes' 4-bit kernels; "
                             f"on this machine remove finetune.quantize to fine-tune the base unquantized.")
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    if sharded_launch():
         raise PipelineError(f"finetune.quantize={quantize} runs on one GPU or under DDP (accelerate launch "
                             f"--multi_gpu), not FSDP or DeepSpeed; launch it with conf/accelerate/ddp.yaml.")
     try:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from pipeline.data.chat import (
     ChatSamples,
@@ -15,13 +18,14 @@ from pipeline.data.chat import (
 )
 from pipeline.data.conversations import load_conversations
 from pipeline.model.build import count_params, flops_per_token
-from pipeline.model.hf_dir import grow_vocab, load_causal_lm, load_chat_base, publish_hf_dir
+from pipeline.model.hf_dir import grow_vocab, load_causal_lm, load_chat_base, publish_hf_dir, sharded_launch
 from pipeline.model.inference import stops_at_end_of_turn
 from pipeline.model.lora import apply_lora, merge_adapter
 from pipeline.model.tokenizer import end_of_turn
 from pipeline.stages.context import StageContext
 from pipeline.train.bpb import token_byte_strings
 from pipeline.train.loop import run_training
+from pipeline.train.strategy import resolve_mixed_precision
 
 NAME = "finetune"
 DISTRIBUTED = True
@@ -46,10 +50,34 @@ def config_slice(specs) -> dict:
     return out
 
 
+def frozen_base_dtype(spec) -> torch.dtype:
+    """bf16 for LoRA's frozen base on a GPU training in bf16: half the memory and no per-step cast
+    of its weights, while PEFT keeps the LoRA weights fp32. fp32 elsewhere: a CPU's precision is
+    measured later, FSDP flattens one dtype per unit, DeepSpeed casts the model itself, and a
+    full fine-tune needs fp32 master weights."""
+    gpu = torch.cuda.is_available() and not sharded_launch()
+    if spec.method != "lora" or spec.quantize or not gpu:
+        return torch.float32
+    return torch.bfloat16 if resolve_mixed_precision(spec.train.mixed_precision) == "bf16" else torch.float32
+
+
+def packed_attention(spec) -> str | None:
+    """Packed rows on a GPU with flash-attn installed: flash-attention's variable-length kernel,
+    which transformers drives from the restarting position ids, so no (rows, 1, seq, seq) mask is
+    built. Otherwise the model's default (SDPA with a block-diagonal mask from the position ids)."""
+    if spec.packing and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 def run(ctx: StageContext) -> dict:
     spec, tspec = ctx.specs.finetune, ctx.specs.finetune.train
     base = spec.base or str(ctx.inputs["pretrain"].path / "model")
-    model, tokenizer, template, added = load_chat_base(base, spec)
+    dtype, attention = frozen_base_dtype(spec), packed_attention(spec)
+    model, tokenizer, template, added = load_chat_base(base, spec, dtype, attention)
+    if dtype != torch.float32 or attention:
+        log.info("finetune: frozen base in %s%s", str(dtype).removeprefix("torch."),
+                 f", {attention} for packed rows" if attention and not spec.attn_implementation else "")
     eot = end_of_turn(tokenizer)
     if eot is None:
         log.warning("finetune: the chat template of %s ends an assistant turn with no special token; generation "
@@ -92,7 +120,8 @@ def run(ctx: StageContext) -> dict:
             return publish_hf_dir(stops_at_end_of_turn(trained, tokenizer), tokenizer, ctx.out / "merged", state_dict)
         publish_hf_dir(trained, tokenizer, ctx.out / "adapter", state_dict)
         if spec.merge:
-            reloaded = load_causal_lm(base, spec.trust_remote_code)  # unquantized: merged/ is a plain full model
+            # unquantized, in the base's own dtype: merged/ is a plain full model the size of its base
+            reloaded = load_causal_lm(base, spec.trust_remote_code, dtype="auto")
             grow_vocab(reloaded, tokenizer)
             merged = merge_adapter(reloaded, ctx.out / "adapter")
             publish_hf_dir(stops_at_end_of_turn(merged, tokenizer), tokenizer, ctx.out / "merged")
