@@ -60,7 +60,7 @@ step chat_families 60 python -m pytest -q tests/test_chat_families.py -m "not sl
 bench=(python scripts/bench/pretrain.py --model gpt2_124m --vocab 50304 --seq-len 1024 --micro-batch 16
        --batch-tokens 131072 --steps 20 --warmup 5 --precision bf16 --skip-bare)
 step bench_eager 80 "${bench[@]}"
-step bench_compile 120 "${bench[@]}" --compile
+step bench_compile 120 "${bench[@]}" --compile true
 step bench_fp16 50 python scripts/bench/pretrain.py --model small --steps 20 --warmup 5 --precision fp16 --skip-bare
 step fsdp1 70 accelerate launch --config_file conf/accelerate/fsdp.yaml --num_processes 1 -m pipeline \
   stage=pretrain model=tiny train=tiny tokenizer.vocab_size=512 data.max_docs=200 \

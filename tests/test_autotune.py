@@ -1,13 +1,15 @@
-"""Machine-dependent choices made by measurement: mixed_precision=auto and train.time_budget."""
+"""Machine-dependent choices made by measurement: mixed_precision=auto, compile=auto and train.time_budget."""
 
 import json
+import time
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.train import checkpoints
-from pipeline.train.autotune import TimeBudget, measure_precision
+from pipeline.train import autotune, checkpoints, loop
+from pipeline.train.autotune import TimeBudget, measure_compile, measure_precision
 from pipeline.train.spec import TrainSpec, parse_duration
 from tests.trainer_helpers import losses, make_trainer, tiny_model
 
@@ -88,3 +90,67 @@ def test_a_stored_precision_is_kept_only_on_the_same_kind_of_device(tmp_path):
     state_file.write_text(json.dumps(dict(state, precision="bf16", precision_device="cuda")))
     again = make_trainer(tmp_path, mixed_precision="auto", max_steps=8)
     assert again.precision_choice.get("reason", "").startswith("run too short")  # decided afresh, not bf16
+
+
+def _losses_taking(seconds: float, model):
+    """A stand-in for the training loss whose forward takes `seconds`."""
+    def run():
+        time.sleep(seconds)
+        return model(torch.ones(2, 4)).squeeze(-1)
+    return run
+
+
+def test_compile_is_chosen_when_it_measures_faster_and_leaves_no_gradients():
+    model = torch.nn.Linear(4, 1)
+    faster = measure_compile(_losses_taking(0.03, model), _losses_taking(0.005, model), model, torch.device("cpu"),
+                             run_passes=10**6, run_seconds=None)
+    assert faster["choice"] and faster["measured"] and faster["seconds"]["compiled"] < faster["seconds"]["eager"]
+    assert all(p.grad is None for p in model.parameters())
+    slower = measure_compile(_losses_taking(0.005, model), _losses_taking(0.03, model), model, torch.device("cpu"),
+                             run_passes=10**6, run_seconds=None)
+    assert slower["measured"] and not slower["choice"]
+
+
+def test_compile_is_not_tried_in_a_run_too_short_to_repay_it():
+    model = torch.nn.Linear(4, 1)
+
+    def never():
+        raise AssertionError("compiled in a run too short to repay it")
+
+    short = measure_compile(_losses_taking(0.0, model), never, model, torch.device("cpu"), run_passes=10**6,
+                            run_seconds=240.0)  # the quickstart's 4 minutes: 5% is 12 s, a cold compile ~30 s
+    assert short["choice"] is False and "too short" in short["reason"]
+
+
+def test_auto_compile_is_measured_once_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(autotune.COMPILE_PRIOR_SECONDS, "cpu", 0.0)  # any run is long enough to try
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: fn)  # the test is the decision, not inductor
+    calls = []
+
+    def measured(eager, compiled, *args, **kwargs):
+        calls.append(1)
+        compiled()  # what training will call, through the strategy
+        return {"choice": True, "measured": True, "seconds": {"eager": 2.0, "compiled": 1.0}, "compile_seconds": 9.0}
+
+    monkeypatch.setattr(loop, "measure_compile", measured)
+    trainer = make_trainer(tmp_path, max_steps=8)
+    assert trainer.compile_choice["choice"] and trainer.strategy.compiled_losses is not None
+    summary = trainer.fit()
+    assert summary["launch"]["compiled"] and summary["launch"]["compile_choice"]["seconds"]["compiled"] == 1.0
+    assert checkpoints.peek(trainer.ckpt_root, "test")["compile"] is True
+    again = make_trainer(tmp_path, max_steps=12)
+    assert len(calls) == 1 and again.compile_choice["reason"] == "as chosen at the start of this run"
+    assert again.strategy.compiled_losses is not None
+    off = make_trainer(tmp_path / "off", max_steps=8, compile=False)
+    assert off.strategy.compiled_losses is None and len(calls) == 1  # an explicit value is obeyed
+
+
+@pytest.mark.slow
+def test_the_compiled_loss_trains_like_eager(tmp_path):
+    """Real inductor: the model and its loss compiled as one graph give eager's losses."""
+    compiled = make_trainer(tmp_path / "c", compile=True, max_steps=4, eval_every=0)
+    summary = compiled.fit()
+    assert summary["launch"]["compiled"] is True
+    eager = make_trainer(tmp_path / "e", compile=False, max_steps=4, eval_every=0)
+    eager.fit()
+    np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-4)

@@ -1,5 +1,5 @@
-"""Choices that depend on the machine, made by measuring it: `mixed_precision=auto` and the step
-count of `train.time_budget`.
+"""Choices that depend on the machine, made by measuring it: `mixed_precision=auto`,
+`compile=auto` and the step count of `train.time_budget`.
 
 Precision: on a CPU, bf16 autocast is 1.5x faster than fp32 on one x86 vendor and slower on
 another, so a few timed forward+backward passes of the real model on a real batch decide. The
@@ -22,7 +22,10 @@ from pipeline.train.loss import token_losses
 log = logging.getLogger("pipeline")
 MEASURE_SHARE = 0.05  # the measurement may cost at most this share of the run
 TIMED_PASSES = 3  # per candidate, after one warm-up pass each
-MARGIN = 0.05  # a half precision must be this much faster to replace fp32 (near-ties are noise)
+MARGIN = 0.05  # a half precision or compiling must be this much faster to be chosen (near-ties are noise)
+# What compiling forward+backward may take before it is known: a cold compile (empty inductor
+# cache) of the 5M quickstart model took 23-28 s on cpu-2c-amd. Trying is only worth a run 20x longer.
+COMPILE_PRIOR_SECONDS = {"cpu": 30.0, "cuda": 60.0}
 
 
 def _autocast(device: torch.device, precision: str):
@@ -86,6 +89,42 @@ def measure_precision(model, batch: dict, device: torch.device, run_passes: int 
     fastest = min(seconds, key=seconds.get)
     choice = fastest if seconds[fastest] < (1 - MARGIN) * seconds["no"] else "no"
     return {"choice": choice, "measured": True, "seconds": seconds}
+
+
+def _timed(losses, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    losses().sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure_compile(eager, compiled, model, device: torch.device, run_passes: int, run_seconds: float | None,
+                    agree=lambda decision: decision) -> dict:
+    """{"choice": compile or not, "seconds": {eager, compiled}, ...}: forward+backward passes of
+    `eager()` and `compiled()` (the same losses) timed in turns after compiling. Compiling is only
+    tried when COMPILE_PRIOR_SECONDS is at most MEASURE_SHARE of the run (given in passes or
+    seconds). `agree` makes every process take rank 0's decision (their passes must match)."""
+    prior = COMPILE_PRIOR_SECONDS.get(device.type)
+    if prior is None:
+        return {"choice": False, "measured": False, "reason": f"not tried on {device.type}"}
+    times = {"eager": [], "compiled": []}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        _timed(eager, device)  # warm-up
+        times["eager"].append(_timed(eager, device))
+        total = run_seconds if run_seconds is not None else times["eager"][0] * run_passes
+        if not agree(prior <= MEASURE_SHARE * total):
+            model.zero_grad(set_to_none=True)
+            return {"choice": False, "measured": False,
+                    "reason": f"a run of ~{total / 60:.0f} min is too short to repay trying (compiling may take ~{prior:.0f}s)"}
+        compile_seconds = _timed(compiled, device)
+        for _ in range(TIMED_PASSES):  # in turns, so drift in machine speed hits both alike
+            times["compiled"].append(_timed(compiled, device))
+            times["eager"].append(_timed(eager, device))
+    model.zero_grad(set_to_none=True)
+    seconds = {k: round(statistics.median(t), 4) for k, t in times.items()}
+    return {"choice": seconds["compiled"] < (1 - MARGIN) * seconds["eager"], "measured": True, "seconds": seconds,
+            "compile_seconds": round(compile_seconds, 1)}
 
 
 class TimeBudget:

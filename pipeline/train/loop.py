@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import PipelineError, TrainingStopped
 from pipeline.model.build import count_params
 from pipeline.train import checkpoints
-from pipeline.train.autotune import TimeBudget, candidates, measure_precision
+from pipeline.train.autotune import TimeBudget, candidates, measure_compile, measure_precision
 from pipeline.train.bpb import bits_per_byte
 from pipeline.train.loss import IGNORE, token_losses
 from pipeline.train.memory import freed_memory_kept, peak_memory_gb
@@ -36,7 +36,7 @@ from pipeline.train.optim import decay_start, lr_at
 from pipeline.train.preflight import report
 from pipeline.train.signals import StopSignal
 from pipeline.train.spec import TrainSpec, batch_layout
-from pipeline.train.strategy import Strategy, to_device
+from pipeline.train.strategy import CompiledOrEager, Strategy, to_device
 from pipeline.train.throughput import mfu, peak_flops
 
 log = logging.getLogger("pipeline")
@@ -117,8 +117,9 @@ class Trainer:
                 self.spec.budget_seconds, self.started - stored.get("budget_spent", 0.0),
                 self.spec.warmup_steps, self.spec.eval_every, stored.get("step", 0), self.spec.decay == "constant",
                 stored.get("eval_seconds", 0.0))
-        self.model, self.optimizer, self.forward = self.strategy.setup(job.model)
+        self.model, self.optimizer = self.strategy.setup(job.model)
         self.layout = self.strategy.layout
+        self.compile_choice = self._choose_compile(stored.get("compile") if same_device else None)
         self.eval_data = job.eval_batches(self.layout.micro)
         device = self.strategy.device
         self.token_bytes = job.token_bytes.to(device, self.strategy.acc_dtype) if job.token_bytes is not None else None
@@ -133,7 +134,7 @@ class Trainer:
             "precision %s%s on %s, strategy %s",
             self.layout.global_seqs, self.spec.seq_len, self.spec.batch_tokens, self.strategy.world,
             self.layout.micro, self.layout.accum, self.strategy.precision,
-            ", compiled" if self.spec.compile else "", device, self.strategy.name,
+            ", compiled" if self.strategy.compiled_losses else "", device, self.strategy.name,
         )
 
     def _choose_precision(self, stored: str | None) -> dict:
@@ -164,10 +165,47 @@ class Trainer:
             log.info("precision: %s (%s)", label[result["choice"]], result.get("reason", ""))
         return result
 
+    def _choose_compile(self, stored: bool | None) -> dict:
+        """train.compile, or for auto: as stored with this run's checkpoints, else measured on this
+        machine: the loss eager against compiled with the model, on a real micro-batch, where the
+        run is long enough to repay trying (the main process's decision, for every rank)."""
+        spec, strategy = self.spec, self.strategy
+        if spec.compile != "auto":
+            return {"choice": bool(spec.compile), "measured": False}
+        if stored is not None:
+            result = {"choice": stored, "measured": False, "reason": "as chosen at the start of this run"}
+        elif strategy.sharded:  # DeepSpeed's backward is the engine's, not the loss's: no timed passes
+            result = {"choice": False, "measured": False, "reason": f"not measured under {strategy.name}"}
+        else:
+            micro = self.layout.micro
+            batch = to_device(self.job.batch(strategy.rank * micro, micro), strategy.device)
+            compiled = CompiledOrEager(token_losses)
+            strategy.compiled_losses = compiled
+
+            def agree(decision):
+                return broadcast_object_list([decision], from_process=0)[0] if strategy.world > 1 else decision
+
+            with strategy.accelerator.autocast():
+                result = measure_compile(lambda: strategy.losses(batch, train=False), lambda: strategy.losses(batch),
+                                         self.model, strategy.device, spec.max_steps * self.layout.accum,
+                                         spec.budget_seconds, agree)
+            if compiled.compiled is None:  # it failed, and said so
+                result = {"choice": False, "measured": True, "reason": "compiling failed"}
+            result = agree(result)
+        strategy.compiled_losses = (strategy.compiled_losses or CompiledOrEager(token_losses)) if result["choice"] else None
+        if result["measured"] and "seconds" in result:
+            t = result["seconds"]
+            log.info("compile: %s, measured on this machine (eager %.3fs, compiled %.3fs per forward+backward after "
+                     "%.0fs compiling; compiling must be 5%% faster); set train.compile to choose",
+                     "on" if result["choice"] else "off", t["eager"], t["compiled"], result["compile_seconds"])
+        else:
+            log.info("compile: %s (%s)", "on" if result["choice"] else "off", result.get("reason", "train.compile"))
+        return result
+
     def _choices(self) -> dict:
         """What this run decided at its start, for its checkpoints: a resume keeps it."""
         choices = {"precision": self.strategy.precision, "precision_device": self.strategy.device.type,
-                   "schedule_steps": self.spec.max_steps}
+                   "compile": self.strategy.compiled_losses is not None, "schedule_steps": self.spec.max_steps}
         if self.spec.time_budget and self.budget is None:
             choices.update(max_steps=self.spec.max_steps, budget_seconds=self.spec.budget_seconds)
         elif self.budget is not None:
@@ -235,7 +273,7 @@ class Trainer:
             # Every rank runs the same number of forwards: a sharded model's forward is collective.
             batch = {k: v.to(device) for k, v in self.eval_data[min(index, n - 1)].items()}
             with self.strategy.accelerator.autocast():
-                losses = token_losses(self.forward, batch, self.strategy.loss_chunk_tokens).to(acc)
+                losses = self.strategy.losses(batch, train=False).to(acc)
             if index >= n:
                 continue  # a padding pass, only to keep the ranks in step
             mask = batch["labels"] != IGNORE
@@ -284,7 +322,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=acc, device=strategy.device)
         for m, batch in enumerate(batches):
             with strategy.micro_step(self.model, last=m == len(batches) - 1):
-                micro_sum = token_losses(self.forward, batch, strategy.loss_chunk_tokens).sum()
+                micro_sum = strategy.losses(batch).sum()
                 strategy.backward(micro_sum * scale)
             loss_sum += micro_sum.detach().to(acc)
         grad_norm = strategy.clip_grad_norm(self.model)
@@ -375,6 +413,7 @@ class Trainer:
                        last_checkpoint=str(run.last_ckpt) if run.last_ckpt else None, skipped_steps=self._skipped,
                        fp16_overflow_steps=self._overflows,
                        launch=dict(self.strategy.describe(), precision_choice=self.precision_choice,
+                                   compile_choice=self.compile_choice,
                                    time_budget=self.budget_facts))
         return summary
 

@@ -55,8 +55,6 @@ def _chunking(model, chunk_tokens: int | str, positions: int) -> tuple[torch.nn.
     The caller passes 0 where parameters live sharded outside the forward (FSDP, DeepSpeed)."""
     if not chunk_tokens:
         return None, 0
-    if not isinstance(model, torch.nn.Module):  # strategy.CompiledOrEager: a callable holding the model
-        model = model.model
     inner = extract_model_from_parallel(model, keep_torch_compile=False)  # DDP's .module, compile's _orig_mod
     config = inner.config
     if config.model_type not in CHUNKABLE_MODEL_TYPES or any(getattr(config, k, None) is not None

@@ -46,7 +46,9 @@ class TrainSpec:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
     mixed_precision: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: fp32 or bf16, whichever measures faster) | bf16 | fp16 | no
-    compile: bool = False  # torch.compile; falls back to eager (with a log line) if it fails
+    # torch.compile of model and loss together: true | false | auto (timed against eager at the start
+    # where the run is long enough to repay trying). Falls back to eager, with a log line, if it fails.
+    compile: Any = "auto"
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # Loss over chunks of this many positions, their logits recomputed in backward: the full-vocabulary
     # logits are never kept. auto: where a micro batch's fp32 logits would pass 256 MiB; 0 = off.
@@ -65,6 +67,8 @@ class TrainSpec:
         micro = self.micro_batch_size
         if micro != "auto" and not (isinstance(micro, int) and not isinstance(micro, bool) and micro > 0):
             raise PipelineError(f"{key}.micro_batch_size={micro} must be a positive number or auto.")
+        if self.compile not in (True, False, "auto"):
+            raise PipelineError(f"{key}.compile={self.compile!r} must be true, false or auto.")
         chunk = self.loss_chunk_tokens
         if chunk != "auto" and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
             raise PipelineError(f"{key}.loss_chunk_tokens={chunk} must be auto, 0 (off) or a number of positions.")

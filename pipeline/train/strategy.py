@@ -48,11 +48,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class CompiledOrEager:
-    """torch.compile the model; if compiling fails (no C++ compiler, an unsupported op), say so
-    once and run eagerly rather than losing the run."""
+    """torch.compile a function; if compiling fails (no C++ compiler, an unsupported op), say so
+    once and run it eagerly rather than losing the run."""
 
-    def __init__(self, model):
-        self.model, self.compiled = model, torch.compile(model)
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn)
 
     def __call__(self, *args, **kwargs):
         if self.compiled is not None:
@@ -62,7 +62,7 @@ class CompiledOrEager:
                 log.warning("torch.compile failed (%s: %s); continuing without compilation", type(e).__name__,
                             first_line(e) if str(e).strip() else "")
                 self.compiled = None
-        return self.model(*args, **kwargs)
+        return self.fn(*args, **kwargs)
 
 
 class Strategy:
@@ -84,7 +84,10 @@ class Strategy:
         # which calls the output embedding outside it, is off there.
         self.loss_chunk_tokens = 0 if self.sharded else spec.loss_chunk_tokens
         self.layout: BatchLayout | None = None
-        self.forward = None  # the model as called in training: compiled, or eager after a failed compile
+        self.model = None  # the prepared model
+        # The training loss, model and cross entropy compiled as one graph (train.compile), else None.
+        # Compiling the model alone left the loss's casts and softmax eager and gained little.
+        self.compiled_losses: CompiledOrEager | None = None
         self.warnings: list[str] = []  # launch-specific caveats, also written to the manifest
         if self.deepspeed and spec.skip_nonfinite:
             raise PipelineError(
@@ -125,14 +128,20 @@ class Strategy:
 
     def describe(self) -> dict:
         """The facts of this launch, for the manifest."""
-        compiled = isinstance(self.forward, CompiledOrEager) and self.forward.compiled is not None
+        compiled = self.compiled_losses is not None and self.compiled_losses.compiled is not None
         return {"processes": self.world, "micro_batch": self.layout.micro, "accumulation": self.layout.accum,
                 "mixed_precision": self.precision, "strategy": self.name, "compiled": compiled,
                 "device": str(self.device), "warnings": self.warnings}
 
     # -- setup ---------------------------------------------------------------------------------
+    def losses(self, batch: dict, train: bool = True) -> torch.Tensor:
+        """Per-token losses of the prepared model; compiled in training where chosen. Evaluation
+        stays eager: its no-grad graph would be a second compilation for a few passes."""
+        fn = self.compiled_losses if train and self.compiled_losses is not None else token_losses
+        return fn(self.model, batch, self.loss_chunk_tokens)
+
     def setup(self, model):
-        """(prepared model, optimizer, forward callable); fixes self.layout for this launch."""
+        """(prepared model, optimizer); fixes self.layout for this launch."""
         spec = self.spec
         if spec.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -147,8 +156,10 @@ class Strategy:
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self._check_adapter_survived(model)
         self._warn_zero3_tied_lora(model)
-        self.forward = CompiledOrEager(model) if spec.compile else model
-        return model, optimizer, self.forward
+        self.model = model
+        if spec.compile is True:  # "auto" is measured by the Trainer
+            self.compiled_losses = CompiledOrEager(token_losses)
+        return model, optimizer
 
     def _auto_micro_batch(self, model) -> int:
         """Largest micro-batch that fits, agreed by all ranks (the minimum). GPUs probe a real

@@ -1,9 +1,11 @@
 """Pretraining throughput: the pipeline's Trainer vs a bare PyTorch loop on the same model and batches.
 
-    python scripts/bench/pretrain.py --model small --steps 30                 # CPU, fp32 (auto)
+    python scripts/bench/pretrain.py --model small --steps 30                 # CPU, precision measured
     python scripts/bench/pretrain.py --model small --precision bf16           # CPU, bf16 autocast
+    python scripts/bench/pretrain.py --model small --compile auto --run-minutes 60 --candidates
+        # the pipeline's auto choices for an hour-long run, against a bare loop of every candidate
     python scripts/bench/pretrain.py --model gpt2_124m --vocab 50304 --seq-len 1024 \
-        --micro-batch 16 --batch-tokens 524288 --precision bf16 --compile       # one GPU
+        --micro-batch 16 --batch-tokens 524288 --precision bf16 --compile true  # one GPU
 
 Prints one JSON object: tokens/s of both loops, their ratio, MFU (GPU), peak memory, and the CPU
 or GPU it ran on. Random tokens stand in for data: throughput does not depend on what they are.
@@ -38,13 +40,19 @@ from pipeline.train.strategy import resolve_mixed_precision
 from pipeline.train.throughput import peak_flops
 
 
-def bare_loop(args, spec: TrainSpec, windows: PackedWindows, device: torch.device) -> float:
-    """The reference: forward, cross entropy, backward, clip, AdamW. Returns tokens/s after warmup."""
+def bare_loop(args, spec: TrainSpec, windows: PackedWindows, device: torch.device, precision: str,
+              compile: bool) -> float:
+    """The reference: forward, cross entropy, backward, clip, AdamW; compiled, the model and the
+    loss are one graph. Returns tokens/s after warmup."""
     model = build_model(hf_config(model_spec(args.model), args.vocab, 0, 1, 2), 0).to(device)
     opt = make_optimizer(model, spec, fused=device.type == "cuda")
-    fwd = torch.compile(model) if args.compile else model
+
+    def step_loss(x, y):
+        return F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
+
+    loss_fn = torch.compile(step_loss) if compile else step_loss
     _, micro, accum = batch_layout(spec, world=1)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_mixed_precision(args.precision))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     start = None
     for step in range(args.steps):
         if step == args.warmup:
@@ -55,8 +63,7 @@ def bare_loop(args, spec: TrainSpec, windows: PackedWindows, device: torch.devic
             b = windows.batch((step * accum + m) * micro, micro)
             x, y = b["input_ids"].to(device), b["labels"].to(device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = fwd(input_ids=x).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                loss = loss_fn(x, y)
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         for g in opt.param_groups:
@@ -67,6 +74,13 @@ def bare_loop(args, spec: TrainSpec, windows: PackedWindows, device: torch.devic
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (args.steps - args.warmup) * spec.batch_tokens / (time.perf_counter() - start)
+
+
+def bare_candidates(args, spec, windows, device) -> dict[str, float]:
+    """Every candidate the pipeline chooses among, as a bare loop: tokens/s by 'precision+mode'."""
+    precisions = ["no", "bf16"] if device.type == "cpu" else [resolve_mixed_precision("auto")]
+    return {f"{p}+{'compiled' if c else 'eager'}": round(bare_loop(args, spec, windows, device, p, c), 1)
+            for p in precisions for c in (False, True)}
 
 
 def pipeline_loop(args, spec: TrainSpec, windows: PackedWindows) -> tuple[float, Trainer]:
@@ -83,11 +97,19 @@ def pipeline_loop(args, spec: TrainSpec, windows: PackedWindows) -> tuple[float,
 
 def main() -> None:
     p = training_parser(__doc__)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", default="false", choices=["true", "false", "auto"],
+                   help="the pipeline's train.compile (auto: measured, where the run is long enough)")
+    p.add_argument("--run-minutes", type=float, default=None,
+                   help="tell the pipeline the run is this long (a time budget capped at --steps), so auto "
+                        "choices are made as in a run of that length")
     p.add_argument("--skip-bare", action="store_true", help="time only the pipeline")
+    p.add_argument("--candidates", action="store_true",
+                   help="time the bare loop for every candidate (fp32/bf16 x eager/compiled on a CPU)")
     args = p.parse_args()
 
-    spec = train_spec(args, compile=args.compile)
+    compile = {"true": True, "false": False}.get(args.compile, "auto")
+    budget = {"time_budget": f"{args.run_minutes}min", "warmup_steps": args.warmup} if args.run_minutes else {}
+    spec = train_spec(args, compile=compile, **budget)
     rng = np.random.default_rng(0)
     n = max(args.steps * args.batch_tokens + args.seq_len + 1, 1 << 20)
     windows = PackedWindows(TokenShards([rng.integers(0, args.vocab, n, dtype=np.int64)]), args.seq_len, 0)
@@ -97,7 +119,8 @@ def main() -> None:
     fpt = trainer.job.flops_per_token
     result = {
         "model": args.model, "params": count_params(trainer.model), "device": device_name(device),
-        "precision": trainer.strategy.precision, "compile": args.compile,
+        "precision": trainer.strategy.precision, "compiled": trainer.strategy.describe()["compiled"],
+        "precision_choice": trainer.precision_choice, "compile_choice": trainer.compile_choice,
         "seq_len": args.seq_len, "batch_tokens": args.batch_tokens, "micro_batch": trainer.layout.micro,
         "pipeline_tokens_per_s": round(pipe_tps, 1),
         "peak_mem_gb": round(peak_memory_gb(device), 3),
@@ -105,8 +128,16 @@ def main() -> None:
     peak = peak_flops(device, trainer.strategy.precision)
     if peak:
         result["pipeline_mfu"] = round(fpt * pipe_tps / peak, 4)
-    if not args.skip_bare:
-        bare_tps = bare_loop(args, spec, windows, device)
+    if args.candidates:
+        bare = bare_candidates(args, spec, windows, device)
+        fastest = max(bare, key=bare.get)
+        result.update(bare_tokens_per_s=bare, bare_fastest=fastest,
+                      pipeline_vs_fastest_bare=round(pipe_tps / bare[fastest], 4))
+        if "no+eager" in bare:
+            result["pipeline_vs_bare_fp32_eager"] = round(pipe_tps / bare["no+eager"], 4)
+    elif not args.skip_bare:
+        precision, compiled = trainer.strategy.precision, result["compiled"]
+        bare_tps = bare_loop(args, spec, windows, device, precision, compiled)
         result["bare_tokens_per_s"] = round(bare_tps, 1)
         result["pipeline_vs_bare"] = round(pipe_tps / bare_tps, 4)
         if peak:
