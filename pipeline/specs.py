@@ -68,6 +68,11 @@ class FinetuneSpec:
                                 "finetune.method=lora.")
 
 
+def check_dtype(dtype: str, key: str) -> None:
+    if dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise PipelineError(f"{key}={dtype!r} is unknown; use auto, fp32, bf16 or fp16.")
+
+
 @dataclass
 class EvalSpec:
     model: str | None = None  # null: this run's fine-tuned model and its base; or any model/adapter/run dir
@@ -76,12 +81,14 @@ class EvalSpec:
     max_new_tokens: int = 256
     batch_size: int = 8
     timeout_seconds: float = 5.0  # per answer's doctests
+    dtype: str = "auto"  # weights, as generate.dtype
     trust_remote_code: bool = False
 
     def __post_init__(self):
         for name in ("max_prompts", "max_new_tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise PipelineError(f"eval.{name}={getattr(self, name)} must be a positive number.")
+        check_dtype(self.dtype, "eval.dtype")
         if not self.timeout_seconds > 0:
             raise PipelineError(f"eval.timeout_seconds={self.timeout_seconds} must be positive.")
 
@@ -94,6 +101,7 @@ class GenerateSpec(Sampling):
     chat: str = "auto"  # auto | true | false
     batch_size: int = 8
     show: int = 3
+    dtype: str = "auto"  # weights: auto (GPU: bf16/fp16; CPU: fp32 or bf16, whichever generates faster here) | fp32 | bf16 | fp16
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -103,6 +111,7 @@ class GenerateSpec(Sampling):
             raise PipelineError(f"generate.chat={self.chat!r} is unknown; use auto, true or false.")
         if self.batch_size <= 0:
             raise PipelineError(f"generate.batch_size={self.batch_size} must be a positive number.")
+        check_dtype(self.dtype, "generate.dtype")
 
     def sampling(self) -> Sampling:
         return Sampling(**{f.name: getattr(self, f.name) for f in fields(Sampling)})

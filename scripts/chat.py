@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--completion", action="store_true", help="plain completion mode even for chat models")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights; auto: the GPU's half precision, on a CPU fp32 or bf16, whichever generates faster")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args()
 
@@ -127,7 +129,7 @@ def main() -> None:
     try:
         check_versions()
         choice = resolve_model(args.target, args.adapter)
-        model, tokenizer = load_model(choice, args.trust_remote_code)
+        model, tokenizer = load_model(choice, args.trust_remote_code, args.dtype)
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                             args.repetition_penalty, args.seed)
     except PipelineError as e:

@@ -146,11 +146,31 @@ def test_auto_compile_is_measured_once_and_a_resume_keeps_it(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_the_compiled_loss_trains_like_eager(tmp_path):
-    """Real inductor: the model and its loss compiled as one graph give eager's losses."""
-    compiled = make_trainer(tmp_path / "c", compile=True, max_steps=4, eval_every=0)
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_the_compiled_loss_trains_like_eager(tmp_path, chunk):
+    """Real inductor: the model and its loss (plain, or chunked as on GPUs) compiled as one graph
+    give eager's plain losses."""
+    compiled = make_trainer(tmp_path / "c", compile=True, loss_chunk_tokens=chunk, max_steps=4, eval_every=0)
     summary = compiled.fit()
     assert summary["launch"]["compiled"] is True
-    eager = make_trainer(tmp_path / "e", compile=False, max_steps=4, eval_every=0)
+    eager = make_trainer(tmp_path / "e", compile=False, loss_chunk_tokens=0, max_steps=4, eval_every=0)
     eager.fit()
     np.testing.assert_allclose(losses(compiled), losses(eager), rtol=1e-4)
+
+
+def test_the_real_measurement_times_the_compiled_loss_in_training_mode(tmp_path, monkeypatch):
+    monkeypatch.setitem(autotune.COMPILE_PRIOR_SECONDS, "cpu", 0.0)
+    monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: fn)  # eager twice: the decision is a near-tie
+    modes = []
+    real = loop.token_losses
+
+    def spy(model, batch, chunk=0):
+        modes.append(model.training)
+        return real(model, batch, chunk)
+
+    monkeypatch.setattr(loop, "token_losses", spy)
+    trainer = make_trainer(tmp_path, max_steps=8)
+    trainer.model.eval()  # as a from_pretrained base comes
+    choice = trainer._choose_compile(None)
+    assert choice["measured"] and set(modes) == {True} and len(modes) == 2 * (1 + 3)  # compile + timed passes, twice
+    assert not trainer.model.training  # left as it was

@@ -106,6 +106,23 @@ def test_packed_examples_do_not_attend_to_each_other(tok):
     assert all(t == IGNORE for t in row["labels"][offset:])
 
 
+def test_a_flattened_micro_batch_of_packed_rows_gives_the_rows_losses(tok):
+    """flash-attention's varlen path takes one row: flattening must not let rows see each other."""
+    from pipeline.train.loss import token_losses
+
+    convs = [SINGLE, MULTI, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y z"}]] * 3
+    rows = pack(build_examples(tok, convs, 64).examples, 64, tok.pad_token_id)
+    assert len(rows) >= 2
+    samples = ChatSamples([], seed=0, pad_id=tok.pad_token_id, packed_rows=rows)
+    flat = ChatSamples([], seed=0, pad_id=tok.pad_token_id, packed_rows=rows, flatten=True)
+    model = tiny_llama(len(tok))
+    with torch.no_grad():
+        by_row, one_row = samples.batch(0, len(rows)), flat.batch(0, len(rows))
+        assert one_row["input_ids"].shape == (1, 64 * len(rows))
+        torch.testing.assert_close(token_losses(model, one_row).view(len(rows), 64), token_losses(model, by_row),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_padded_batches_mask_padding(tok):
     examples = build_examples(tok, [SINGLE, MULTI], 128).examples
     b = ChatSamples(examples, seed=0, pad_id=tok.pad_token_id).batch(0, 2)

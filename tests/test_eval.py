@@ -36,6 +36,14 @@ def test_summary_shares_and_tasks_without_doctests():
 
 
 @pytest.mark.slow
+def test_doctests_count_only_when_an_example_runs():
+    from pipeline.evaluation import runnable_doctests
+
+    assert runnable_doctests(ADD.doctests) == ADD.doctests
+    assert runnable_doctests("Random bytes.\n\n>>> token_bytes(16)  #doctest:+SKIP\nb'...'") == ""
+    assert runnable_doctests("No examples here.") == ""
+
+
 def test_held_out_tasks_ask_for_documented_functions_of_validation_files():
     tasks = held_out_tasks(0.05, 400, 64)
     assert len(tasks) == 64 and all(f" named {t.name}: " in t.messages[0]["content"] for t in tasks)
@@ -54,3 +62,16 @@ def test_eval_stage_scores_a_model_dir_and_writes_answers(tmp_path):
     assert facts["tasks"] == 6 and facts["model"]["prompts"] == 6 and 0 <= facts["model"]["parses"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "runs/e/eval/answers_model.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {"function", "prompt", "answer", "parses", "defines", "doctests"} <= set(rows[0])
+
+
+def test_held_out_tasks_take_the_doctests_from_the_file_not_the_cut_answer(monkeypatch):
+    from pipeline import evaluation
+
+    source = 'def add(a, b):\n    """Add two numbers.\n\n    >>> add(2, 3)\n    5\n    """\n    return a + b\n'
+    answer = 'def add(a, b):\n    """Add two numbers."""\n    return a + b'
+    conv = [{"role": "user", "content": "Write a Python function named add: Add two numbers."},
+            {"role": "assistant", "content": answer}]
+    monkeypatch.setattr(evaluation, "stdlib_conversations_by_file", lambda chars: iter([(source, conv)]))
+    monkeypatch.setattr(evaluation, "is_val", lambda text, fraction: True)
+    [task] = held_out_tasks(0.05, 400, 5)
+    assert ">>> add(2, 3)" in task.doctests and score(answer, task, 5.0)["doctests"] is True

@@ -48,7 +48,7 @@ def test_packed_rows_use_flash_attention_only_where_it_is_installed(gpu_bf16, mo
 def test_lora_on_a_bf16_base_trains_fp32_adapters_and_rows(tmp_path):
     base = make_base(FAMILIES["llama3"], tmp_path / "base")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-    peft_model = apply_lora(model, LoraSpec(), new_token_ids=[3, 4])
+    peft_model = apply_lora(model, LoraSpec(modules_to_save=["lm_head"]), new_token_ids=[3, 4])
     trainable = {n: p.dtype for n, p in peft_model.named_parameters() if p.requires_grad}
     frozen = {p.dtype for p in peft_model.parameters() if not p.requires_grad}
     assert trainable and set(trainable.values()) == {torch.float32}, trainable

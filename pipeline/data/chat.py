@@ -231,17 +231,22 @@ def pad_batch(rows: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class ChatSamples:
-    """Sample g of the run -> an example, in an order shuffled per epoch by (seed, epoch)."""
+    """Sample g of the run -> an example, in an order shuffled per epoch by (seed, epoch).
+    `flatten`: packed rows of a micro-batch come as one row, for flash-attention's varlen kernel,
+    which transformers only uses on a single row (its sequences found from the position ids)."""
 
-    def __init__(self, examples: list[Example], seed: int, pad_id: int, packed_rows: list[dict] | None = None):
+    def __init__(self, examples: list[Example], seed: int, pad_id: int, packed_rows: list[dict] | None = None,
+                 flatten: bool = False):
         self.examples, self.packed, self.seed, self.pad_id = examples, packed_rows, seed, pad_id
+        self.flatten = flatten
         self.n = len(packed_rows) if packed_rows is not None else len(examples)
         self.order = EpochShuffle(self.n, seed)
 
     def batch(self, first_sample: int, size: int) -> dict[str, torch.Tensor]:
         items = [self.order(first_sample + j) for j in range(size)]
         if self.packed is not None:
-            return {k: torch.tensor([self.packed[i][k] for i in items]) for k in ("input_ids", "labels", "position_ids")}
+            rows = {k: torch.tensor([self.packed[i][k] for i in items]) for k in ("input_ids", "labels", "position_ids")}
+            return {k: v.reshape(1, -1) for k, v in rows.items()} if self.flatten else rows
         return pad_batch([self.examples[i] for i in items], self.pad_id)
 
 

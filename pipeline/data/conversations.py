@@ -118,8 +118,8 @@ def _with_summary_docstring(lines: list[str], node: ast.FunctionDef, summary: st
     cannot be cut cleanly. Prose paragraphs are where small models loop ("the number of the
     number of ..."), and the answer is shorter to learn and to write whole."""
     doc, rest = node.body[0], node.body[1:]
-    if not rest or doc.lineno == node.lineno or rest[0].lineno <= doc.end_lineno:
-        return None  # a docstring alone, or sharing a line with the def or the body
+    if "\\" in summary or not rest or doc.lineno == node.lineno or rest[0].lineno <= doc.end_lineno:
+        return None  # a docstring alone or sharing a line; a backslash's escape would change meaning re-quoted
     body = lines[doc.end_lineno : node.end_lineno]  # from the line after the docstring: comments stay
     while body and not body[0].strip():
         body.pop(0)

@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -41,7 +43,11 @@ def apply_lora(model, spec: LoraSpec, new_token_ids: list[int] | None = None):
         modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
         trainable_token_indices=_token_rows(model, new_token_ids) if new_token_ids else None,
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for p in model.parameters():  # PEFT upcasts its adapters, not modules_to_save copies of a bf16 base
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def _token_rows(model, ids: list[int]) -> dict[str, list[int]]:

@@ -48,7 +48,7 @@ def run(ctx: StageContext) -> dict:
     greedy = Sampling(max_new_tokens=e.max_new_tokens, temperature=0)
     facts = {"tasks": len(tasks)}
     for label, choice in _targets(ctx).items():
-        model, tokenizer = load_model(choice, e.trust_remote_code)
+        model, tokenizer = load_model(choice, e.trust_remote_code, e.dtype)
         chat = bool(tokenizer.chat_template)  # a base without a template is given the request as text
         answers = []
         for i in tqdm(range(0, len(tasks), e.batch_size), desc=f"eval {label}", leave=False, disable=None):
@@ -60,7 +60,8 @@ def run(ctx: StageContext) -> dict:
         with open(ctx.out / f"answers_{label}.jsonl", "w") as f:
             for t, a, s in zip(tasks, answers, scores):
                 f.write(json.dumps({"function": t.name, "prompt": t.messages[0]["content"], "answer": a, **s}) + "\n")
-        facts[label] = {"model": choice.describe(), **summarize(scores)}
+        facts[label] = {"model": choice.describe(), "dtype": str(model.dtype).removeprefix("torch."),
+                        **summarize(scores)}
         del model
     log.info("eval: %d held-out prompts; %s", len(tasks), "; ".join(
         f"{label} {s['parses']:.0%} parse, {s['defines']:.0%} define the function"

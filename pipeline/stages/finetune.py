@@ -62,10 +62,12 @@ def frozen_base_dtype(spec) -> torch.dtype:
 
 
 def packed_attention(spec) -> str | None:
-    """Packed rows on a GPU with flash-attn installed: flash-attention's variable-length kernel,
-    which transformers drives from the restarting position ids, so no (rows, 1, seq, seq) mask is
-    built. Otherwise the model's default (SDPA with a block-diagonal mask from the position ids)."""
-    if spec.packing and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    """Packed rows on a GPU training in bf16/fp16 with flash-attn installed: flash-attention's
+    variable-length kernel, which transformers drives from the restarting position ids of a single
+    row (the micro-batch's rows are flattened into one), so no (rows, 1, seq, seq) mask is built.
+    Otherwise the model's default (SDPA with a block-diagonal mask from the position ids)."""
+    half = resolve_mixed_precision(spec.train.mixed_precision) in ("bf16", "fp16")
+    if spec.packing and half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return None
 
@@ -75,9 +77,10 @@ def run(ctx: StageContext) -> dict:
     base = spec.base or str(ctx.inputs["pretrain"].path / "model")
     dtype, attention = frozen_base_dtype(spec), packed_attention(spec)
     model, tokenizer, template, added = load_chat_base(base, spec, dtype, attention)
-    if dtype != torch.float32 or attention:
-        log.info("finetune: frozen base in %s%s", str(dtype).removeprefix("torch."),
-                 f", {attention} for packed rows" if attention and not spec.attn_implementation else "")
+    if dtype != torch.float32:
+        log.info("finetune: the frozen base in %s, LoRA weights in float32", str(dtype).removeprefix("torch."))
+    if attention and not spec.attn_implementation:
+        log.info("finetune: %s for packed rows (each micro-batch flattened to one row of sequences)", attention)
     eot = end_of_turn(tokenizer)
     if eot is None:
         log.warning("finetune: the chat template of %s ends an assistant turn with no special token; generation "
@@ -94,7 +97,8 @@ def run(ctx: StageContext) -> dict:
     example = show_trained_span(tokenizer, train_ex[0])
     log.info("finetune: one training example, trained tokens in [[ ]]:\n%s", example)
     packed = pack(train_ex, tspec.seq_len, pad_id) if spec.packing else None
-    samples = ChatSamples(train_ex, ctx.specs.seed, pad_id, packed)
+    samples = ChatSamples(train_ex, ctx.specs.seed, pad_id, packed,
+                          flatten=packed is not None and (spec.attn_implementation or attention) == "flash_attention_2")
 
     if added:
         log.info("finetune: %d tokens of the chat template are new or were never trained (%s): their embedding rows "
@@ -127,7 +131,7 @@ def run(ctx: StageContext) -> dict:
             publish_hf_dir(stops_at_end_of_turn(merged, tokenizer), tokenizer, ctx.out / "merged")
 
     job = ctx.training_job(model, tspec, token_byte_strings(tokenizer), samples.batch,
-                           lambda micro: eval_batches(val_ex, pad_id, micro), fpt)
+                           lambda micro: eval_batches(val_ex, pad_id, micro), fpt, fixed_shapes=spec.packing)
     summary = run_training(job, publish)
     first, final = summary.get("initial", {}), summary.get("final", {})
     log.info("finetune: val loss %.4f -> %.4f, val bpb %.4f -> %.4f, %.0f tokens/s -> %s",

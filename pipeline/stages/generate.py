@@ -45,7 +45,7 @@ def run(ctx: StageContext) -> dict:
     g = ctx.specs.generate
     choice = resolve_model(g.model or str(ctx.inputs["finetune"].path.parent), g.adapter)
     chat = g.chat_mode(choice.chat)
-    model, tokenizer = load_model(choice, g.trust_remote_code)
+    model, tokenizer = load_model(choice, g.trust_remote_code, g.dtype)
     prompts = read_prompts(g.prompts) if g.prompts else (CHAT_PROMPTS if chat else COMPLETION_PROMPTS)
     log.info("generate: %d prompts with %s (%s, %s mode)", len(prompts), choice.describe(), choice.kind,
              "chat" if chat else "completion")
@@ -66,5 +66,5 @@ def run(ctx: StageContext) -> dict:
     log.info("generate: %d completions, %d tokens -> %s", len(records), tokens, ctx.out / "samples.jsonl")
     return {
         "model": choice.model_dir, "adapter": choice.adapter_dir, "kind": choice.kind, "chat": chat,
-        "prompts": len(records), "completion_tokens": tokens,
+        "prompts": len(records), "completion_tokens": tokens, "dtype": str(model.dtype).removeprefix("torch."),
     }

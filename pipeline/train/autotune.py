@@ -109,19 +109,23 @@ def measure_compile(eager, compiled, model, device: torch.device, run_passes: in
     if prior is None:
         return {"choice": False, "measured": False, "reason": f"not tried on {device.type}"}
     times = {"eager": [], "compiled": []}
+    was_training = model.training
+    model.train()  # as training calls it: dropout on, and the graph compiled is the one training uses
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         _timed(eager, device)  # warm-up
         times["eager"].append(_timed(eager, device))
         total = run_seconds if run_seconds is not None else times["eager"][0] * run_passes
         if not agree(prior <= MEASURE_SHARE * total):
             model.zero_grad(set_to_none=True)
+            model.train(was_training)
             return {"choice": False, "measured": False,
-                    "reason": f"a run of ~{total / 60:.0f} min is too short to repay trying (compiling may take ~{prior:.0f}s)"}
+                    "reason": f"a run of ~{total:.0f}s is too short to repay trying: compiling may take ~{prior:.0f}s"}
         compile_seconds = _timed(compiled, device)
         for _ in range(TIMED_PASSES):  # in turns, so drift in machine speed hits both alike
             times["compiled"].append(_timed(compiled, device))
             times["eager"].append(_timed(eager, device))
     model.zero_grad(set_to_none=True)
+    model.train(was_training)
     seconds = {k: round(statistics.median(t), 4) for k, t in times.items()}
     return {"choice": seconds["compiled"] < (1 - MARGIN) * seconds["eager"], "measured": True, "seconds": seconds,
             "compile_seconds": round(compile_seconds, 1)}

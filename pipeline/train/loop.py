@@ -66,6 +66,7 @@ class TrainingJob:
     flops_per_token: float | None = None  # enables MFU on GPUs with a known peak
     resume: str = "auto"  # auto | never
     tracking: Tracking = field(default_factory=Tracking)
+    fixed_shapes: bool = True  # every training batch has the same shape (not so for unpacked chat rows)
 
 
 def run_training(job: TrainingJob, publish: Callable[[torch.nn.Module, dict], None]) -> dict:
@@ -174,8 +175,13 @@ class Trainer:
             return {"choice": bool(spec.compile), "measured": False}
         if stored is not None:
             result = {"choice": stored, "measured": False, "reason": "as chosen at the start of this run"}
+        elif not self.job.fixed_shapes:
+            result = {"choice": False, "measured": False, "reason": "batches vary in width (unpacked chat rows), and "
+                      "each new width would compile again; finetune.packing=true gives fixed rows"}
         elif strategy.sharded:  # DeepSpeed's backward is the engine's, not the loss's: no timed passes
-            result = {"choice": False, "measured": False, "reason": f"not measured under {strategy.name}"}
+            on = strategy.device.type == "cuda"
+            result = {"choice": on, "measured": False,
+                      "reason": f"not measured under {strategy.name}" + ("; on, as it wins on GPUs" if on else "")}
         else:
             micro = self.layout.micro
             batch = to_device(self.job.batch(strategy.rank * micro, micro), strategy.device)
@@ -205,7 +211,7 @@ class Trainer:
     def _choices(self) -> dict:
         """What this run decided at its start, for its checkpoints: a resume keeps it."""
         choices = {"precision": self.strategy.precision, "precision_device": self.strategy.device.type,
-                   "compile": self.strategy.compiled_losses is not None, "schedule_steps": self.spec.max_steps}
+                   "compile": self.strategy.describe()["compiled"], "schedule_steps": self.spec.max_steps}
         if self.spec.time_budget and self.budget is None:
             choices.update(max_steps=self.spec.max_steps, budget_seconds=self.spec.budget_seconds)
         elif self.budget is not None:
@@ -392,6 +398,7 @@ class Trainer:
         self.metrics = MetricsFile(self.job.out_dir / "metrics.jsonl", self.strategy.is_main)
         self.metrics.keep_until(start or None)
         summary = {"start_step": start, **self._initial_evaluation(start)}
+        self.model.train()  # a base from from_pretrained is in eval mode, and a resume skips the first evaluation
         run.t_last = time.time()  # evaluation time is not training time
         with StopSignal() as stop, tqdm(total=self.spec.max_steps, initial=start, desc="train", dynamic_ncols=True,
                                          disable=None if self.strategy.is_main else True) as bar:
