@@ -55,7 +55,8 @@ step() {  # step NAME SECONDS CMD...: run, keep stdout (JSON) and stderr, record
 step env 20 python -c 'import json, torch; print(json.dumps({"gpu": torch.cuda.get_device_name(0),
   "torch": torch.__version__, "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported(),
   "memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)}))'
-step tests 100 python -m pytest -q -x tests/test_training.py tests/test_autotune.py tests/test_preflight.py
+step tests 100 python -m pytest -q -x -m "not slow" tests/test_training.py tests/test_autotune.py tests/test_preflight.py tests/test_chunked_loss.py \
+  tests/test_lora_dtypes.py "tests/test_chat_data.py::test_flash_attention_on_a_flattened_micro_batch_gives_the_rows_sdpa_losses"
 step chat_families 60 python -m pytest -q tests/test_chat_families.py -m "not slow"
 bench=(python scripts/bench/pretrain.py --model gpt2_124m --vocab 50304 --seq-len 1024 --micro-batch 16
        --batch-tokens 131072 --steps 20 --warmup 5 --precision bf16 --skip-bare)

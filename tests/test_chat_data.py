@@ -123,6 +123,24 @@ def test_a_flattened_micro_batch_of_packed_rows_gives_the_rows_losses(tok):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attention needs a CUDA GPU")
+def test_flash_attention_on_a_flattened_micro_batch_gives_the_rows_sdpa_losses(tok):
+    pytest.importorskip("flash_attn")
+    from pipeline.train.loss import token_losses
+
+    convs = [SINGLE, MULTI, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y z"}]] * 3
+    rows = pack(build_examples(tok, convs, 64).examples, 64, tok.pad_token_id)
+    by_row = ChatSamples([], 0, tok.pad_token_id, packed_rows=rows).batch(0, len(rows))
+    one_row = ChatSamples([], 0, tok.pad_token_id, packed_rows=rows, flatten=True).batch(0, len(rows))
+    model = tiny_llama(len(tok)).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        sdpa = token_losses(model, {k: v.cuda() for k, v in by_row.items()})
+        model.set_attn_implementation("flash_attention_2")
+        flash = token_losses(model, {k: v.cuda() for k, v in one_row.items()}).view(len(rows), 64)
+    torch.testing.assert_close(flash, sdpa, rtol=2e-2, atol=2e-2)  # bf16 kernels differ in rounding
+
+
 def test_padded_batches_mask_padding(tok):
     examples = build_examples(tok, [SINGLE, MULTI], 128).examples
     b = ChatSamples(examples, seed=0, pad_id=tok.pad_token_id).batch(0, 2)
