@@ -34,14 +34,21 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _timed_pass(model, batch: dict, device: torch.device, precision: str, chunk_tokens) -> float:
+def _timed(losses, device: torch.device) -> float:
+    """Seconds of one forward (`losses()`) and backward."""
     t0 = time.perf_counter()
-    with _autocast(device, precision):
-        loss = token_losses(model, batch, chunk_tokens).sum()
-    loss.backward()
+    losses().sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def _timed_pass(model, batch: dict, device: torch.device, precision: str, chunk_tokens) -> float:
+    def losses():
+        with _autocast(device, precision):
+            return token_losses(model, batch, chunk_tokens)
+
+    seconds = _timed(losses, device)
     model.zero_grad(set_to_none=True)
     return seconds
 
@@ -89,14 +96,6 @@ def measure_precision(model, batch: dict, device: torch.device, run_passes: int 
     fastest = min(seconds, key=seconds.get)
     choice = fastest if seconds[fastest] < (1 - MARGIN) * seconds["no"] else "no"
     return {"choice": choice, "measured": True, "seconds": seconds}
-
-
-def _timed(losses, device: torch.device) -> float:
-    t0 = time.perf_counter()
-    losses().sum().backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def measure_compile(eager, compiled, model, device: torch.device, run_passes: int, run_seconds: float | None,
