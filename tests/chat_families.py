@@ -8,6 +8,7 @@ with the real ones; nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +83,12 @@ def conversations(n: int, seed: int = 0, system: bool = True) -> list[list[dict]
             conv.insert(0, {"role": "system", "content": "Answer in one short sentence."})
         out.append(conv)
     return out
+
+
+def write_chats(path: Path, convs: list[list[dict]]) -> Path:
+    """A JSONL chat file in the `messages` format, one conversation a line."""
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    return path
 
 
 def make_tokenizer(family: Family) -> PreTrainedTokenizerFast:

@@ -16,7 +16,7 @@ from pipeline.model.inference import format_prompt, load_model, resolve_model, s
 from pipeline.model.lora import LoraSpec, apply_lora
 from pipeline.model.tokenizer import end_of_turn, use_chat_template
 from pipeline.specs import FinetuneSpec
-from tests.chat_families import FAMILIES, TEMPLATES, conversations, make_base, make_tokenizer
+from tests.chat_families import FAMILIES, TEMPLATES, conversations, make_base, make_tokenizer, write_chats
 from tests.conftest import run_cli
 
 RECIPES = {"no_template": "lora_chat"}  # the others: lora_<family>
@@ -140,8 +140,7 @@ def test_qlora_without_a_gpu_is_one_clear_line(tmp_path):
 def test_family_recipe_fine_tunes_a_tiny_model_to_end_its_turns(name, tmp_path):
     family = FAMILIES[name]
     base = make_base(family, tmp_path / "base")
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations(300, system=family.system)))
+    data = write_chats(tmp_path / "chat.jsonl", conversations(300, system=family.system))
     run_cli(f"recipe={RECIPES.get(name, 'lora_' + name)}", "run.name=ft", f"finetune.base={base}",
             f"finetune.data.paths=[{data}]", "finetune.train.max_steps=300", "finetune.train.lr=5e-3",
             "finetune.train.warmup_steps=5", "finetune.train.seq_len=96", "finetune.train.micro_batch_size=16",
@@ -186,8 +185,7 @@ def test_a_template_file_replaces_the_bases_own(tmp_path):
 def test_qlora_recipe_trains_a_4bit_base_and_writes_a_full_merged_model(tmp_path):
     pytest.importorskip("bitsandbytes")
     base = make_base(FAMILIES["qwen2_5"], tmp_path / "base")
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations(200)))
+    data = write_chats(tmp_path / "chat.jsonl", conversations(200))
     run_cli("recipe=lora_qwen2_5", "run.name=q", f"finetune.base={base}", f"finetune.data.paths=[{data}]",
             "finetune.quantize=4bit", "finetune.train.max_steps=30", "finetune.train.lr=5e-3",
             "finetune.train.seq_len=96", "finetune.train.micro_batch_size=16", "finetune.train.batch_tokens=1536",

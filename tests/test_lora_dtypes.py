@@ -1,7 +1,6 @@
 """LoRA's dtypes: a bf16 frozen base on a GPU (fp32 adapters), merged/ in the base's own dtype,
 and flash-attention's varlen kernel for packed rows where it is installed."""
 
-import json
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from pipeline.model.lora import LoraSpec, apply_lora
 from pipeline.specs import FinetuneSpec
 from pipeline.stages import finetune
 from pipeline.train.spec import TrainSpec
-from tests.chat_families import FAMILIES, conversations, make_base
+from tests.chat_families import FAMILIES, conversations, make_base, write_chats
 from tests.conftest import run_cli
 
 
@@ -60,8 +59,7 @@ def test_merged_model_is_written_in_the_base_dtype(tmp_path):
     family = FAMILIES["qwen2_5"]
     base = make_base(family, tmp_path / "base")
     AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)  # a bf16 release
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations(120)))
+    data = write_chats(tmp_path / "chat.jsonl", conversations(120))
     run_cli("recipe=lora_qwen2_5", "run.name=ft", f"finetune.base={base}", f"finetune.data.paths=[{data}]",
             "finetune.train.max_steps=2", "finetune.train.warmup_steps=1", "finetune.train.seq_len=96",
             "finetune.train.micro_batch_size=8", "finetune.train.batch_tokens=768", "finetune.train.eval_every=0",
