@@ -24,91 +24,17 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
+from pipeline.config.compose import (
+    CONF_DIR,
+    DEFAULT_RECIPE,
+    RECIPES_DIR,
+    compose_config,
+)
+from pipeline.config.stages import STAGE_CHOICES, STAGE_NAMES
 from pipeline.errors import PipelineError, TrainingStopped, first_line
 from pipeline.requirements import check_versions
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-STAGE_CHOICES = ("all", "tokenizer", "prepare", "pretrain", "finetune", "generate", "eval")
-DEFAULT_RECIPE = "quickstart"
 log = logging.getLogger("pipeline")
-
-
-def _shipped(name: str) -> Path:
-    """conf/ and recipes/ sit inside the package in a wheel, next to it in a source checkout."""
-    inside = PACKAGE_DIR / name
-    return inside if inside.is_dir() else PACKAGE_DIR.parent / name
-
-
-CONF_DIR, RECIPES_DIR = _shipped("conf"), _shipped("recipes")
-
-
-def recipe_location(recipe: str) -> tuple[Path, str]:
-    """(directory, config name) of a recipe given by name (recipes/NAME.yaml) or by path."""
-    if recipe.endswith((".yaml", ".yml")) or os.sep in recipe:
-        path = Path(recipe).expanduser().resolve()
-        if not path.is_file():
-            raise PipelineError(f"recipe file {recipe} does not exist; give a path to a .yaml recipe.")
-        return path.parent, path.stem
-    if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
-        names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-        raise PipelineError(f"no recipe named {recipe!r}; choose one of: {names} (or recipe=path/to/file.yaml).")
-    return RECIPES_DIR, recipe
-
-
-def _register_schemas() -> None:
-    """Typed schemas for the config groups: an unknown key or a wrong type fails at compose time."""
-    from hydra.core.config_store import ConfigStore
-
-    from pipeline import specs
-
-    store = ConfigStore.instance()
-    for group, name, node in (
-        ("data", "corpus_schema", specs.CorpusSpec), ("tokenizer", "tokenizer_schema", specs.TokenizerSpec),
-        ("model", "model_schema", specs.ModelSpec), ("train", "train_schema", specs.TrainSpec),
-        ("finetune", "finetune_schema", specs.FinetuneSpec), ("generate", "generate_schema", specs.GenerateSpec),
-        ("eval", "eval_schema", specs.EvalSpec), ("logger", "logger_schema", specs.LoggerSpec),
-    ):
-        store.store(group=group, name=name, node=node)
-
-
-def compose_config(overrides: list[str], validate: bool = True):
-    """Compose conf/ + a recipe + command-line overrides into one struct (typo-checked) config,
-    and build every stage's spec from it, so a bad value fails before any stage runs.
-    Returns (config, specs); specs is None when validate=False (for --cfg, to show a bad config)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    recipe = DEFAULT_RECIPE
-    rest = []
-    for arg in overrides:
-        if arg.startswith("recipe="):
-            recipe = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    recipe_dir, recipe_name = recipe_location(recipe)
-    _register_schemas()
-    search = f"hydra.searchpath=[file://{CONF_DIR}]"
-    try:
-        with initialize_config_dir(str(recipe_dir), version_base=None, job_name="pipeline"):
-            cfg = compose(recipe_name, overrides=[search, *rest])
-        OmegaConf.resolve(cfg)
-        missing = sorted(OmegaConf.missing_keys(cfg))
-    except (HydraException, OmegaConfBaseException) as e:
-        message = first_line(e, limit=400)  # Hydra's errors span lines and suggest `+key=` appends
-        if "Could not override" in message or "not in struct" in message or "Key '" in message:
-            message += " There is no such config key; `pipeline --cfg` lists the valid ones."
-        raise PipelineError(f"config error: {message}") from None
-    if missing:
-        raise PipelineError(f"config error: {', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line.")
-    if cfg.stage not in STAGE_CHOICES:
-        raise PipelineError(f"stage={cfg.stage} is unknown; use one of {', '.join(STAGE_CHOICES)}.")
-    if not validate:
-        return cfg, None
-    from pipeline.specs import build_specs
-
-    return cfg, build_specs(OmegaConf.to_container(cfg, resolve=True))
 
 
 def print_help() -> None:
@@ -200,7 +126,7 @@ def run(argv: list[str]) -> None:
 
     from pipeline.device import has_accelerator
     from pipeline.lock import RunLock
-    from pipeline.runner import ORDER, Runner
+    from pipeline.runner import Runner
 
     # cpu=True lets a torchrun/`accelerate launch --multi_gpu` start on a machine without GPUs
     # join a gloo process group instead of silently running N independent single processes.
@@ -212,7 +138,7 @@ def run(argv: list[str]) -> None:
     with RunLock(run_dir) if state.is_main_process else nullcontext():
         if state.is_main_process:
             write_run_config(run_dir, cfg, overrides)
-        targets = ORDER if cfg.stage == "all" else [cfg.stage]
+        targets = STAGE_NAMES if cfg.stage == "all" else [cfg.stage]
         runner = Runner(specs, run_dir, specs.force, cfg.run.shared_upstream)
         for name in targets:
             runner.ensure(name)

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+from importlib import import_module
 from pathlib import Path
 
 from accelerate import PartialState
@@ -34,16 +35,14 @@ from pipeline.artifacts import (
     replace_dir,
     write_json_atomic,
 )
+from pipeline.config.run import RunSpecs
+from pipeline.config.stages import STAGE_MODULES, STAGE_NAMES
+from pipeline.config.train import math_only
 from pipeline.errors import PipelineError
-from pipeline.specs import RunSpecs
-from pipeline.stages import eval as evaluate
-from pipeline.stages import finetune, generate, prepare, pretrain, tokenizer
 from pipeline.stages.context import StageContext
 from pipeline.train import checkpoints
-from pipeline.train.spec import math_only
 
-STAGES = {m.NAME: m for m in (tokenizer, prepare, pretrain, finetune, generate, evaluate)}
-ORDER = list(STAGES)
+STAGES = {name: import_module(module) for name, module in STAGE_MODULES.items()}
 HISTORY = "history.jsonl"
 SHARED = ".shared"  # with shared_upstream: <run.root>/.shared/<stage>-<hash>/, write-once, linked from runs
 log = logging.getLogger("pipeline")
@@ -123,7 +122,7 @@ class Runner:
 
     def up_to_date(self, stage: str) -> bool:
         """Whether `pipeline stage=STAGE` would only reuse this run's artifacts."""
-        return all(self.current(name) for name in (ORDER if stage == "all" else [stage]))
+        return all(self.current(name) for name in (STAGE_NAMES if stage == "all" else [stage]))
 
     def ensure(self, name: str) -> Artifact:
         """The up-to-date artifact of stage `name`, building it (and its upstream) if needed."""

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config.compose import CONF_DIR, compose_config
 from pipeline.errors import PipelineError, first_line
 
 SWEPT_NEVER = ("run.", "sweep.", "stage")  # these name the sweep itself; the same for every run
@@ -97,7 +98,6 @@ def _quoted(value: str) -> str:
 def plan(argv: list[str]) -> tuple[Path, str | None, list[Combination]]:
     """(sweep dir, launch prefix, combinations), each composed and checked; refused ones carry
     their problem. Without run.name the sweep dir is runs/<recipe's run name>-sweep."""
-    from pipeline.cli import CONF_DIR, compose_config
 
     combos, swept_keys = expand(argv, CONF_DIR)
     common = [a for a in argv if a.split("=", 1)[0] not in swept_keys]

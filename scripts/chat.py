@@ -23,6 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.config.run import Sampling  # noqa: E402
 from pipeline.errors import PipelineError, first_line  # noqa: E402
 from pipeline.model.inference import (  # noqa: E402
     add_special_tokens,
@@ -31,7 +32,6 @@ from pipeline.model.inference import (  # noqa: E402
     resolve_model,
     stop_ids,
 )
-from pipeline.model.sampling import Sampling  # noqa: E402
 from pipeline.requirements import check_versions  # noqa: E402
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config.train import TrainSpec, parse_duration
 from pipeline.errors import PipelineError
 from pipeline.train import autotune, checkpoints, loop
 from pipeline.train.autotune import TimeBudget, measure_compile, measure_precision
-from pipeline.train.spec import TrainSpec, parse_duration
 from tests.trainer_helpers import losses, make_trainer, tiny_model
 
 

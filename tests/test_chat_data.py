@@ -216,8 +216,9 @@ def test_the_answer_keeps_the_signature_and_body_and_cuts_the_docstring_to_its_s
 
 @pytest.mark.slow
 def test_stdlib_validation_answers_come_from_the_pretraining_validation_files_only():
+    from pipeline.config.data import CorpusSpec
     from pipeline.data.conversations import stdlib_conversations_by_file
-    from pipeline.data.sources import CorpusSpec, is_val
+    from pipeline.data.sources import is_val
 
     spec = ChatDataSpec(source="stdlib", max_val_examples=10**6)
     assert spec.val_fraction == CorpusSpec().val_fraction  # the same split rule and share as the corpus

@@ -9,14 +9,22 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from pipeline.config.model import LoraSpec
+from pipeline.config.run import FinetuneSpec
 from pipeline.data.chat import IGNORE, build_examples, render
 from pipeline.errors import PipelineError
 from pipeline.model.hf_dir import load_chat_base
 from pipeline.model.inference import format_prompt, load_model, resolve_model, stop_ids
-from pipeline.model.lora import LoraSpec, apply_lora
+from pipeline.model.lora import apply_lora
 from pipeline.model.tokenizer import end_of_turn, use_chat_template
-from pipeline.specs import FinetuneSpec
-from tests.chat_families import FAMILIES, TEMPLATES, conversations, make_base, make_tokenizer, write_chats
+from tests.chat_families import (
+    FAMILIES,
+    TEMPLATES,
+    conversations,
+    make_base,
+    make_tokenizer,
+    write_chats,
+)
 from tests.conftest import run_cli
 
 RECIPES = {"no_template": "lora_chat"}  # the others: lora_<family>

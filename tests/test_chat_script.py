@@ -8,11 +8,11 @@ import pytest
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
+from pipeline.config.model import ModelSpec
+from pipeline.config.run import Sampling
 from pipeline.errors import PipelineError
 from pipeline.model.build import build_model, hf_config
 from pipeline.model.inference import add_special_tokens, format_prompt
-from pipeline.model.sampling import Sampling
-from pipeline.model.spec import ModelSpec
 from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
 from pipeline.requirements import check_versions
 from tests.conftest import REPO, make_documents

@@ -8,11 +8,17 @@ import pytest
 import torch
 import transformers
 
-from pipeline.cli import compose_config
+from pipeline.config.compose import compose_config
+from pipeline.config.model import LoraSpec
+from pipeline.config.train import TrainSpec, math_only
 from pipeline.errors import PipelineError
-from pipeline.model.lora import LoraSpec, apply_lora
-from pipeline.train.loss import CHUNKABLE_MODEL_TYPES, IGNORE, auto_chunk_tokens, token_losses
-from pipeline.train.spec import TrainSpec, math_only
+from pipeline.model.lora import apply_lora
+from pipeline.train.loss import (
+    CHUNKABLE_MODEL_TYPES,
+    IGNORE,
+    auto_chunk_tokens,
+    token_losses,
+)
 from tests.trainer_helpers import losses, make_trainer
 
 VOCAB, HIDDEN, CHUNK = 97, 32, 7  # 2 x 13 = 26 positions: chunks of 7, 7, 7 and 5

@@ -3,7 +3,7 @@ naming its key, before any stage runs."""
 
 import pytest
 
-from pipeline.cli import CONF_DIR, RECIPES_DIR, compose_config
+from pipeline.config.compose import CONF_DIR, RECIPES_DIR, compose_config
 from pipeline.errors import PipelineError
 from tests.conftest import assert_clear_error, run_cli
 

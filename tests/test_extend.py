@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.train.spec import TrainSpec, math_only
+from pipeline.config.train import TrainSpec, math_only
 from tests.conftest import TINY, run_cli
 from tests.trainer_helpers import losses, make_trainer, weights
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from pipeline.config.run import EvalSpec, GenerateSpec
 from pipeline.errors import PipelineError
 from pipeline.model import inference
 from pipeline.model.inference import faster_cpu_weights, load_model, resolve_model
-from pipeline.specs import EvalSpec, GenerateSpec
 from tests.chat_families import FAMILIES, make_base
 
 

@@ -7,10 +7,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from pipeline.model.lora import LoraSpec, apply_lora
-from pipeline.specs import FinetuneSpec
+from pipeline.config.model import LoraSpec
+from pipeline.config.run import FinetuneSpec
+from pipeline.config.train import TrainSpec
+from pipeline.model.lora import apply_lora
 from pipeline.stages import finetune
-from pipeline.train.spec import TrainSpec
 from tests.chat_families import FAMILIES, conversations, make_base, write_chats
 from tests.conftest import run_cli
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config.train import TrainSpec
 from pipeline.device import DTYPES, best_device, half_precision
 from pipeline.errors import PipelineError
 from pipeline.train.preflight import (
@@ -14,7 +15,6 @@ from pipeline.train.preflight import (
     memory_table,
     report,
 )
-from pipeline.train.spec import TrainSpec
 from pipeline.train.strategy import to_device
 from tests.trainer_helpers import losses, make_trainer
 

@@ -10,11 +10,19 @@ import sys
 import numpy as np
 import pytest
 
+from pipeline.config.data import CorpusSpec
 from pipeline.data.encode import Chunks, encode_chunks, encode_documents, pieces
 from pipeline.data.shards import collect, open_split
-from pipeline.data.sources import CorpusSpec, iter_documents, take_bytes
+from pipeline.data.sources import iter_documents, take_bytes
 from pipeline.model.tokenizer import EOS, train_bpe
-from tests.conftest import TINY, assert_clear_error, launch_two_processes, make_documents, manifest_facts, run_cli
+from tests.conftest import (
+    TINY,
+    assert_clear_error,
+    launch_two_processes,
+    make_documents,
+    manifest_facts,
+    run_cli,
+)
 
 
 def test_chunks_cut_the_stream_the_same_way_for_every_rank():

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config.train import TrainSpec
 from pipeline.errors import PipelineError
 from pipeline.train.optim import MuonAndAdamW, hidden_matrices, make_optimizer
-from pipeline.train.spec import TrainSpec
 from tests.trainer_helpers import losses, make_trainer, tiny_model, weights
 
 
@@ -40,8 +40,8 @@ def test_muon_trains_and_its_state_resumes_exactly(tmp_path):
 def test_qk_norm_arch_is_a_plain_auto_model_dir(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from pipeline.config.model import ModelSpec
     from pipeline.model.build import build_model, hf_config
-    from pipeline.model.spec import ModelSpec
 
     model = build_model(hf_config(ModelSpec(arch="qwen3", d_model=32, n_layer=2, n_head=4, d_ff=64), 64, 0, 1, 2), 0)
     assert type(model).__name__ == "Qwen3ForCausalLM" and model.model.layers[0].self_attn.q_norm is not None
@@ -72,15 +72,16 @@ def test_the_schedule_reaches_both_parts_after_prepare_and_resume(tmp_path):
 
 
 def test_muon_is_refused_for_lora():
-    from pipeline.model.lora import LoraSpec, apply_lora
+    from pipeline.config.model import LoraSpec
+    from pipeline.model.lora import apply_lora
 
     with pytest.raises(PipelineError, match="LoRA adapters train with finetune.train.optimizer=adamw"):
         make_optimizer(apply_lora(tiny_model(), LoraSpec(r=2)), TrainSpec(optimizer="muon"), fused=False)
 
 
 def test_zero_init_projections_make_every_block_start_as_the_identity():
+    from pipeline.config.model import ModelSpec
     from pipeline.model.build import build_model, hf_config
-    from pipeline.model.spec import ModelSpec
 
     config = hf_config(ModelSpec(d_model=32, n_layer=2, n_head=4, d_ff=64), 64, 0, 1, 2)
     model = build_model(config, 0, zero_init_proj=True)

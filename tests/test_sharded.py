@@ -13,7 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY, free_port, make_documents, manifest_facts, run_cli
+from tests.conftest import (
+    REPO,
+    TINY,
+    free_port,
+    make_documents,
+    manifest_facts,
+    run_cli,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

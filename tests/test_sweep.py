@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pipeline.cli import CONF_DIR
+from pipeline.config.compose import CONF_DIR
 from pipeline.sweep import expand, run_name
 from tests.conftest import TINY, free_port, history, manifest_facts, run_cli
 

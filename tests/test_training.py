@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import pipeline
+from pipeline.config.train import TrainSpec
 from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.errors import PipelineError, TrainingStopped
 from pipeline.model.build import count_params, flops_per_token
 from pipeline.train.bpb import token_byte_strings
+from pipeline.train.layout import batch_layout
 from pipeline.train.optim import lr_at, make_optimizer
-from pipeline.train.spec import TrainSpec, batch_layout
 from tests.trainer_helpers import (
     losses,
     make_trainer,

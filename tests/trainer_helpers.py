@@ -6,13 +6,13 @@ import numpy as np
 import torch
 from accelerate.state import AcceleratorState, PartialState
 
+from pipeline.config.model import ModelSpec
+from pipeline.config.train import TrainSpec
 from pipeline.data.shards import TokenShards
 from pipeline.data.windows import PackedWindows
 from pipeline.model.build import build_model, hf_config
-from pipeline.model.spec import ModelSpec
 from pipeline.train import checkpoints
 from pipeline.train.loop import Trainer, TrainingJob
-from pipeline.train.spec import TrainSpec
 
 VOCAB = 64
 

@@ -12,9 +12,9 @@ import ast
 import json
 import logging
 import textwrap
-from dataclasses import dataclass, field
 from typing import Iterator
 
+from pipeline.config.data import ChatDataSpec
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.sources import (
     is_val,
@@ -28,28 +28,6 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline")
 ROLES = ("system", "user", "assistant")
 MIN_SUMMARY_WORDS = 3  # "days" or "year (1-9999)" name a property, they do not ask for anything
-
-
-@dataclass
-class ChatDataSpec:
-    source: str = "stdlib"  # stdlib | jsonl | hf
-    paths: list[str] = field(default_factory=list)
-    format: str = "auto"  # auto | messages | alpaca (per line, for jsonl and hf)
-    messages_field: str = "messages"
-    name: str | None = None  # hf dataset name
-    config: str | None = None
-    split: str = "train"
-    val_fraction: float = 0.05
-    max_val_examples: int = 256  # validation is run before and after training: keep it quick
-    max_examples: int | None = None
-    max_code_chars: int = 400  # stdlib: skip longer functions (answers must fit the quickstart's 256 tokens whole)
-    skip_bad: bool = False  # true: skip and count malformed lines instead of stopping
-
-    def __post_init__(self):
-        if self.source not in ("stdlib", "jsonl", "hf"):
-            raise PipelineError(f"finetune.data.source={self.source!r} is unknown; use stdlib, jsonl or hf.")
-        if self.format not in ("auto", "messages", "alpaca"):
-            raise PipelineError(f"finetune.data.format={self.format!r} is unknown; use auto, messages or alpaca.")
 
 
 def to_messages(row: dict, spec: ChatDataSpec) -> list[dict]:

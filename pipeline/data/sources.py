@@ -12,48 +12,19 @@ import hashlib
 import itertools
 import logging
 import os
-import re
 import sysconfig
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from pipeline.config.data import CorpusSpec
 from pipeline.data.jsonl import read_jsonl
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 READ_BLOCK = 16 * 2**20  # text files with a separator are read in blocks of this many bytes
-SOURCES = ("stdlib", "text", "jsonl", "parquet", "hf")
+
 # Folders of the stdlib that are test suites or vendored packages, not the library itself.
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-
-
-@dataclass
-class CorpusSpec:
-    source: str = "stdlib"
-    paths: list[str] = field(default_factory=list)
-    glob: str = "**/*.txt"  # files taken from a directory given in `paths`
-    text_field: str = "text"
-    separator: str | None = None  # split each text file into documents at this string; \n, \t, \r understood
-    name: str | None = None  # hf: dataset name
-    config: str | None = None  # hf: dataset config
-    split: str = "train"  # hf: dataset split
-    val_fraction: float = 0.05
-    max_bytes: int | None = None  # stop reading the corpus after about this much text (null: all of it)
-    max_docs: int | None = None  # ... or after this many documents
-
-    def __post_init__(self):
-        if self.separator:  # the command line passes `\n` as two characters
-            escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-            self.separator = re.sub(r"\\([ntr\\])", lambda m: escapes[m.group(1)], self.separator)
-        if self.source not in SOURCES:
-            raise PipelineError(f"data.source={self.source!r} is unknown; use one of {', '.join(SOURCES)}.")
-        for key in ("max_bytes", "max_docs"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise PipelineError(f"data.{key}={value!r} must be a positive whole number, or null for no limit.")
-        if not 0 < self.val_fraction < 1:
-            raise PipelineError(f"data.val_fraction={self.val_fraction} must be between 0 and 1 (e.g. 0.05).")
 
 
 def is_val(text: str, val_fraction: float) -> bool:

@@ -4,9 +4,15 @@ parameters and FLOPs. Either way the result is a plain AutoModelForCausalLM dire
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedModel, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen3Config,
+)
 
-from pipeline.model.spec import ModelSpec
+from pipeline.config.model import ModelSpec
 
 
 def hf_config(spec: ModelSpec, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> PretrainedConfig:

@@ -19,12 +19,17 @@ import psutil
 import torch
 
 from pipeline.artifacts import read_manifest
+from pipeline.config.run import Sampling
 from pipeline.device import DTYPES, best_device, half_precision
 from pipeline.errors import PipelineError, first_line
 from pipeline.model.hf_dir import grow_vocab, load_causal_lm, load_tokenizer
 from pipeline.model.lora import adapter_base, check_adapter_base
-from pipeline.model.sampling import Sampling
-from pipeline.model.tokenizer import TEMPLATE_VARS, adds_bos, end_of_turn, ensure_pad_token
+from pipeline.model.tokenizer import (
+    TEMPLATE_VARS,
+    adds_bos,
+    end_of_turn,
+    ensure_pad_token,
+)
 
 log = logging.getLogger("pipeline")
 WEIGHT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

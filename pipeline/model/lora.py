@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from pipeline.config.model import LoraSpec
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
-
-
-@dataclass
-class LoraSpec:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # every linear of the blocks
-    modules_to_save: list[str] | None = None  # e.g. [lm_head] to train it fully as well
-
-    def __post_init__(self):
-        if self.r <= 0 or self.alpha <= 0:
-            raise PipelineError(f"finetune.lora.r={self.r} and finetune.lora.alpha={self.alpha} must be positive.")
-        if not 0 <= self.dropout < 1:
-            raise PipelineError(f"finetune.lora.dropout={self.dropout} must be in [0, 1).")
-        if not self.target_modules:
-            raise PipelineError("finetune.lora.target_modules is empty; use [all-linear] or name the modules.")
 
 
 def apply_lora(model, spec: LoraSpec, new_token_ids: list[int] | None = None):

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.artifacts import Artifact
-from pipeline.specs import RunSpecs
+from pipeline.config.run import RunSpecs
 
 
 @dataclass

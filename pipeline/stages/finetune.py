@@ -18,7 +18,13 @@ from pipeline.data.chat import (
 )
 from pipeline.data.conversations import load_conversations
 from pipeline.model.build import count_params, flops_per_token
-from pipeline.model.hf_dir import grow_vocab, load_causal_lm, load_chat_base, publish_hf_dir, sharded_launch
+from pipeline.model.hf_dir import (
+    grow_vocab,
+    load_causal_lm,
+    load_chat_base,
+    publish_hf_dir,
+    sharded_launch,
+)
 from pipeline.model.inference import stops_at_end_of_turn
 from pipeline.model.lora import apply_lora, merge_adapter
 from pipeline.model.tokenizer import end_of_turn

@@ -18,7 +18,13 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from pipeline.data.encode import BATCH_BYTES, Chunks, encode_chunks
-from pipeline.data.shards import collect, finished_chunks, remove_leftovers, token_dtype, write_index
+from pipeline.data.shards import (
+    collect,
+    finished_chunks,
+    remove_leftovers,
+    token_dtype,
+    write_index,
+)
 from pipeline.data.sources import corpus_bytes, labelled_documents
 from pipeline.errors import PipelineError
 from pipeline.model.tokenizer import EOS

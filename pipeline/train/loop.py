@@ -24,18 +24,24 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from pipeline.config.train import TrainSpec
 from pipeline.errors import PipelineError, TrainingStopped
 from pipeline.model.build import count_params
 from pipeline.train import checkpoints
-from pipeline.train.autotune import TimeBudget, candidates, measure_compile, measure_precision
+from pipeline.train.autotune import (
+    TimeBudget,
+    candidates,
+    measure_compile,
+    measure_precision,
+)
 from pipeline.train.bpb import bits_per_byte
+from pipeline.train.layout import batch_layout
 from pipeline.train.loss import IGNORE, token_losses
 from pipeline.train.memory import freed_memory_kept, peak_memory_gb
 from pipeline.train.metrics_file import MetricsFile
 from pipeline.train.optim import decay_start, lr_at
 from pipeline.train.preflight import report
 from pipeline.train.signals import StopSignal
-from pipeline.train.spec import TrainSpec, batch_layout
 from pipeline.train.strategy import CompiledOrEager, Strategy, to_device
 from pipeline.train.throughput import mfu, peak_flops
 

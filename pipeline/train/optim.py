@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from pipeline.config.train import TrainSpec
 from pipeline.errors import PipelineError
-from pipeline.train.spec import TrainSpec
 
 
 def decay_start(spec: TrainSpec, max_steps: int | None = None) -> int:

@@ -22,12 +22,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from pipeline.device import accumulator_dtype, best_device, half_precision, has_accelerator
+from pipeline.config.train import TrainSpec
+from pipeline.device import (
+    accumulator_dtype,
+    best_device,
+    half_precision,
+    has_accelerator,
+)
 from pipeline.errors import PipelineError, first_line
+from pipeline.train.layout import BatchLayout, batch_layout
 from pipeline.train.loss import token_losses
 from pipeline.train.optim import make_optimizer
 from pipeline.train.preflight import activation_bytes, divisors_desc, find_micro_batch
-from pipeline.train.spec import BatchLayout, TrainSpec, batch_layout
 
 log = logging.getLogger("pipeline")
 

@@ -17,8 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pipeline.model.spec import ModelSpec  # noqa: E402
-from pipeline.train.spec import TrainSpec  # noqa: E402
+from pipeline.config.model import ModelSpec  # noqa: E402
+from pipeline.config.train import TrainSpec  # noqa: E402
 
 
 def training_parser(doc: str, micro_batch: int = 16, steps: int = 30, warmup: int = 5) -> argparse.ArgumentParser:

@@ -23,8 +23,9 @@ from common import (  # also puts the repo on sys.path
     training_parser,
 )
 
+from pipeline.config.model import LoraSpec
 from pipeline.model.build import build_model, count_params, hf_config
-from pipeline.model.lora import LoraSpec, apply_lora
+from pipeline.model.lora import apply_lora
 from pipeline.train.loop import Trainer, TrainingJob
 from pipeline.train.memory import peak_memory_gb
 

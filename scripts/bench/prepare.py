@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 from common import REPO, device_name, run_child  # also puts the repo on sys.path
 
+from pipeline.config.data import CorpusSpec
 from pipeline.data.encode import BATCH_BYTES, Chunks, encode_chunks
-from pipeline.data.sources import CorpusSpec, labelled_documents, take_bytes, utf8_len
+from pipeline.data.sources import labelled_documents, take_bytes, utf8_len
 from pipeline.model.tokenizer import EOS, train_bpe
 
 SEPARATOR = "<|doc|>"  # between documents of a generated corpus file (never in the stdlib sources)

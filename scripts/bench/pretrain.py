@@ -29,13 +29,14 @@ from common import (  # also puts the repo on sys.path
     training_parser,
 )
 
+from pipeline.config.train import TrainSpec
 from pipeline.data.shards import TokenShards
 from pipeline.data.windows import PackedWindows
 from pipeline.model.build import build_model, count_params, flops_per_token, hf_config
+from pipeline.train.layout import batch_layout
 from pipeline.train.loop import Trainer, TrainingJob
 from pipeline.train.memory import peak_memory_gb
 from pipeline.train.optim import lr_at, make_optimizer
-from pipeline.train.spec import TrainSpec, batch_layout
 from pipeline.train.strategy import resolve_mixed_precision
 from pipeline.train.throughput import peak_flops
 

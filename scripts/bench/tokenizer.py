@@ -18,7 +18,8 @@ from common import REPO, device_name, run_child  # also puts the repo on sys.pat
 
 CHILD = """
 import sys, time
-from pipeline.data.sources import CorpusSpec, split_documents, take_bytes, utf8_len
+from pipeline.config.data import CorpusSpec
+from pipeline.data.sources import split_documents, take_bytes, utf8_len
 from pipeline.model.tokenizer import train_bpe
 spec = CorpusSpec(source=sys.argv[1], paths=sys.argv[2].split(",") if sys.argv[2] else [], glob=sys.argv[3])
 docs = list(take_bytes(split_documents(spec, "train"), int(sys.argv[4])))

@@ -18,7 +18,12 @@ import tempfile
 from itertools import islice
 from pathlib import Path
 
-from common import REPO, device_name, model_spec, run_child  # also puts the repo on sys.path
+from common import (  # also puts the repo on sys.path
+    REPO,
+    device_name,
+    model_spec,
+    run_child,
+)
 
 from pipeline.data.conversations import stdlib_conversations
 from pipeline.data.sources import read_text, stdlib_files

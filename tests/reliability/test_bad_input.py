@@ -128,7 +128,8 @@ def test_binary_and_non_utf8_files_are_skipped_or_repaired_and_counted(tmp_path)
 def test_unreadable_file_names_the_file(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from pipeline.data.sources import CorpusSpec, iter_documents
+    from pipeline.config.data import CorpusSpec
+    from pipeline.data.sources import iter_documents
     from pipeline.errors import PipelineError
 
     (tmp_path / "locked.txt").write_text("secret")

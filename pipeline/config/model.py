@@ -1,8 +1,8 @@
-"""ModelSpec: the architecture knobs of a model built from scratch (conf/model/*.yaml)."""
+"""Specs of a model: the architecture built from scratch (conf/model) and its LoRA adapters (finetune.lora)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.errors import PipelineError
 
@@ -33,3 +33,20 @@ class ModelSpec:
             raise PipelineError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}.")
         if self.n_head % (self.n_kv_head or self.n_head):
             raise PipelineError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}.")
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # every linear of the blocks
+    modules_to_save: list[str] | None = None  # e.g. [lm_head] to train it fully as well
+
+    def __post_init__(self):
+        if self.r <= 0 or self.alpha <= 0:
+            raise PipelineError(f"finetune.lora.r={self.r} and finetune.lora.alpha={self.alpha} must be positive.")
+        if not 0 <= self.dropout < 1:
+            raise PipelineError(f"finetune.lora.dropout={self.dropout} must be in [0, 1).")
+        if not self.target_modules:
+            raise PipelineError("finetune.lora.target_modules is empty; use [all-linear] or name the modules.")

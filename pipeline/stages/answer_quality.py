@@ -11,9 +11,15 @@ from dataclasses import asdict
 
 from tqdm.auto import tqdm
 
+from pipeline.config.run import Sampling
 from pipeline.evaluation import held_out_tasks, score, summarize
-from pipeline.model.inference import ModelChoice, format_prompt, generate_batch, load_model, resolve_model
-from pipeline.model.sampling import Sampling
+from pipeline.model.inference import (
+    ModelChoice,
+    format_prompt,
+    generate_batch,
+    load_model,
+    resolve_model,
+)
 from pipeline.stages.context import StageContext
 
 NAME = "eval"

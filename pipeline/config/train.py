@@ -1,11 +1,11 @@
-"""TrainSpec: the knobs of a training run (both stages), checked when the config is composed,
-and the batch layout it implies for a number of processes."""
+"""TrainSpec: the knobs of a training run (both stages, conf/train and finetune.train), checked when
+the config is composed; and which of them a checkpoint's fingerprint leaves out."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import InitVar, dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from pipeline.errors import PipelineError
 
@@ -115,31 +115,3 @@ def math_only(config):
         is_train = "warmup_steps" in config and "lr" in config
         return {k: math_only(v) for k, v in config.items() if not (is_train and k in NOT_IN_CHECKPOINT_FINGERPRINT)}
     return config
-
-
-class BatchLayout(NamedTuple):
-    """How one optimizer step's global batch is cut: global = processes x micro x accumulation."""
-
-    global_seqs: int
-    micro: int
-    accum: int
-
-
-def batch_layout(spec: TrainSpec, world: int, micro_batch: int | None = None) -> BatchLayout:
-    """The layout of spec's global token batch over `world` processes; `micro_batch` overrides
-    spec.micro_batch_size (it is how "auto" is resolved)."""
-    key = getattr(spec, "_key", "train")
-    global_seqs = spec.batch_tokens // spec.seq_len
-    if global_seqs % world:
-        raise PipelineError(
-            f"the global batch of {global_seqs} sequences does not split over {world} processes; "
-            f"set {key}.batch_tokens to a multiple of {world * spec.seq_len}."
-        )
-    per_rank = global_seqs // world
-    micro = min(micro_batch or spec.micro_batch_size, per_rank)
-    if per_rank % micro:
-        raise PipelineError(
-            f"{per_rank} sequences per process is not a multiple of {key}.micro_batch_size={micro}; "
-            f"pick a micro batch that divides it."
-        )
-    return BatchLayout(global_seqs, micro, per_rank // micro)

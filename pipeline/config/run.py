@@ -1,6 +1,6 @@
 """Every spec of a run, built from the composed config and checked before any stage runs.
 
-Hydra's schemas (registered in cli.py) catch unknown keys and wrong types; the dataclasses'
+Hydra's schemas (registered in compose.py) catch unknown keys and wrong types; the dataclasses'
 own checks catch bad values (`train.decay=cosin`, a negative lr) and the checks below catch
 values that disagree with each other. So a typo in a late stage fails in a second, before the
 tokenizer or the corpus is touched. This module stays light (no torch, no transformers).
@@ -10,38 +10,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from pipeline.data.conversations import ChatDataSpec
-from pipeline.data.sources import CorpusSpec
+from pipeline.config.data import ChatDataSpec, CorpusSpec, PrepareSpec, TokenizerSpec
+from pipeline.config.model import LoraSpec, ModelSpec
+from pipeline.config.train import TrainSpec
 from pipeline.errors import PipelineError
-from pipeline.model.lora import LoraSpec
-from pipeline.model.sampling import Sampling
-from pipeline.model.spec import ModelSpec
-from pipeline.train.spec import TrainSpec
 
 RESUME_CHOICES = ("auto", "never")
 
 
 @dataclass
-class TokenizerSpec:
-    vocab_size: int = 8192
-    min_frequency: int = 2
-    max_train_bytes: int | None = 1_000_000_000  # train on at most this much of the training split
-    model_max_length: int = 2048
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    seed: int = 0
 
     def __post_init__(self):
-        if self.vocab_size < 264:  # 256 bytes + pipeline's 7 special tokens + at least one merge
-            raise PipelineError(f"tokenizer.vocab_size={self.vocab_size} is too small; use at least 264 (e.g. 8192).")
-        if self.model_max_length <= 0 or (self.max_train_bytes is not None and self.max_train_bytes <= 0):
-            raise PipelineError("tokenizer.model_max_length and tokenizer.max_train_bytes must be positive.")
+        if self.max_new_tokens <= 0:
+            raise PipelineError(f"generate.max_new_tokens={self.max_new_tokens} must be a positive number.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise PipelineError(f"generate.temperature={self.temperature} must be >= 0 (0 = greedy) and "
+                                f"generate.top_p={self.top_p} in (0, 1].")
 
-
-@dataclass
-class PrepareSpec:
-    shard_bytes: int = 64 * 2**20  # text per chunk: one shard per split, the unit of work per rank and of resume
-
-    def __post_init__(self):
-        if not isinstance(self.shard_bytes, int) or self.shard_bytes <= 0:
-            raise PipelineError(f"prepare.shard_bytes={self.shard_bytes} must be a positive number of bytes.")
+    def generate_kwargs(self) -> dict:
+        kw = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.temperature == 0:
+            kw.update(do_sample=False)
+        else:
+            kw.update(do_sample=True, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return kw
 
 
 @dataclass
