@@ -137,7 +137,11 @@ def check_lineage(tokenizer, tok: Artifact, data: Artifact) -> int:
         raise PipelineError(
             f"{data.path} was tokenized with another tokenizer than {tok.path}; rerun `pipeline stage=prepare`."
         )
-    sizes = {"tokenizer": len(tokenizer), "shards": data.facts["vocab_size"], "tokenizer manifest": tok.facts["vocab_size"]}
+    sizes = {
+        "tokenizer": len(tokenizer),
+        "shards": data.facts["vocab_size"],
+        "tokenizer manifest": tok.facts["vocab_size"],
+    }
     if len(set(sizes.values())) != 1:
         raise PipelineError(f"vocabulary sizes disagree ({sizes}); rebuild with `pipeline stage=prepare force=true`.")
     return len(tokenizer)
@@ -146,8 +150,11 @@ def check_lineage(tokenizer, tok: Artifact, data: Artifact) -> int:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
@@ -211,4 +218,3 @@ def staging_dir(final: Path):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-

@@ -29,6 +29,8 @@ from pipeline.config.compose import (
     DEFAULT_RECIPE,
     RECIPES_DIR,
     compose_config,
+    config_yaml,
+    save_run_config,
 )
 from pipeline.config.stages import STAGE_CHOICES, STAGE_NAMES
 from pipeline.errors import PipelineError, TrainingStopped, first_line
@@ -40,7 +42,8 @@ log = logging.getLogger("pipeline")
 def print_help() -> None:
     groups = {
         g.name: ", ".join(sorted(p.stem for p in g.glob("*.yaml")))
-        for g in sorted(CONF_DIR.iterdir()) if g.is_dir() and g.name != "accelerate"
+        for g in sorted(CONF_DIR.iterdir())
+        if g.is_dir() and g.name != "accelerate"
     }
     recipes = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
     print(__doc__.strip().split("\n\n")[0])
@@ -71,15 +74,6 @@ def setup_logging(is_main: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # accelerate narrates every checkpoint file and warns that tied weights are saved once.
     logging.getLogger("accelerate").setLevel(logging.ERROR)
-
-
-def write_run_config(run_dir: Path, cfg, overrides: list[str]) -> None:
-    from omegaconf import OmegaConf
-
-    hydra_dir = run_dir / ".hydra"
-    hydra_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, hydra_dir / "config.yaml")
-    OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
 
 
 def keep_wandb_local(run_dir: Path) -> None:
@@ -117,9 +111,7 @@ def run(argv: list[str]) -> None:
     overrides = [a for a in argv if a != "--cfg"]
     cfg, specs = compose_config(overrides, validate="--cfg" not in argv)
     if "--cfg" in argv:
-        from omegaconf import OmegaConf
-
-        print(OmegaConf.to_yaml(cfg), end="")
+        print(config_yaml(cfg), end="")
         return
 
     from accelerate import PartialState
@@ -137,7 +129,7 @@ def run(argv: list[str]) -> None:
     # The main process owns the run dir for the whole command; other ranks of a launch share it.
     with RunLock(run_dir) if state.is_main_process else nullcontext():
         if state.is_main_process:
-            write_run_config(run_dir, cfg, overrides)
+            save_run_config(run_dir, cfg, overrides)
         targets = STAGE_NAMES if cfg.stage == "all" else [cfg.stage]
         runner = Runner(specs, run_dir, specs.force, cfg.run.shared_upstream)
         for name in targets:
@@ -177,9 +169,12 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         rank = os.environ.get("RANK", "?")
-        print(f"error: rank {rank} on {socket.gethostname()}: a collective operation failed or timed out "
-              f"({first_line(e)}); check the other ranks' logs for the first error, or raise "
-              f"distributed.timeout_minutes.", file=sys.stderr)
+        print(
+            f"error: rank {rank} on {socket.gethostname()}: a collective operation failed or timed out "
+            f"({first_line(e)}); check the other ranks' logs for the first error, or raise "
+            f"distributed.timeout_minutes.",
+            file=sys.stderr,
+        )
         sys.exit(3)
     except TrainingStopped as e:
         resume = shlex.join(["pipeline", *[a for a in argv if not a.startswith(("force=", "resume="))]])

@@ -30,6 +30,14 @@ def half_precision(device: torch.device) -> str | None:
     return None
 
 
+def resolve_mixed_precision(choice: str) -> str:
+    """An explicit choice is obeyed; "auto" is bf16 (fp16 before Ampere) on a CUDA GPU, fp32 elsewhere."""
+    if choice != "auto":
+        return choice
+    device = best_device()
+    return (half_precision(device) if device.type == "cuda" else None) or "no"
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: torch.float32}  # half_precision() -> dtype
 
 

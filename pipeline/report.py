@@ -24,8 +24,9 @@ STAGE_DIRS = ("tokenizer", "data", "pretrain", "finetune", "generate")
 
 
 def is_run(path: Path) -> bool:
-    return path.is_dir() and ((path / "history.jsonl").exists() or any((path / s / "manifest.json").exists()
-                                                                       for s in STAGE_DIRS))
+    return path.is_dir() and (
+        (path / "history.jsonl").exists() or any((path / s / "manifest.json").exists() for s in STAGE_DIRS)
+    )
 
 
 def find_runs(dirs: list[str]) -> list[Path]:
@@ -73,11 +74,15 @@ def _linked_stages(run: Path) -> set[str]:
 def run_row(run: Path) -> dict:
     pre, ft = _facts(run, "pretrain"), _facts(run, "finetune")
     row = {
-        "val_bpb": _fmt(pre.get("final_val_bpb"), ".4f"), "gzip9_bpb": _fmt(pre.get("gzip9_val_bpb"), ".4f"),
+        "val_bpb": _fmt(pre.get("final_val_bpb"), ".4f"),
+        "gzip9_bpb": _fmt(pre.get("gzip9_val_bpb"), ".4f"),
         "xz9_bpb": _fmt(pre.get("xz9_val_bpb"), ".4f"),
         "pretrain_tokens_per_s": _fmt(pre.get("tokens_per_s"), ".0f"),
-        "finetune_val_loss": (f"{ft.get('initial_val_loss') or float('nan'):.4f} -> {ft['final_val_loss']:.4f}"
-                              if ft.get("final_val_loss") is not None else None),
+        "finetune_val_loss": (
+            f"{ft.get('initial_val_loss') or float('nan'):.4f} -> {ft['final_val_loss']:.4f}"
+            if ft.get("final_val_loss") is not None
+            else None
+        ),
     }
     linked = _linked_stages(run)
     for stage, name in zip(STAGE_DIRS, ("tokenizer", "prepare", "pretrain", "finetune", "generate")):

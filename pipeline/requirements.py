@@ -17,5 +17,7 @@ def check_versions(installed=metadata.version) -> None:
     for package, minimum in MINIMUM.items():
         have = installed(package)
         if Version(have) < Version(minimum):
-            raise PipelineError(f"{package} {have} is installed but pipeline needs {minimum} or later; "
-                                f"run: pip install -U '{package}>={minimum}'")
+            raise PipelineError(
+                f"{package} {have} is installed but pipeline needs {minimum} or later; "
+                f"run: pip install -U '{package}>={minimum}'"
+            )

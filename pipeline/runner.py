@@ -39,10 +39,11 @@ from pipeline.config.run import RunSpecs
 from pipeline.config.stages import STAGE_MODULES, STAGE_NAMES
 from pipeline.config.train import math_only
 from pipeline.errors import PipelineError
+from pipeline.stages.base import Stage
 from pipeline.stages.context import StageContext
 from pipeline.train import checkpoints
 
-STAGES = {name: import_module(module) for name, module in STAGE_MODULES.items()}
+STAGES: dict[str, Stage] = {name: import_module(module) for name, module in STAGE_MODULES.items()}
 HISTORY = "history.jsonl"
 SHARED = ".shared"  # with shared_upstream: <run.root>/.shared/<stage>-<hash>/, write-once, linked from runs
 log = logging.getLogger("pipeline")
@@ -85,11 +86,11 @@ class Runner:
         self.state = PartialState()
         self.done: dict[str, Artifact] = {}
 
-    def _identity(self, stage) -> tuple[Path, dict, str]:
+    def _identity(self, stage: Stage) -> tuple[Path, dict, str]:
         """(output dir, resolved config slice as the manifest stores it, its hash). Unset (null)
         keys are left out, so adding an optional setting to the code keeps existing runs valid."""
         config = _without_nulls(json.loads(json.dumps(stage.config_slice(self.specs), default=str)))
-        return self.run_dir / getattr(stage, "DIR", stage.NAME), config, canonical_hash(config)
+        return self.run_dir / stage.DIR, config, canonical_hash(config)
 
     @staticmethod
     def _fingerprint(config: dict, inputs: dict[str, Artifact]) -> str:
@@ -136,8 +137,12 @@ class Runner:
         fingerprint = self._fingerprint(config, inputs)
         shared = self.run_dir.parent / SHARED / f"{name}-{fingerprint}" if self.shared else None
         is_forced = forced(self.force, name)
-        reuse_shared = shared is not None and status != "complete" and not is_forced and \
-            self._complete(shared, config_hash, inputs)
+        reuse_shared = (
+            shared is not None
+            and status != "complete"
+            and not is_forced
+            and self._complete(shared, config_hash, inputs)
+        )
         self.state.wait_for_everyone()  # every rank has looked before the main one changes anything
         t0 = time.time()
         if reuse_shared:
@@ -151,11 +156,18 @@ class Runner:
             reason = "forced" if status == "complete" else status
             log.info("%s: building (%s)", name, reason)
             try:
-                context = StageContext(self.specs, inputs, out, fingerprint, self._checkpoint_fingerprint(config, inputs))
+                context = StageContext(
+                    self.specs, inputs, out, fingerprint, self._checkpoint_fingerprint(config, inputs)
+                )
                 self._build(stage, config, context, status == "incomplete", not is_forced)
             except BaseException as e:  # a refusal, a stop signal, Ctrl-C: the history says so too
-                self._record({"stage": name, "action": f"failed ({reason}): {type(e).__name__}",
-                              "seconds": round(time.time() - t0, 2)})
+                self._record(
+                    {
+                        "stage": name,
+                        "action": f"failed ({reason}): {type(e).__name__}",
+                        "seconds": round(time.time() - t0, 2),
+                    }
+                )
                 raise
             if shared is not None:
                 self._share(out, shared, replace=is_forced)
@@ -187,7 +199,7 @@ class Runner:
                 replace_dir(out, shared)
         self._link(out, shared)
 
-    def _build(self, stage, config: dict, ctx: StageContext, keep_work: bool, keep_checkpoints: bool) -> None:
+    def _build(self, stage: Stage, config: dict, ctx: StageContext, keep_work: bool, keep_checkpoints: bool) -> None:
         out = ctx.out
         if self.state.is_main_process:
             if out.is_symlink():  # a link into the shared store: never build into it
@@ -196,18 +208,18 @@ class Runner:
             # An interrupted run of a resumable stage keeps its work. A changed config keeps the
             # training checkpoints it can resume (same math: a raised max_steps, other intervals)
             # and its metrics; anything else, and force=true, starts over.
-            if not (keep_work and getattr(stage, "KEEPS_WORK", False)):
+            if not (keep_work and stage.KEEPS_WORK):
                 resumable = _resumable_checkpoints(out, ctx.checkpoint_fingerprint) if keep_checkpoints else []
                 _clear(out, keep=resumable + ([out / "metrics.jsonl"] if resumable else []))
             out.mkdir(parents=True, exist_ok=True)
         self.state.wait_for_everyone()
         t0 = time.time()
         facts = None
-        if getattr(stage, "DISTRIBUTED", False) or self.state.is_main_process:
+        if stage.DISTRIBUTED or self.state.is_main_process:
             facts = stage.run(ctx)
         if self.state.is_main_process:
             facts = dict(facts or {}, wall_seconds=round(time.time() - t0, 2))
-            manifest = build_manifest(stage.NAME, config, ctx.inputs, facts, out, getattr(stage, "UNTRACKED", ()))
+            manifest = build_manifest(stage.NAME, config, ctx.inputs, facts, out, stage.UNTRACKED)
             write_json_atomic(out / MANIFEST, manifest)
         self.state.wait_for_everyone()
 

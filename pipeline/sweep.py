@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config.compose import CONF_DIR, compose_config
-from pipeline.errors import PipelineError, first_line
-
-SWEPT_NEVER = ("run.", "sweep.", "stage")  # these name the sweep itself; the same for every run
+from pipeline.config.sweep_grammar import expand
+from pipeline.errors import PipelineError
 
 
 @dataclass
@@ -44,39 +43,6 @@ class Combination:
     name: str
     problem: str | None = None  # why it was refused, if it was
     composed: tuple | None = None  # (config, specs) as composed when it was checked
-
-
-class _GroupOptions:
-    """What Hydra's glob() sweep asks of a config loader: the options of a config group."""
-
-    def __init__(self, conf_dir: Path):
-        self.conf_dir = conf_dir
-
-    def get_group_options(self, group: str, results_filter=None, config_name=None, overrides=None) -> list[str]:
-        return sorted(p.stem for p in (self.conf_dir / group).glob("*.yaml"))
-
-
-def expand(overrides: list[str], conf_dir: Path) -> tuple[list[list[str]], list[str]]:
-    """(the combinations as override lists, the swept keys) of Hydra's sweep grammar:
-    `k=a,b`, `k=choice(a,b)`, `k=range(1,4)`, `group=glob(pattern)`."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        for o in parsed:
-            o.config_loader = _GroupOptions(conf_dir)
-        swept = [o.get_key_element() for o in parsed if o.is_sweep_override()]
-        bad = [k for k in swept if k.lstrip("+~").startswith(SWEPT_NEVER)]
-        if bad:
-            raise PipelineError(f"{bad[0]} cannot be swept: the sweep's run dirs and stages are the same for every run.")
-        (combinations,) = BasicSweeper.split_arguments(parsed, None)
-    except HydraException as e:
-        raise PipelineError(f"sweep: {first_line(e)}") from None
-    if not combinations:
-        raise PipelineError(f"the sweep {' '.join(overrides)} has no combinations (a glob that matches no option?).")
-    return combinations, swept
 
 
 def run_name(swept: list[str]) -> str:
@@ -137,8 +103,9 @@ def _launch(combo: Combination, launch: str | None) -> tuple[int, str | None, bo
     a SIGTERM arrived meanwhile)."""
     prefix = shlex.split(launch) if launch else [sys.executable]
     try:
-        proc = subprocess.Popen([*prefix, "-m", "pipeline", *combo.overrides], stderr=subprocess.PIPE, text=True,
-                                errors="replace")
+        proc = subprocess.Popen(
+            [*prefix, "-m", "pipeline", *combo.overrides], stderr=subprocess.PIPE, text=True, errors="replace"
+        )
     except OSError as e:
         return 127, f"error: could not start {prefix[0]} ({e.strerror or e}); check sweep.launch.", False
     error, terminated = None, []

@@ -5,8 +5,9 @@
     printf 'Write a function that reverses a list\n' | python scripts/chat.py runs/quickstart
 
 In a terminal: tokens stream as they are generated; /reset clears the conversation,
-/system TEXT sets the system prompt, /exit (or Ctrl-D) quits, Ctrl-C stops the answer being written. When stdin is not a terminal,
-every line is one user message and the answers go to stdout, so the script can be scripted.
+/system TEXT sets the system prompt, /exit (or Ctrl-D) quits, Ctrl-C stops the answer being
+written. When stdin is not a terminal, every line is one user message and the answers go to
+stdout, so the script can be scripted.
 A base (not fine-tuned) model gets plain completion mode: each message is continued as text.
 """
 
@@ -43,7 +44,7 @@ def context_window(model, tokenizer) -> int:
 def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], str]:
     """Drop the oldest turns (never the system prompt or the newest message) until the prompt fits."""
     system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     while True:
         prompt = format_prompt(tokenizer, system + turns, chat=True)
         if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget or len(turns) <= 1:
@@ -61,16 +62,26 @@ class StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def stream_answer(model, tokenizer, prompt: str, sampling: Sampling, out, chat: bool = True) -> tuple[str, int, float, bool]:
+def stream_answer(
+    model, tokenizer, prompt: str, sampling: Sampling, out, chat: bool = True
+) -> tuple[str, int, float, bool]:
     """Generate in a thread and print tokens as they arrive; returns (text, tokens, seconds,
     interrupted). Ctrl-C stops the generation itself, so the next turn never runs beside it; an
     error inside generation is raised here instead of leaving the stream waiting."""
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens(tokenizer, chat)).to(model.device)
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens(tokenizer, chat)).to(
+        model.device
+    )
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = Event()
     torch.manual_seed(sampling.seed)
-    kwargs = dict(**enc, **sampling.generate_kwargs(), streamer=streamer, eos_token_id=stop_ids(tokenizer, model),
-                  pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]))
+    kwargs = dict(
+        **enc,
+        **sampling.generate_kwargs(),
+        streamer=streamer,
+        eos_token_id=stop_ids(tokenizer, model),
+        pad_token_id=tokenizer.pad_token_id,
+        stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
+    )
     result = {}
 
     def work():
@@ -106,8 +117,10 @@ def stream_answer(model, tokenizer, prompt: str, sampling: Sampling, out, chat: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Streaming multi-turn chat in the terminal.",
-                                epilog="Commands: /reset, /system TEXT, /exit (or Ctrl-D).")
+    p = argparse.ArgumentParser(
+        description="Streaming multi-turn chat in the terminal.",
+        epilog="Commands: /reset, /system TEXT, /exit (or Ctrl-D).",
+    )
     p.add_argument("target", help="a run dir (runs/NAME), an HF model dir, or an adapter dir")
     p.add_argument("--adapter", help="a PEFT adapter dir to apply on the model")
     p.add_argument("--system", default=None, help="system prompt")
@@ -118,8 +131,12 @@ def main() -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--completion", action="store_true", help="plain completion mode even for chat models")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights; auto: the GPU's half precision, on a CPU fp32 or bf16, whichever generates faster")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="weights; auto: the GPU's half precision, on a CPU fp32 or bf16, whichever generates faster",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args()
 
@@ -130,16 +147,20 @@ def main() -> None:
         check_versions()
         choice = resolve_model(args.target, args.adapter)
         model, tokenizer = load_model(choice, args.trust_remote_code, args.dtype)
-        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                            args.repetition_penalty, args.seed)
+        sampling = Sampling(
+            args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed
+        )
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     chat = choice.chat and not args.completion and bool(tokenizer.chat_template)
     interactive = sys.stdin.isatty()
     budget = max(16, context_window(model, tokenizer) - args.max_new_tokens)
-    print(f"[{choice.describe()} | {'chat' if chat else 'completion'} mode | {model.device}]"
-          + (" /reset /system TEXT /exit" if interactive else ""), file=sys.stderr)
+    print(
+        f"[{choice.describe()} | {'chat' if chat else 'completion'} mode | {model.device}]"
+        + (" /reset /system TEXT /exit" if interactive else ""),
+        file=sys.stderr,
+    )
 
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:
@@ -160,8 +181,9 @@ def main() -> None:
             print("[conversation cleared]", file=sys.stderr)
             continue
         if text.startswith("/system"):
-            messages = [{"role": "system", "content": text[len("/system"):].strip()}] + [
-                m for m in messages if m["role"] != "system"]
+            messages = [{"role": "system", "content": text[len("/system") :].strip()}] + [
+                m for m in messages if m["role"] != "system"
+            ]
             print("[system prompt set]", file=sys.stderr)
             continue
         if chat:

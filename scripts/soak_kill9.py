@@ -36,9 +36,25 @@ def free_port() -> int:
 
 
 def launch(args: list[str], cwd: Path, processes: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "pipeline", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "pipeline",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -79,9 +95,18 @@ def main() -> None:
     corpus.mkdir(parents=True, exist_ok=True)
     for i, doc in enumerate(make_documents(120)):
         (corpus / f"{i}.txt").write_text(doc)
-    common = ["stage=pretrain", "data=text", f"data.paths=[{corpus}]", "tokenizer.vocab_size=320", "model=tiny",
-              "train=tiny", f"train.max_steps={a.steps}", "train.ckpt_every=4", "train.eval_every=0",
-              "train.log_every=10"]
+    common = [
+        "stage=pretrain",
+        "data=text",
+        f"data.paths=[{corpus}]",
+        "tokenizer.vocab_size=320",
+        "model=tiny",
+        "train=tiny",
+        f"train.max_steps={a.steps}",
+        "train.ckpt_every=4",
+        "train.eval_every=0",
+        "train.log_every=10",
+    ]
 
     ref = launch([*common, "run.name=ref"], work, a.processes)
     if ref.wait() != 0:
@@ -98,9 +123,18 @@ def main() -> None:
         if not finished:
             kill_tree(proc.pid)
         proc.wait()
-        print(json.dumps({"kill": k, "after_s": round(delay, 2), "killed": not finished,
-                          "newest_checkpoint": newest_checkpoint(run),
-                          "complete": (run / "pretrain/manifest.json").exists()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "kill": k,
+                    "after_s": round(delay, 2),
+                    "killed": not finished,
+                    "newest_checkpoint": newest_checkpoint(run),
+                    "complete": (run / "pretrain/manifest.json").exists(),
+                }
+            ),
+            flush=True,
+        )
         if finished:
             break
     final = launch([*common, "run.name=soak", "resume=auto"], work, a.processes)
@@ -110,8 +144,18 @@ def main() -> None:
     want = load_file(work / "runs/ref/pretrain/model/model.safetensors")
     diff = max((got[k] - v).abs().max().item() for k, v in want.items())
     ok = got.keys() == want.keys() and diff <= 1e-6
-    print(json.dumps({"kills": k, "steps": a.steps, "processes": a.processes, "max_abs_weight_diff": diff,
-                      "same_final_weights": ok, "workdir": str(work)}))
+    print(
+        json.dumps(
+            {
+                "kills": k,
+                "steps": a.steps,
+                "processes": a.processes,
+                "max_abs_weight_diff": diff,
+                "same_final_weights": ok,
+                "workdir": str(work),
+            }
+        )
+    )
     sys.exit(0 if ok else 1)
 
 

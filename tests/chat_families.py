@@ -38,28 +38,94 @@ class Family:
     config: dict = field(default_factory=dict)
 
 
-FAMILIES = {f.name: f for f in [
-    Family("llama3", "llama", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                                "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"], "<|eot_id|>",
-           bos="<|begin_of_text|>", eos="<|eot_id|>", adds_bos=True, template="llama3.jinja"),
-    Family("qwen2_5", "qwen2", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>",
-           eos="<|im_end|>", pad="<|endoftext|>", template="qwen2_5.jinja"),
-    Family("gemma", "gemma2", ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
-           "<end_of_turn>", bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", adds_bos=True, system=False,
-           template="gemma.jinja", config={"head_dim": 16, "query_pre_attn_scalar": 16}),
-    Family("mistral", "mistral", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "</s>",
-           bos="<s>", eos="</s>", unk="<unk>", adds_bos=True, tied=False, template="mistral.jinja"),
-    Family("phi3", "phi3", ["<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-           "<|end|>", bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>", unk="<unk>", tied=False,
-           template="phi3.jinja"),
-    Family("smollm2", "llama", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>",
-           bos="<|im_start|>", eos="<|im_end|>", pad="<|im_end|>", unk="<|endoftext|>", template="smollm2.jinja"),
-    Family("no_template", "llama", ["<|endoftext|>"], "<|end|>", eos="<|endoftext|>", tied=False),
-]}
+FAMILIES = {
+    f.name: f
+    for f in [
+        Family(
+            "llama3",
+            "llama",
+            [
+                "<|begin_of_text|>",
+                "<|end_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+                "<|eom_id|>",
+                "<|python_tag|>",
+            ],
+            "<|eot_id|>",
+            bos="<|begin_of_text|>",
+            eos="<|eot_id|>",
+            adds_bos=True,
+            template="llama3.jinja",
+        ),
+        Family(
+            "qwen2_5",
+            "qwen2",
+            ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            "<|im_end|>",
+            eos="<|im_end|>",
+            pad="<|endoftext|>",
+            template="qwen2_5.jinja",
+        ),
+        Family(
+            "gemma",
+            "gemma2",
+            ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+            "<end_of_turn>",
+            bos="<bos>",
+            eos="<eos>",
+            pad="<pad>",
+            unk="<unk>",
+            adds_bos=True,
+            system=False,
+            template="gemma.jinja",
+            config={"head_dim": 16, "query_pre_attn_scalar": 16},
+        ),
+        Family(
+            "mistral",
+            "mistral",
+            ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
+            "</s>",
+            bos="<s>",
+            eos="</s>",
+            unk="<unk>",
+            adds_bos=True,
+            tied=False,
+            template="mistral.jinja",
+        ),
+        Family(
+            "phi3",
+            "phi3",
+            ["<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+            "<|end|>",
+            bos="<s>",
+            eos="<|endoftext|>",
+            pad="<|endoftext|>",
+            unk="<unk>",
+            tied=False,
+            template="phi3.jinja",
+        ),
+        Family(
+            "smollm2",
+            "llama",
+            ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            "<|im_end|>",
+            bos="<|im_start|>",
+            eos="<|im_end|>",
+            pad="<|im_end|>",
+            unk="<|endoftext|>",
+            template="smollm2.jinja",
+        ),
+        Family("no_template", "llama", ["<|endoftext|>"], "<|end|>", eos="<|endoftext|>", tied=False),
+    ]
+}
 
 COLORS = "red green blue yellow black white orange purple brown grey".split()
-THINGS = ("apple sky grass sun coal snow carrot plum bark stone leaf river cloud door chair lamp book cup road "
-          "wall boat bird fish tree hat shoe").split()
+THINGS = (
+    "apple sky grass sun coal snow carrot plum bark stone leaf river cloud door chair lamp book cup road "
+    "wall boat bird fish tree hat shoe"
+).split()
 
 
 def conversations(n: int, seed: int = 0, system: bool = True) -> list[list[dict]]:
@@ -73,12 +139,16 @@ def conversations(n: int, seed: int = 0, system: bool = True) -> list[list[dict]
     out = []
     for i in range(n):
         thing = pick(THINGS)
-        conv = [{"role": "user", "content": f"What color is the {thing}?"},
-                {"role": "assistant", "content": f"The {thing} is {pick(COLORS)}."}]
+        conv = [
+            {"role": "user", "content": f"What color is the {thing}?"},
+            {"role": "assistant", "content": f"The {thing} is {pick(COLORS)}."},
+        ]
         if i % 3 == 1:
             other = pick(THINGS)
-            conv += [{"role": "user", "content": f"And the {other}?"},
-                     {"role": "assistant", "content": f"The {other} is {pick(COLORS)}."}]
+            conv += [
+                {"role": "user", "content": f"And the {other}?"},
+                {"role": "assistant", "content": f"The {other} is {pick(COLORS)}."},
+            ]
         if system and i % 4 == 2:
             conv.insert(0, {"role": "system", "content": "Answer in one short sentence."})
         out.append(conv)
@@ -96,18 +166,30 @@ def make_tokenizer(family: Family) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = make_documents(40) + [" ".join(m["content"] for m in c) for c in conversations(200)]
-    tok.train_from_iterator(text, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=family.special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=family.special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     if family.adds_bos:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B",
-            special_tokens=[(family.bos, tok.token_to_id(family.bos))])
+            single=f"{family.bos} $A",
+            pair=f"{family.bos} $A {family.bos} $B",
+            special_tokens=[(family.bos, tok.token_to_id(family.bos))],
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     roles = {"bos_token": family.bos, "eos_token": family.eos, "pad_token": family.pad, "unk_token": family.unk}
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, clean_up_tokenization_spaces=False,
-                                 **{k: v for k, v in roles.items() if v})
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=512,
+        clean_up_tokenization_spaces=False,
+        **{k: v for k, v in roles.items() if v},
+    )
     roles_named = {t for t in roles.values() if t}
     extra = [t for t in family.special if t not in roles_named]
     if extra:
@@ -122,12 +204,25 @@ def make_base(family: Family, path: Path, seed: int = 0) -> Path:
     plain HF dir (what a user's downloaded base looks like)."""
     tok = make_tokenizer(family)
     tok.save_pretrained(path)
-    ids = {k: tok.convert_tokens_to_ids(getattr(tok, f"{k}_token")) if getattr(tok, f"{k}_token") else None
-           for k in ("bos", "eos", "pad")}
+    ids = {
+        k: tok.convert_tokens_to_ids(getattr(tok, f"{k}_token")) if getattr(tok, f"{k}_token") else None
+        for k in ("bos", "eos", "pad")
+    }
     config = AutoConfig.for_model(
-        family.model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=family.tied,
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], **family.config)
+        family.model_type,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=family.tied,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        **family.config,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # init zeroes the padding_idx row; a pretrained model's is not (SmolLM2 pads with <|im_end|>)

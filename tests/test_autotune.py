@@ -9,8 +9,9 @@ import torch
 
 from pipeline.config.train import TrainSpec, parse_duration
 from pipeline.errors import PipelineError
-from pipeline.train import autotune, checkpoints, loop
+from pipeline.train import autotune, checkpoints, choices
 from pipeline.train.autotune import TimeBudget, measure_compile, measure_precision
+from pipeline.train.loss import CompiledOrEager, token_losses
 from tests.trainer_helpers import losses, make_trainer, tiny_model
 
 
@@ -56,30 +57,38 @@ def test_time_budget_fits_steps_evaluations_and_time_already_spent():
 
 
 def test_a_time_budget_decides_the_steps_once_and_a_resume_keeps_them(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=10**6, time_budget="8s", warmup_steps=6, ckpt_every=0, eval_every=0,
-                           log_every=5)
+    trainer = make_trainer(
+        tmp_path, max_steps=10**6, time_budget="8s", warmup_steps=6, ckpt_every=0, eval_every=0, log_every=5
+    )
     summary = trainer.fit()
     decided = summary["launch"]["time_budget"]["steps"]
-    assert summary["steps"] == decided and 6 < decided < 10**6 and summary["launch"]["time_budget"]["decided_at_step"] == 6
+    assert (
+        summary["steps"] == decided and 6 < decided < 10**6 and summary["launch"]["time_budget"]["decided_at_step"] == 6
+    )
     assert len(losses(trainer)) == -(-decided // 5)  # every 5 steps and the last
     stored = checkpoints.peek(trainer.ckpt_root, "test")
     assert stored["max_steps"] == decided and stored["precision"] == "no"
 
-    again = make_trainer(tmp_path, max_steps=10**6, time_budget="8s", warmup_steps=6, ckpt_every=0, eval_every=0,
-                         log_every=5)
-    assert again.spec.max_steps == decided and again.budget is None  # not measured again
+    again = make_trainer(
+        tmp_path, max_steps=10**6, time_budget="8s", warmup_steps=6, ckpt_every=0, eval_every=0, log_every=5
+    )
+    assert again.spec.max_steps == decided and again.choices.budget is None  # not measured again
 
 
 def test_auto_precision_is_measured_used_and_stored(tmp_path):
     trainer = make_trainer(tmp_path, mixed_precision="auto", max_steps=200, ckpt_every=0, eval_every=0)
-    choice = trainer.precision_choice
+    choice = trainer.choices.precision
     assert choice["measured"] and trainer.strategy.precision == choice["choice"]
     short = make_trainer(tmp_path / "short", mixed_precision="auto", max_steps=8)
-    assert not short.precision_choice["measured"] and short.strategy.precision == "no"
+    assert not short.choices.precision["measured"] and short.strategy.precision == "no"
     short.fit()
     assert checkpoints.peek(short.ckpt_root, "test")["precision"] == "no"
     pinned = make_trainer(tmp_path / "short", mixed_precision="auto", max_steps=8)
-    assert pinned.precision_choice == {"choice": "no", "measured": False, "reason": "as chosen at the start of this run"}
+    assert pinned.choices.precision == {
+        "choice": "no",
+        "measured": False,
+        "reason": "as chosen at the start of this run",
+    }
 
 
 def test_a_stored_precision_is_kept_only_on_the_same_kind_of_device(tmp_path):
@@ -89,25 +98,39 @@ def test_a_stored_precision_is_kept_only_on_the_same_kind_of_device(tmp_path):
     assert state["precision_device"] == "cpu"
     state_file.write_text(json.dumps(dict(state, precision="bf16", precision_device="cuda")))
     again = make_trainer(tmp_path, mixed_precision="auto", max_steps=8)
-    assert again.precision_choice.get("reason", "").startswith("run too short")  # decided afresh, not bf16
+    assert again.choices.precision.get("reason", "").startswith("run too short")  # decided afresh, not bf16
 
 
 def _losses_taking(seconds: float, model):
     """A stand-in for the training loss whose forward takes `seconds`."""
+
     def run():
         time.sleep(seconds)
         return model(torch.ones(2, 4)).squeeze(-1)
+
     return run
 
 
 def test_compile_is_chosen_when_it_measures_faster_and_leaves_no_gradients():
     model = torch.nn.Linear(4, 1)
-    faster = measure_compile(_losses_taking(0.03, model), _losses_taking(0.005, model), model, torch.device("cpu"),
-                             run_passes=10**6, run_seconds=None)
+    faster = measure_compile(
+        _losses_taking(0.03, model),
+        _losses_taking(0.005, model),
+        model,
+        torch.device("cpu"),
+        run_passes=10**6,
+        run_seconds=None,
+    )
     assert faster["choice"] and faster["measured"] and faster["seconds"]["compiled"] < faster["seconds"]["eager"]
     assert all(p.grad is None for p in model.parameters())
-    slower = measure_compile(_losses_taking(0.005, model), _losses_taking(0.03, model), model, torch.device("cpu"),
-                             run_passes=10**6, run_seconds=None)
+    slower = measure_compile(
+        _losses_taking(0.005, model),
+        _losses_taking(0.03, model),
+        model,
+        torch.device("cpu"),
+        run_passes=10**6,
+        run_seconds=None,
+    )
     assert slower["measured"] and not slower["choice"]
 
 
@@ -117,8 +140,9 @@ def test_compile_is_not_tried_in_a_run_too_short_to_repay_it():
     def never():
         raise AssertionError("compiled in a run too short to repay it")
 
-    short = measure_compile(_losses_taking(0.0, model), never, model, torch.device("cpu"), run_passes=10**6,
-                            run_seconds=240.0)  # the quickstart's 4 minutes: 5% is 12 s, a cold compile ~30 s
+    short = measure_compile(
+        _losses_taking(0.0, model), never, model, torch.device("cpu"), run_passes=10**6, run_seconds=240.0
+    )  # the quickstart's 4 minutes: 5% is 12 s, a cold compile ~30 s
     assert short["choice"] is False and "too short" in short["reason"]
 
 
@@ -132,17 +156,17 @@ def test_auto_compile_is_measured_once_and_a_resume_keeps_it(tmp_path, monkeypat
         compiled()  # what training will call, through the strategy
         return {"choice": True, "measured": True, "seconds": {"eager": 2.0, "compiled": 1.0}, "compile_seconds": 9.0}
 
-    monkeypatch.setattr(loop, "measure_compile", measured)
+    monkeypatch.setattr(choices, "measure_compile", measured)
     trainer = make_trainer(tmp_path, max_steps=8)
-    assert trainer.compile_choice["choice"] and trainer.strategy.compiled_losses is not None
+    assert trainer.choices.compile["choice"] and isinstance(trainer.loss, CompiledOrEager)
     summary = trainer.fit()
     assert summary["launch"]["compiled"] and summary["launch"]["compile_choice"]["seconds"]["compiled"] == 1.0
     assert checkpoints.peek(trainer.ckpt_root, "test")["compile"] is True
     again = make_trainer(tmp_path, max_steps=12)
-    assert len(calls) == 1 and again.compile_choice["reason"] == "as chosen at the start of this run"
-    assert again.strategy.compiled_losses is not None
+    assert len(calls) == 1 and again.choices.compile["reason"] == "as chosen at the start of this run"
+    assert isinstance(again.loss, CompiledOrEager)
     off = make_trainer(tmp_path / "off", max_steps=8, compile=False)
-    assert off.strategy.compiled_losses is None and len(calls) == 1  # an explicit value is obeyed
+    assert off.loss is token_losses and len(calls) == 1  # an explicit value is obeyed
 
 
 @pytest.mark.slow
@@ -162,15 +186,17 @@ def test_the_real_measurement_times_the_compiled_loss_in_training_mode(tmp_path,
     monkeypatch.setitem(autotune.COMPILE_PRIOR_SECONDS, "cpu", 0.0)
     monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: fn)  # eager twice: the decision is a near-tie
     modes = []
-    real = loop.token_losses
+    real = choices.token_losses
 
     def spy(model, batch, chunk=0):
         modes.append(model.training)
         return real(model, batch, chunk)
 
-    monkeypatch.setattr(loop, "token_losses", spy)
+    monkeypatch.setattr(choices, "token_losses", spy)
     trainer = make_trainer(tmp_path, max_steps=8)
     trainer.model.eval()  # as a from_pretrained base comes
-    choice = trainer._choose_compile(None)
-    assert choice["measured"] and set(modes) == {True} and len(modes) == 2 * (1 + 3)  # compile + timed passes, twice
+    choice, _ = choices.choose_compile(trainer.job, trainer.spec, trainer.strategy, trainer.model, None)
+    # Each measurement: 2 eager warm-up/first passes, the compile, 3 x (compiled + eager); once in
+    # building the launch, once here; every one in training mode.
+    assert choice["measured"] and set(modes) == {True} and len(modes) == 2 * (2 + 1 + 3 * 2)
     assert not trainer.model.training  # left as it was

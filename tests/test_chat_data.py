@@ -25,7 +25,10 @@ from pipeline.errors import PipelineError
 from pipeline.model.tokenizer import end_of_turn, to_hf_tokenizer, train_bpe
 from tests.conftest import make_documents
 
-SINGLE = [{"role": "user", "content": "add two numbers"}, {"role": "assistant", "content": "def add(a, b): return a + b"}]
+SINGLE = [
+    {"role": "user", "content": "add two numbers"},
+    {"role": "assistant", "content": "def add(a, b): return a + b"},
+]
 MULTI = [
     {"role": "system", "content": "be brief"},
     {"role": "user", "content": "first question"},
@@ -81,8 +84,15 @@ def test_shifted_examples_and_truncation_never_leave_an_empty_mask(tok):
 
 def tiny_llama(vocab):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=256, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -94,8 +104,11 @@ def test_packed_examples_do_not_attend_to_each_other(tok):
     row = rows[0]
     model = tiny_llama(len(tok))
     with torch.no_grad():
-        packed = model(input_ids=torch.tensor([row["input_ids"]]), position_ids=torch.tensor([row["position_ids"]]),
-                       use_cache=False).logits[0]
+        packed = model(
+            input_ids=torch.tensor([row["input_ids"]]),
+            position_ids=torch.tensor([row["position_ids"]]),
+            use_cache=False,
+        ).logits[0]
         offset = 0
         for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
             n = len(ex.input_ids)
@@ -119,8 +132,9 @@ def test_a_flattened_micro_batch_of_packed_rows_gives_the_rows_losses(tok):
     with torch.no_grad():
         by_row, one_row = samples.batch(0, len(rows)), flat.batch(0, len(rows))
         assert one_row["input_ids"].shape == (1, 64 * len(rows))
-        torch.testing.assert_close(token_losses(model, one_row).view(len(rows), 64), token_losses(model, by_row),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            token_losses(model, one_row).view(len(rows), 64), token_losses(model, by_row), rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.gpu
@@ -148,12 +162,15 @@ def test_padded_batches_mask_padding(tok):
     assert ((b["attention_mask"] == 0) <= (b["labels"] == IGNORE)).all()
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "message 0"),
-    ({"instruction": "x"}, "alpaca"),
-    ({"text": "x"}, "no 'messages' or 'instruction'"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "message 0"),
+        ({"instruction": "x"}, "alpaca"),
+        ({"text": "x"}, "no 'messages' or 'instruction'"),
+    ],
+)
 def test_bad_records_say_what_is_wrong(row, message):
     with pytest.raises(ValueError, match=message):
         to_messages(row, ChatDataSpec(source="jsonl"))
@@ -167,11 +184,15 @@ def test_alpaca_record_becomes_a_conversation():
 def test_jsonl_errors_name_file_and_line_or_skip(tmp_path):
     path = tmp_path / "chat.jsonl"
     good = json.dumps({"messages": SINGLE})
-    path.write_text("\n".join([good] * 30 + ["{broken", json.dumps({"messages": [{"role": "user", "content": "q"}]})]) + "\n")
+    path.write_text(
+        "\n".join([good] * 30 + ["{broken", json.dumps({"messages": [{"role": "user", "content": "q"}]})]) + "\n"
+    )
     with pytest.raises(PipelineError, match=r"chat.jsonl:31: not valid JSON"):
         load_conversations(ChatDataSpec(source="jsonl", paths=[str(path)], val_fraction=0.5))
     spec = ChatDataSpec(source="jsonl", paths=[str(path)], val_fraction=0.5, skip_bad=True)
-    varied = "\n".join(json.dumps({"messages": [SINGLE[0], {"role": "assistant", "content": f"a{i}"}]}) for i in range(30))
+    varied = "\n".join(
+        json.dumps({"messages": [SINGLE[0], {"role": "assistant", "content": f"a{i}"}]}) for i in range(30)
+    )
     path.write_text(varied + "\n{broken\n")
     train, val, counts = load_conversations(spec)
     assert counts["bad"] == 1 and len(train) + len(val) == 30
@@ -208,9 +229,9 @@ def test_the_answer_keeps_the_signature_and_body_and_cuts_the_docstring_to_its_s
     code = _with_summary_docstring(source.splitlines(keepends=True), node, "Add a and b.")
     assert code == 'def f(self, a,\n      b=1):\n    """Add a and b."""\n    # why\n    return a + b'
     only_doc = ast.parse('def g():\n    """Doc only."""\n').body[0]
-    assert _with_summary_docstring(['def g():\n', '    """Doc only."""\n'], only_doc, "Doc only.") is None
+    assert _with_summary_docstring(["def g():\n", '    """Doc only."""\n'], only_doc, "Doc only.") is None
     quote = ast.parse('def h():\n    """Ends in a quote\\""""\n    return 1\n').body[0]
-    lines = ['def h():\n', '    """Ends in a quote\\""""\n', '    return 1\n']
+    lines = ["def h():\n", '    """Ends in a quote\\""""\n', "    return 1\n"]
     assert _with_summary_docstring(lines, quote, 'Ends in a quote"') is None  # would not parse
 
 
@@ -222,8 +243,9 @@ def test_stdlib_validation_answers_come_from_the_pretraining_validation_files_on
 
     spec = ChatDataSpec(source="stdlib", max_val_examples=10**6)
     assert spec.val_fraction == CorpusSpec().val_fraction  # the same split rule and share as the corpus
-    from_val_files = [conv for text, conv in stdlib_conversations_by_file(spec.max_code_chars)
-                      if is_val(text, spec.val_fraction)]
+    from_val_files = [
+        conv for text, conv in stdlib_conversations_by_file(spec.max_code_chars) if is_val(text, spec.val_fraction)
+    ]
     train, val, _ = load_conversations(spec)
     assert val == from_val_files and len(val) > 50
     assert all(len(c[1]["content"]) <= spec.max_code_chars for c in train + val)

@@ -74,9 +74,13 @@ def test_each_answer_and_its_end_of_turn_is_trained_after_the_prompt_generation_
 
 def test_mistral_system_prompt_trains_each_turn_as_its_own_prompt():
     tok = make_tokenizer(FAMILIES["mistral"])
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
-            {"role": "assistant", "content": "Bye."}]
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye?"},
+        {"role": "assistant", "content": "Bye."},
+    ]
     # Its template writes the system prompt into the last user turn, so no single rendering
     # holds both turns with the prompts generation sees: one example per turn.
     out = build_examples(tok, [conv], 128, "</s>")
@@ -87,8 +91,11 @@ def test_mistral_system_prompt_trains_each_turn_as_its_own_prompt():
 
 def test_template_refusals_and_mismatches_are_named(tmp_path):
     gemma = make_tokenizer(FAMILIES["gemma"])
-    with_system = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-                   {"role": "assistant", "content": "a"}]
+    with_system = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
     plain = with_system[1:]
     with pytest.raises(PipelineError, match=r"refuses conversation 0 \(System role not supported\).*skip_bad"):
         build_examples(gemma, [with_system, plain], 64, "<end_of_turn>", "gemma-base")
@@ -96,7 +103,9 @@ def test_template_refusals_and_mismatches_are_named(tmp_path):
     assert out.refused == 1 and len(out.examples) == 1
     shouting = make_tokenizer(FAMILIES["phi3"])
     shouting.chat_template = shouting.chat_template.replace("+ message['content'] +", "+ message['content'] | upper +")
-    with pytest.raises(PipelineError, match=r"does not render message 1 \(an assistant turn\) of conversation 0.*generation"):
+    with pytest.raises(
+        PipelineError, match=r"does not render message 1 \(an assistant turn\) of conversation 0.*generation"
+    ):
         build_examples(shouting, [plain], 64, "<|end|>", "phi-shouting")
 
 
@@ -104,8 +113,12 @@ def test_base_without_template_gets_tokens_whose_rows_start_meaningful_and_train
     base = make_base(FAMILIES["no_template"], tmp_path / "base")
     spec = FinetuneSpec(base=str(base))
     model, tok, template, added = load_chat_base(str(base), spec)
-    assert template == "pipeline" and tok.convert_ids_to_tokens(added) == ["<|end|>", "<|system|>", "<|user|>",
-                                                                         "<|assistant|>"]
+    assert template == "pipeline" and tok.convert_ids_to_tokens(added) == [
+        "<|end|>",
+        "<|system|>",
+        "<|user|>",
+        "<|assistant|>",
+    ]
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert emb.shape[0] == head.shape[0] == len(tok)
     end = tok.convert_tokens_to_ids("<|end|>")
@@ -127,10 +140,13 @@ def test_base_without_template_gets_tokens_whose_rows_start_meaningful_and_train
     assert set(changed) <= set(added) and end in changed
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"quantize": "8bit"}, "unknown; use 4bit"),
-    ({"quantize": "4bit", "method": "full"}, "set finetune.method=lora"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"quantize": "8bit"}, "unknown; use 4bit"),
+        ({"quantize": "4bit", "method": "full"}, "set finetune.method=lora"),
+    ],
+)
 def test_quantize_options_are_checked(spec, message):
     with pytest.raises(PipelineError, match=message):
         FinetuneSpec(**spec)
@@ -149,11 +165,23 @@ def test_family_recipe_fine_tunes_a_tiny_model_to_end_its_turns(name, tmp_path):
     family = FAMILIES[name]
     base = make_base(family, tmp_path / "base")
     data = write_chats(tmp_path / "chat.jsonl", conversations(300, system=family.system))
-    run_cli(f"recipe={RECIPES.get(name, 'lora_' + name)}", "run.name=ft", f"finetune.base={base}",
-            f"finetune.data.paths=[{data}]", "finetune.train.max_steps=300", "finetune.train.lr=5e-3",
-            "finetune.train.warmup_steps=5", "finetune.train.seq_len=96", "finetune.train.micro_batch_size=16",
-            "finetune.train.batch_tokens=1536", "finetune.train.mixed_precision=no", "finetune.train.eval_every=0",
-            "finetune.train.ckpt_every=1000", "finetune.packing=false", cwd=tmp_path)
+    run_cli(
+        f"recipe={RECIPES.get(name, 'lora_' + name)}",
+        "run.name=ft",
+        f"finetune.base={base}",
+        f"finetune.data.paths=[{data}]",
+        "finetune.train.max_steps=300",
+        "finetune.train.lr=5e-3",
+        "finetune.train.warmup_steps=5",
+        "finetune.train.seq_len=96",
+        "finetune.train.micro_batch_size=16",
+        "finetune.train.batch_tokens=1536",
+        "finetune.train.mixed_precision=no",
+        "finetune.train.eval_every=0",
+        "finetune.train.ckpt_every=1000",
+        "finetune.packing=false",
+        cwd=tmp_path,
+    )
     facts = json.loads((tmp_path / "runs/ft/finetune/manifest.json").read_text())["facts"]
     assert facts["end_of_turn"] == family.eot and facts["final_val_loss"] < facts["initial_val_loss"]
 
@@ -163,9 +191,10 @@ def test_family_recipe_fine_tunes_a_tiny_model_to_end_its_turns(name, tmp_path):
         model, tok = load_model(resolve_model(str(tmp_path / "runs/ft/finetune" / target)))
         texts = [format_prompt(tok, p, chat=True) for p in prompts]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=stop_ids(tok, model),
-                             pad_token_id=tok.pad_token_id)
-        outputs[target] = out[:, enc["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **enc, max_new_tokens=24, do_sample=False, eos_token_id=stop_ids(tok, model), pad_token_id=tok.pad_token_id
+        )
+        outputs[target] = out[:, enc["input_ids"].shape[1] :].tolist()
     assert outputs["merged"] == outputs["adapter"]
     with safe_open(tmp_path / "runs/ft/finetune/adapter/adapter_model.safetensors", "pt") as f:
         whole_layers = [k for k in f.keys() if k.endswith(("embed_tokens.weight", "lm_head.weight"))]
@@ -194,10 +223,20 @@ def test_qlora_recipe_trains_a_4bit_base_and_writes_a_full_merged_model(tmp_path
     pytest.importorskip("bitsandbytes")
     base = make_base(FAMILIES["qwen2_5"], tmp_path / "base")
     data = write_chats(tmp_path / "chat.jsonl", conversations(200))
-    run_cli("recipe=lora_qwen2_5", "run.name=q", f"finetune.base={base}", f"finetune.data.paths=[{data}]",
-            "finetune.quantize=4bit", "finetune.train.max_steps=30", "finetune.train.lr=5e-3",
-            "finetune.train.seq_len=96", "finetune.train.micro_batch_size=16", "finetune.train.batch_tokens=1536",
-            "finetune.train.eval_every=0", cwd=tmp_path)
+    run_cli(
+        "recipe=lora_qwen2_5",
+        "run.name=q",
+        f"finetune.base={base}",
+        f"finetune.data.paths=[{data}]",
+        "finetune.quantize=4bit",
+        "finetune.train.max_steps=30",
+        "finetune.train.lr=5e-3",
+        "finetune.train.seq_len=96",
+        "finetune.train.micro_batch_size=16",
+        "finetune.train.batch_tokens=1536",
+        "finetune.train.eval_every=0",
+        cwd=tmp_path,
+    )
     facts = json.loads((tmp_path / "runs/q/finetune/manifest.json").read_text())["facts"]
     assert facts["final_val_loss"] < facts["initial_val_loss"]
     merged = json.loads((tmp_path / "runs/q/finetune/merged/config.json").read_text())
@@ -223,9 +262,11 @@ def test_template_tokens_a_base_never_trained_start_from_related_rows_and_train(
 
 def test_a_prompt_ending_in_a_space_is_tokenized_as_generation_sees_it():
     tok = make_tokenizer(FAMILIES["phi3"])
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
-                         "{% else %}Assistant: {{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}Assistant: {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+        "{% else %}Assistant: {{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}Assistant: {% endif %}"
+    )
     conv = [{"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "The sky is red."}]
     whole = tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
     assert "ĠThe" in tok.convert_ids_to_tokens(whole)  # one token across the prompt's end

@@ -28,8 +28,13 @@ def chat_script():
 @pytest.fixture(scope="module")
 def tiny_chat_model():
     tok = to_hf_tokenizer(train_bpe(make_documents(40), 300), 256)
-    config = hf_config(ModelSpec(d_model=32, n_layer=2, n_head=4, d_ff=64, max_seq_len=256), len(tok),
-                       tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    config = hf_config(
+        ModelSpec(d_model=32, n_layer=2, n_head=4, d_ff=64, max_seq_len=256),
+        len(tok),
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     return build_model(config, 0).eval(), tok
 
 
@@ -83,13 +88,16 @@ def test_completion_mode_starts_with_bos_where_the_tokenizer_adds_one(tiny_chat_
     assert add_special_tokens(llama_like, chat=False) and not add_special_tokens(llama_like, chat=True)
     prompt = format_prompt(llama_like, "def f", chat=False)
     assert llama_like(prompt, add_special_tokens=add_special_tokens(llama_like, False))["input_ids"][0] == bos_id
-    raw.post_processor = processors.TemplateProcessing(single="<|bos|> $A <|eos|>", special_tokens=[
-        ("<|bos|>", bos_id), ("<|eos|>", raw.token_to_id("<|eos|>"))])
+    raw.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A <|eos|>", special_tokens=[("<|bos|>", bos_id), ("<|eos|>", raw.token_to_id("<|eos|>"))]
+    )
     adds_eos_too = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|bos|>", eos_token="<|eos|>")
     assert not add_special_tokens(adds_eos_too, chat=False)  # never an EOS after the prompt
 
 
 def test_too_old_transformers_is_refused_with_the_fix():
-    with pytest.raises(PipelineError, match=r"transformers 4\.50\.1 is installed .* pip install -U 'transformers>=4\.56'"):
+    with pytest.raises(
+        PipelineError, match=r"transformers 4\.50\.1 is installed .* pip install -U 'transformers>=4\.56'"
+    ):
         check_versions(lambda package: "4.50.1")
     check_versions(lambda package: "4.56.0")

@@ -22,9 +22,17 @@ from pipeline.train.loss import (
 from tests.trainer_helpers import losses, make_trainer
 
 VOCAB, HIDDEN, CHUNK = 97, 32, 7  # 2 x 13 = 26 positions: chunks of 7, 7, 7 and 5
-DECODER = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
-               eos_token_id=None)
+DECODER = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=None,
+    bos_token_id=None,
+    eos_token_id=None,
+)
 CONFIGS = {
     "llama": lambda **kw: transformers.LlamaConfig(**DECODER, **kw),
     "mistral": lambda **kw: transformers.MistralConfig(**DECODER, **kw),
@@ -99,11 +107,14 @@ def test_chunked_equals_plain_through_ddp(tmp_path, find_unused_parameters):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("tied, head_targets, new_tokens, head_type", [
-    (True, [], [3, 4], "TrainableTokensWrapper"),  # rows of added tokens trained in the tied embedding
-    (False, [], [3, 4], "TrainableTokensWrapper"),  # ... and in the untied head
-    (False, ["lm_head"], None, "Linear"),  # LoRA on the head (PEFT's lora.Linear)
-])
+@pytest.mark.parametrize(
+    "tied, head_targets, new_tokens, head_type",
+    [
+        (True, [], [3, 4], "TrainableTokensWrapper"),  # rows of added tokens trained in the tied embedding
+        (False, [], [3, 4], "TrainableTokensWrapper"),  # ... and in the untied head
+        (False, ["lm_head"], None, "Linear"),  # LoRA on the head (PEFT's lora.Linear)
+    ],
+)
 def test_chunked_equals_plain_under_peft_wrappers_of_the_head(tied, head_targets, new_tokens, head_type):
     spec = LoraSpec(r=2, dropout=0.0, target_modules=["q_proj", "v_proj", *head_targets])
     model = apply_lora(tiny("llama", tie_word_embeddings=tied), spec, new_token_ids=new_tokens)
@@ -116,11 +127,15 @@ def test_chunked_equals_plain_under_peft_wrappers_of_the_head(tied, head_targets
     assert_chunked_equals_plain(model, packed_batch())
 
 
-@pytest.mark.parametrize("make", [
-    lambda: transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
-        **DECODER, head_dim=8, vocab_size=VOCAB, final_logit_softcapping=30.0)),
-    lambda: tiny("llama", logit_scale=0.5),  # an allow-listed type whose config names a logit modifier
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: transformers.AutoModelForCausalLM.from_config(
+            transformers.Gemma2Config(**DECODER, head_dim=8, vocab_size=VOCAB, final_logit_softcapping=30.0)
+        ),
+        lambda: tiny("llama", logit_scale=0.5),  # an allow-listed type whose config names a logit modifier
+    ],
+)
 def test_models_that_modify_their_logits_take_the_plain_path(make):
     model = make()
     plain, _, _ = losses_and_grads(model, packed_batch(), 0)

@@ -50,8 +50,15 @@ def test_one_text_file_just_works_and_separators_take_escapes(tmp_path, text_cor
     run_cli("stage=prepare", "run.name=book", "data=text", f"data.paths=[{book}]", *TINY, cwd=tmp_path)
     facts = manifest(tmp_path / "runs" / "book", "data")["facts"]
     assert facts["train"]["docs"] == facts["val"]["docs"] == 1 and facts["val"]["tokens"] > 0
-    run_cli("stage=prepare", "run.name=cut", "data=text", f"data.paths=[{book}]", "data.separator='\\n\\n'", *TINY,
-            cwd=tmp_path)
+    run_cli(
+        "stage=prepare",
+        "run.name=cut",
+        "data=text",
+        f"data.paths=[{book}]",
+        "data.separator='\\n\\n'",
+        *TINY,
+        cwd=tmp_path,
+    )
     assert manifest(tmp_path / "runs" / "cut", "data")["facts"]["train"]["docs"] > 100
 
 
@@ -68,17 +75,20 @@ def test_corrupt_tokenizer_is_refused(tmp_path, text_corpus):
     assert_clear_error(proc, "tokenizer is corrupt", "tokenizer.json", "force=true")
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["data=text", "data.paths=[missing_dir/]"], ["missing_dir", "matches no file"]),
-    (["data=text", "data.paths=[empty/]"], ["empty", "has no files"]),
-    (["data=text", "data.paths=[empty.txt]"], ["contains no text"]),
-    (["data=jsonl", "data.paths=[bad.jsonl]"], ["bad.jsonl:2", "not valid JSON"]),
-    (["data=text"], ["data.paths is empty"]),
-    (["tokenizer.vocab_sise=100"], ["tokenizer.vocab_sise", "no such config key"]),
-    (["data=csv"], ["config error", "data/csv"]),
-    (["recipe=nope"], ["no recipe named 'nope'"]),
-    (["stage=train"], ["stage=train is unknown"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["data=text", "data.paths=[missing_dir/]"], ["missing_dir", "matches no file"]),
+        (["data=text", "data.paths=[empty/]"], ["empty", "has no files"]),
+        (["data=text", "data.paths=[empty.txt]"], ["contains no text"]),
+        (["data=jsonl", "data.paths=[bad.jsonl]"], ["bad.jsonl:2", "not valid JSON"]),
+        (["data=text"], ["data.paths is empty"]),
+        (["tokenizer.vocab_sise=100"], ["tokenizer.vocab_sise", "no such config key"]),
+        (["data=csv"], ["config error", "data/csv"]),
+        (["recipe=nope"], ["no recipe named 'nope'"]),
+        (["stage=train"], ["stage=train is unknown"]),
+    ],
+)
 def test_bad_input_gives_one_clear_line(tmp_path, args, needles):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty.txt").write_text("")
@@ -95,7 +105,9 @@ def test_help_and_cfg(tmp_path):
 
 def test_user_recipe_file(tmp_path, text_corpus):
     recipe = tmp_path / "mine.yaml"
-    recipe.write_text(f"defaults:\n  - config\n  - override data: text\n  - _self_\n"
-                      f"run:\n  name: mine\ndata:\n  paths: [{text_corpus}]\ntokenizer:\n  vocab_size: 310\n")
+    recipe.write_text(
+        f"defaults:\n  - config\n  - override data: text\n  - _self_\n"
+        f"run:\n  name: mine\ndata:\n  paths: [{text_corpus}]\ntokenizer:\n  vocab_size: 310\n"
+    )
     out = run_cli(f"recipe={recipe}", "--cfg", cwd=tmp_path).stdout
     assert "name: mine" in out and "vocab_size: 310" in out and "source: text" in out

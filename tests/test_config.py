@@ -7,8 +7,12 @@ from pipeline.config.compose import CONF_DIR, RECIPES_DIR, compose_config
 from pipeline.errors import PipelineError
 from tests.conftest import assert_clear_error, run_cli
 
-GROUP_OPTIONS = [(g.name, p.stem) for g in sorted(CONF_DIR.iterdir()) if g.is_dir() and g.name != "accelerate"
-                 for p in sorted(g.glob("*.yaml"))]
+GROUP_OPTIONS = [
+    (g.name, p.stem)
+    for g in sorted(CONF_DIR.iterdir())
+    if g.is_dir() and g.name != "accelerate"
+    for p in sorted(g.glob("*.yaml"))
+]
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
@@ -24,25 +28,28 @@ def test_every_group_option_composes(group, option):
     assert getattr(specs, group) is not None
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.decay=cosin", "train.decay"),
-    ("train.mixed_precision=fp8", "train.mixed_precision"),
-    ("finetune.train.time_budget=6", "finetune.train.time_budget"),
-    ("data.max_docs=0", "data.max_docs"),
-    ("prepare.shard_bytes=0", "prepare.shard_bytes"),
-    ("train.batch_tokens=1000", "train.batch_tokens"),
-    ("finetune.train.lr=-1", "finetune.train.lr"),
-    ("finetune.lora.r=0", "finetune.lora.r"),
-    ("finetune.method=qlora", "finetune.method"),
-    ("finetune.data.format=csv", "finetune.data.format"),
-    ("model.n_head=3", "model.d_model"),
-    ("train.seq_len=2048", "model.max_seq_len"),
-    ("generate.top_p=2", "generate.top_p"),
-    ("generate.chat=maybe", "generate.chat"),
-    ("tokenizer.vocab_size=100", "tokenizer.vocab_size"),
-    ("data.val_fraction=1.5", "data.val_fraction"),
-    ("resume=sometimes", "resume"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.decay=cosin", "train.decay"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("finetune.train.time_budget=6", "finetune.train.time_budget"),
+        ("data.max_docs=0", "data.max_docs"),
+        ("prepare.shard_bytes=0", "prepare.shard_bytes"),
+        ("train.batch_tokens=1000", "train.batch_tokens"),
+        ("finetune.train.lr=-1", "finetune.train.lr"),
+        ("finetune.lora.r=0", "finetune.lora.r"),
+        ("finetune.method=qlora", "finetune.method"),
+        ("finetune.data.format=csv", "finetune.data.format"),
+        ("model.n_head=3", "model.d_model"),
+        ("train.seq_len=2048", "model.max_seq_len"),
+        ("generate.top_p=2", "generate.top_p"),
+        ("generate.chat=maybe", "generate.chat"),
+        ("tokenizer.vocab_size=100", "tokenizer.vocab_size"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("resume=sometimes", "resume"),
+    ],
+)
 def test_a_bad_value_is_refused_at_compose_time_naming_its_key(override, key):
     with pytest.raises(PipelineError, match=key.replace(".", r"\.")):
         compose_config([override])

@@ -18,8 +18,15 @@ def losses(run):
 
 
 def test_two_process_launch_matches_one_process(tmp_path, text_corpus):
-    args = ["stage=pretrain", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny", "train=tiny",
-            "train.micro_batch_size=auto"]
+    args = [
+        "stage=pretrain",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        "train.micro_batch_size=auto",
+    ]
     run_cli(*args, "run.name=one", cwd=tmp_path)
     one, two = tmp_path / "runs/one", tmp_path / "runs/two"
     for stage in ("tokenizer", "data"):  # same upstream artifacts, so only training differs

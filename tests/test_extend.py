@@ -20,7 +20,11 @@ def test_extending_a_wsd_run_redoes_its_cooldown_and_equals_the_longer_run(tmp_p
     straight = make_trainer(tmp_path / "straight", max_steps=30, **WSD)
     straight.fit()
     make_trainer(tmp_path / "run", max_steps=20, **WSD).fit()  # cooldown from step 16: checkpointed there
-    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["step_000010", "step_000016", "step_000020"]
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == [
+        "step_000010",
+        "step_000016",
+        "step_000020",
+    ]
 
     extended = make_trainer(tmp_path / "run", max_steps=30, **WSD)
     assert extended.fit()["start_step"] == 16
@@ -69,17 +73,24 @@ def test_pruning_keeps_other_configs_checkpoints_and_this_runs_fresh_ones(tmp_pa
     other = make_trainer(tmp_path, max_steps=6, ckpt_every=2, lr=1e-3)
     other.job.fingerprint = "another config"
     assert other.fit()["start_step"] == 0
-    names = {p.name: json.loads((p / "trainer_state.json").read_text())["fingerprint"]
-             for p in (tmp_path / "checkpoints").iterdir()}
+    names = {
+        p.name: json.loads((p / "trainer_state.json").read_text())["fingerprint"]
+        for p in (tmp_path / "checkpoints").iterdir()
+    }
     # Before: pruning by name kept the old run's 8 and 12 and deleted each fresh checkpoint.
-    assert names == {"step_000004": "another config", "step_000006": "another config",
-                     "step_000008": "test", "step_000012": "test"}
+    assert names == {
+        "step_000004": "another config",
+        "step_000006": "another config",
+        "step_000008": "test",
+        "step_000012": "test",
+    }
 
 
 def test_intervals_step_counts_and_micro_batch_leave_the_checkpoint_fingerprint():
     train = TrainSpec(max_steps=100, log_every=5, eval_every=50, ckpt_every=10, micro_batch_size=4).__dict__
-    other = TrainSpec(max_steps=300, log_every=1, eval_every=20, ckpt_every=25, micro_batch_size=8,
-                      time_budget="5min").__dict__
+    other = TrainSpec(
+        max_steps=300, log_every=1, eval_every=20, ckpt_every=25, micro_batch_size=8, time_budget="5min"
+    ).__dict__
     assert math_only({"train": train, "seed": 1}) == math_only({"train": other, "seed": 1})
     assert math_only({"train": train}) != math_only({"train": {**train, "lr": 1e-4}})
     assert math_only({"train": train}) != math_only({"train": {**train, "decay": "wsd"}})
@@ -87,8 +98,16 @@ def test_intervals_step_counts_and_micro_batch_leave_the_checkpoint_fingerprint(
 
 @pytest.mark.slow
 def test_raising_max_steps_of_a_finished_wsd_pretrain_resumes_before_its_cooldown(tmp_path, text_corpus):
-    args = ["stage=pretrain", "run.name=x", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny",
-            "train=tiny", "train.decay=wsd"]
+    args = [
+        "stage=pretrain",
+        "run.name=x",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        "train.decay=wsd",
+    ]
     run_cli(*args, cwd=tmp_path)
     run_cli(*args, "train.max_steps=30", "train.log_every=3", "train.eval_every=15", cwd=tmp_path)
     facts = json.loads((tmp_path / "runs/x/pretrain/manifest.json").read_text())["facts"]

@@ -13,7 +13,7 @@ from pipeline.train.preflight import (
     divisors_desc,
     find_micro_batch,
     memory_table,
-    report,
+    preflight_lines,
 )
 from pipeline.train.strategy import to_device
 from tests.trainer_helpers import losses, make_trainer
@@ -39,14 +39,24 @@ def test_activation_checkpointing_and_half_precision_shrink_activations():
 
 
 def test_report_gives_time_only_with_a_known_peak():
-    args = dict(params=124_000_000, trainable=124_000_000, flops_per_token=8.5e8, n_layer=12, d_model=768,
-                vocab=50304, micro_tokens=16 * 1024, world=8, half=True, checkpointing=False,
-                budget_tokens=2_600_000_000)
-    gpu = report(**args, peak_flops=989e12)
+    args = dict(
+        params=124_000_000,
+        trainable=124_000_000,
+        flops_per_token=8.5e8,
+        n_layer=12,
+        d_model=768,
+        vocab=50304,
+        micro_tokens=16 * 1024,
+        world=8,
+        half=True,
+        checkpointing=False,
+        budget_tokens=2_600_000_000,
+    )
+    gpu = preflight_lines(**args, peak_flops=989e12)
     assert len(gpu) == 3 and "h at 40% MFU" in gpu[2]
     hours = float(gpu[2].split("~")[1].split(" h")[0])
     assert hours == pytest.approx(2.6e9 * 8.5e8 / (0.4 * 989e12 * 8) / 3600, rel=0.01)
-    assert len(report(**args, peak_flops=None)) == 2
+    assert len(preflight_lines(**args, peak_flops=None)) == 2
 
 
 def test_find_micro_batch_backs_off_on_oom():
@@ -83,6 +93,7 @@ def test_failed_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):
     def broken_compile(model, *a, **k):
         def run(*args, **kwargs):
             raise RuntimeError("inductor: no C++ compiler found")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -103,7 +114,7 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 
 
 def test_gpu_peak_flops_and_precision_choice(monkeypatch):
-    from pipeline.train.strategy import resolve_mixed_precision
+    from pipeline.device import resolve_mixed_precision
     from pipeline.train.throughput import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
@@ -119,7 +130,10 @@ def test_gpu_peak_flops_and_precision_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_mixed_precision("auto") == "bf16"
     assert resolve_mixed_precision("no") == "no"
-    assert (best_device(), DTYPES[half_precision(best_device())]) == (torch.device("cuda"), torch.bfloat16)  # generation too
+    assert (best_device(), DTYPES[half_precision(best_device())]) == (
+        torch.device("cuda"),
+        torch.bfloat16,
+    )  # generation too
 
 
 def test_gpu_batches_are_copied_from_pinned_memory_without_blocking(monkeypatch):
@@ -166,8 +180,9 @@ def test_frozen_weights_cost_4_flops_per_token_trained_ones_6():
     model = tiny_model()
     cfg = model.config
     attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * 32
-    matmul = sum(p.numel() for p in model.parameters()) - (0 if cfg.tie_word_embeddings else
-                                                           model.get_input_embeddings().weight.numel())
+    matmul = sum(p.numel() for p in model.parameters()) - (
+        0 if cfg.tie_word_embeddings else model.get_input_embeddings().weight.numel()
+    )
     assert flops_per_token(model, 32) == 6 * matmul + attention
     for p in model.parameters():
         p.requires_grad_(False)

@@ -59,7 +59,7 @@ def test_one_pass_writes_both_splits_with_the_tokens_of_each_document(tmp_path):
 def test_a_long_document_encoded_in_pieces_gives_the_tokens_of_the_whole():
     doc = "".join(take_bytes(iter_documents(CorpusSpec()), 1_500_000))  # real text: code, prose, unicode
     doc += "\u00e9t\u00e9 \u4e2d\u6587\n  \n\t x\n" * 50 + "x" * 30_000  # non-ASCII, whitespace runs, no line break
-    tok = train_bpe([doc[i:i + 5000] for i in range(0, len(doc), 5000)], 2000)
+    tok = train_bpe([doc[i : i + 5000] for i in range(0, len(doc), 5000)], 2000)
     cut = pieces(doc, 10_000)
     assert len(cut) > 100 and "".join(cut) == doc
     whole = tok.encode(doc, add_special_tokens=False).ids
@@ -72,7 +72,9 @@ def test_a_long_document_encoded_in_pieces_gives_the_tokens_of_the_whole():
 
 def shard_bytes(data_dir):
     index = json.loads((data_dir / "index.json").read_text())
-    return index["splits"], {s["file"]: (data_dir / s["file"]).read_bytes() for p in index["splits"].values() for s in p}
+    return index["splits"], {
+        s["file"]: (data_dir / s["file"]).read_bytes() for p in index["splits"].values() for s in p
+    }
 
 
 KILL_IN_CHUNK = """
@@ -96,8 +98,13 @@ def test_killed_prepare_resumes_at_the_chunk_it_was_writing(tmp_path, text_corpu
     ref = shard_bytes(tmp_path / "runs/a/data")
     assert manifest_facts(tmp_path / "runs/a/data")["chunks"] > 6
 
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_CHUNK, *args, "run.name=b"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_IN_CHUNK, *args, "run.name=b"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     data = tmp_path / "runs/b/data"
     assert (data / "train_00003.bin.partial").exists() and not (data / "manifest.json").exists()
@@ -125,4 +132,7 @@ def test_two_processes_each_tokenize_their_chunks_into_the_same_shards(tmp_path,
     facts = manifest_facts(two)
     assert facts["processes"] == 2 and facts["chunks"] > 6
     assert facts["chunks_by_rank"] == [(facts["chunks"] + 1) // 2, facts["chunks"] // 2]  # rank r: chunks r, r+2, ...
-    assert json.loads((two / "manifest.json").read_text())["files"] == json.loads((one / "manifest.json").read_text())["files"]
+    assert (
+        json.loads((two / "manifest.json").read_text())["files"]
+        == json.loads((one / "manifest.json").read_text())["files"]
+    )

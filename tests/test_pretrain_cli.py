@@ -20,8 +20,16 @@ pytestmark = pytest.mark.slow
 
 
 def pretrain_args(corpus, name="t", *extra):
-    return ["stage=pretrain", f"run.name={name}", "data=text", f"data.paths=[{corpus}]", *TINY,
-            "model=tiny", "train=tiny", *extra]
+    return [
+        "stage=pretrain",
+        f"run.name={name}",
+        "data=text",
+        f"data.paths=[{corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        *extra,
+    ]
 
 
 def test_pretrain_writes_a_loadable_model_and_skips_when_up_to_date(tmp_path, text_corpus):
@@ -69,8 +77,9 @@ def test_kill_9_mid_checkpoint_resumes_from_previous_and_matches(tmp_path, text_
     ref = load_file(tmp_path / "runs/a/pretrain/model/model.safetensors")
 
     args_b = pretrain_args(text_corpus, "b", "train.max_steps=30")
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, *args_b], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_IN_CHECKPOINT, *args_b], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     ckpts = tmp_path / "runs/b/pretrain/checkpoints"
     assert (ckpts / ".tmp-step_000020").is_dir() and not (ckpts / "step_000020").exists()
@@ -84,8 +93,9 @@ def test_kill_9_mid_checkpoint_resumes_from_previous_and_matches(tmp_path, text_
 
 
 def test_seq_len_beyond_model_positions_is_refused(tmp_path, text_corpus):
-    proc = run_cli(*pretrain_args(text_corpus, "t", "train.seq_len=512", "train.batch_tokens=2048"),
-                   cwd=tmp_path, check=False)
+    proc = run_cli(
+        *pretrain_args(text_corpus, "t", "train.seq_len=512", "train.batch_tokens=2048"), cwd=tmp_path, check=False
+    )
     assert_clear_error(proc, "train.seq_len=512", "model.max_seq_len=256")
 
 
@@ -94,7 +104,9 @@ def test_shards_from_another_tokenizer_are_refused(tmp_path, text_corpus):
     from pipeline.errors import PipelineError
 
     tok = Artifact("tokenizer", tmp_path, {"facts": {"vocab_size": 320}, "files": {}})
-    data = Artifact("prepare", tmp_path, {"inputs": {"tokenizer": {"manifest_hash": "other"}}, "facts": {"vocab_size": 320}})
+    data = Artifact(
+        "prepare", tmp_path, {"inputs": {"tokenizer": {"manifest_hash": "other"}}, "facts": {"vocab_size": 320}}
+    )
     with pytest.raises(PipelineError, match="tokenized with another tokenizer"):
         check_lineage(list(range(320)), tok, data)
     data.manifest["inputs"]["tokenizer"]["manifest_hash"] = tok.hash

@@ -86,7 +86,8 @@ def test_zero_init_projections_make_every_block_start_as_the_identity():
     config = hf_config(ModelSpec(d_model=32, n_layer=2, n_head=4, d_ff=64), 64, 0, 1, 2)
     model = build_model(config, 0, zero_init_proj=True)
     zeroed = [n for n, p in model.named_parameters() if not p.any()]
-    assert sorted(zeroed) == sorted(f"model.layers.{i}.{m}.weight" for i in range(2)
-                                    for m in ("self_attn.o_proj", "mlp.down_proj"))
+    assert sorted(zeroed) == sorted(
+        f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")
+    )
     hidden = model.model(torch.tensor([[3, 4, 5]]), output_hidden_states=True).hidden_states
     torch.testing.assert_close(hidden[1], hidden[0])  # the first block passes the residual stream through

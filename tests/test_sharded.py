@@ -25,10 +25,21 @@ from tests.conftest import (
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 ARGS = [
-    *TINY, "model=tiny", "train=tiny", "train.max_steps=6", "train.ckpt_every=3", "train.micro_batch_size=2",
-    "train.log_every=1", "finetune.train.max_steps=4", "finetune.train.seq_len=64", "finetune.train.batch_tokens=512",
-    "finetune.train.micro_batch_size=2", "finetune.train.mixed_precision=no", "finetune.train.log_every=1",
-    "finetune.lora.dropout=0", "generate.max_new_tokens=4",
+    *TINY,
+    "model=tiny",
+    "train=tiny",
+    "train.max_steps=6",
+    "train.ckpt_every=3",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "finetune.train.max_steps=4",
+    "finetune.train.seq_len=64",
+    "finetune.train.batch_tokens=512",
+    "finetune.train.micro_batch_size=2",
+    "finetune.train.mixed_precision=no",
+    "finetune.train.log_every=1",
+    "finetune.lora.dropout=0",
+    "generate.max_new_tokens=4",
 ]
 
 
@@ -52,12 +63,28 @@ def launch(root, args, config, name: str, stage: str = "finetune", reuse=("token
             shutil.copytree(root / "runs/ref" / upstream, run / upstream)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "DS_ACCELERATOR": "cpu"}
     config_file = config if os.path.isabs(str(config)) else REPO / f"conf/accelerate/{config}.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--main_process_port", str(free_port()), str(REPO / "tests/cpu_sharding.py"),
-           f"stage={stage}", *args, f"run.name={name}"]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(REPO / "tests/cpu_sharding.py"),
+        f"stage={stage}",
+        *args,
+        f"run.name={name}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:  # a hang: take the ranks down too, then show what they said
@@ -80,10 +107,13 @@ def assert_same_tensors(reference_file, other_file, atol=1e-5):
         torch.testing.assert_close(other[k], ref[k], rtol=0, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("config,shard_marker", [
-    ("fsdp", "pytorch_model_fsdp_0/.metadata"),
-    ("deepspeed_zero2", "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-])
+@pytest.mark.parametrize(
+    "config,shard_marker",
+    [
+        ("fsdp", "pytorch_model_fsdp_0/.metadata"),
+        ("deepspeed_zero2", "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    ],
+)
 def test_sharded_run_matches_one_process_and_resumes(reference, config, shard_marker):
     if config.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
@@ -98,7 +128,9 @@ def test_sharded_run_matches_one_process_and_resumes(reference, config, shard_ma
     torch.testing.assert_close(losses(run, "pretrain"), losses(ref, "pretrain"), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(losses(run, "finetune"), losses(ref, "finetune"), rtol=1e-4, atol=1e-5)
     assert_same_tensors(ref / "pretrain/model/model.safetensors", run / "pretrain/model/model.safetensors")
-    assert_same_tensors(ref / "finetune/adapter/adapter_model.safetensors", run / "finetune/adapter/adapter_model.safetensors")
+    assert_same_tensors(
+        ref / "finetune/adapter/adapter_model.safetensors", run / "finetune/adapter/adapter_model.safetensors"
+    )
     assert_same_tensors(ref / "finetune/merged/model.safetensors", run / "finetune/merged/model.safetensors")
 
     # A crash after the step-3 checkpoint: the rerun resumes from the sharded state, same result.
@@ -122,7 +154,9 @@ def test_zero3_pretrain_matches_and_lora_finetune_consolidates(reference):
     torch.testing.assert_close(losses(run, "pretrain"), losses(ref, "pretrain"), rtol=1e-4, atol=1e-5)
     assert_same_tensors(ref / "pretrain/model/model.safetensors", run / "pretrain/model/model.safetensors")
     # LoRA over frozen tied embeddings: ZeRO-3's gradients differ a little; the run says so.
-    assert "ZeRO-3 with LoRA on a model with tied embeddings" in manifest_facts(run / "finetune")["launch"]["warnings"][0]
+    assert (
+        "ZeRO-3 with LoRA on a model with tied embeddings" in manifest_facts(run / "finetune")["launch"]["warnings"][0]
+    )
     adapter = load_file(run / "finetune/adapter/adapter_model.safetensors")
     assert set(adapter) == set(load_file(ref / "finetune/adapter/adapter_model.safetensors"))
     assert all(torch.isfinite(v).all() for v in adapter.values())
@@ -133,8 +167,11 @@ def test_zero3_pretrain_matches_and_lora_finetune_consolidates(reference):
 def test_fsdp_activation_checkpointing_that_would_empty_the_adapter_is_refused_before_training(reference, tmp_path):
     root, args = reference
     config = tmp_path / "fsdp_ac.yaml"
-    config.write_text((REPO / "conf/accelerate/fsdp.yaml").read_text().replace(
-        "fsdp_activation_checkpointing: false", "fsdp_activation_checkpointing: true"))
+    config.write_text(
+        (REPO / "conf/accelerate/fsdp.yaml")
+        .read_text()
+        .replace("fsdp_activation_checkpointing: false", "fsdp_activation_checkpointing: true")
+    )
     log = launch(root, args, config, "fsdp_ac", reuse=("tokenizer", "data", "pretrain"), check=False)
     assert "error: PEFT finds no LoRA weights in the prepared model" in log
     assert "train.activation_checkpointing=true" in log

@@ -23,7 +23,7 @@ time.sleep(60)
 sys.exit(3)  # only without a signal
 """
 # Real srun answers SIGTERM by killing its tasks; real scancel --signal=TERM signals every task.
-FAKE_SRUN = '#!/bin/bash\nshift\n"$@" &\nchild=$!\ntrap \'kill -9 $child\' TERM\nwait $child\nwait $child\n'
+FAKE_SRUN = "#!/bin/bash\nshift\n\"$@\" &\nchild=$!\ntrap 'kill -9 $child' TERM\nwait $child\nwait $child\n"
 FAKE_SCANCEL = '#!/bin/sh\nkill -TERM "$(cat "$(dirname "$0")/rank_pid")"\n'
 
 
@@ -39,11 +39,23 @@ def test_the_batch_script_passes_sigterm_to_the_ranks_and_their_arguments_intact
     executable(bin_dir / "srun", FAKE_SRUN)
     executable(bin_dir / "scancel", FAKE_SCANCEL)
     executable(bin_dir / "accelerate", FAKE_RANK)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node1",
-           "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_ID": "42", "GPUS_PER_NODE": "2"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_ID": "42",
+        "GPUS_PER_NODE": "2",
+    }
     args = ["recipe=gpt2_124m", "run.name=a b", "data.separator='\\n\\n'"]
-    proc = subprocess.Popen(["bash", str(REPO / "scripts/slurm/train.sbatch"), *args], cwd=tmp_path, env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "scripts/slurm/train.sbatch"), *args],
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 30
     while not (bin_dir / "rank_args").exists():
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""

@@ -58,11 +58,14 @@ def test_parquet_source(tmp_path):
         list(iter_documents(CorpusSpec(source="parquet", paths=[str(tmp_path)])))
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: str(p / "nope.txt"), "matches no file"),
-    (lambda p: (p / "empty_dir").mkdir() or str(p / "empty_dir"), "has no files matching"),
-    (lambda p: (p / "e.txt").write_text("") and str(p / "e.txt") or str(p / "e.txt"), "contains no text"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: str(p / "nope.txt"), "matches no file"),
+        (lambda p: (p / "empty_dir").mkdir() or str(p / "empty_dir"), "has no files matching"),
+        (lambda p: (p / "e.txt").write_text("") and str(p / "e.txt") or str(p / "e.txt"), "contains no text"),
+    ],
+)
 def test_bad_paths_give_clear_errors(tmp_path, setup, message):
     with pytest.raises(PipelineError, match=message):
         list(iter_documents(CorpusSpec(source="text", paths=[setup(tmp_path)])))

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from pipeline.config.compose import CONF_DIR
-from pipeline.sweep import expand, run_name
+from pipeline.config.sweep_grammar import expand
+from pipeline.sweep import run_name
 from tests.conftest import TINY, free_port, history, manifest_facts, run_cli
 
 
@@ -32,8 +33,19 @@ def test_the_sweep_itself_cannot_be_swept(tmp_path, override):
 
 @pytest.mark.slow
 def test_a_2x2_sweep_builds_upstream_once_skips_when_complete_and_reports(tmp_path, text_corpus):
-    args = ["-m", "stage=pretrain", "run.name=sw", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny",
-            "train=tiny", "train.max_steps=4", "train.lr=1e-3,3e-3", "model.n_layer=1,2"]
+    args = [
+        "-m",
+        "stage=pretrain",
+        "run.name=sw",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        "train.max_steps=4",
+        "train.lr=1e-3,3e-3",
+        "model.n_layer=1,2",
+    ]
     run_cli(*args, cwd=tmp_path)
     sweep = tmp_path / "runs/sw"
     runs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -51,8 +63,12 @@ def test_a_2x2_sweep_builds_upstream_once_skips_when_complete_and_reports(tmp_pa
     run_cli("report", str(sweep), cwd=tmp_path)
     with open(sweep / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {(r["train.lr"], r["model.n_layer"]) for r in rows} == {("0.001", "1"), ("0.001", "2"), ("0.003", "1"),
-                                                                    ("0.003", "2")}
+    assert {(r["train.lr"], r["model.n_layer"]) for r in rows} == {
+        ("0.001", "1"),
+        ("0.001", "2"),
+        ("0.003", "1"),
+        ("0.003", "2"),
+    }
     assert all(float(r["val_bpb"]) > 0 and float(r["gzip9_bpb"]) > 0 for r in rows)
     assert sorted(r["tokenizer_s"] == "linked" for r in rows) == [False, True, True, True]
     assert (sweep / "report.png").stat().st_size > 1000 and (sweep / "report.md").read_text().count("\n") == 6
@@ -60,8 +76,17 @@ def test_a_2x2_sweep_builds_upstream_once_skips_when_complete_and_reports(tmp_pa
     # One run changes its tokenizer: it gets its own; what the other runs read is untouched.
     shared = (runs[0] / "tokenizer").resolve()
     files = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
-    run_cli("stage=tokenizer", f"run.root={sweep}", f"run.name='{runs[0].name}'", "run.shared_upstream=true",
-            "data=text", f"data.paths=[{text_corpus}]", *TINY, "tokenizer.vocab_size=300", cwd=tmp_path)
+    run_cli(
+        "stage=tokenizer",
+        f"run.root={sweep}",
+        f"run.name='{runs[0].name}'",
+        "run.shared_upstream=true",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "tokenizer.vocab_size=300",
+        cwd=tmp_path,
+    )
     assert not (runs[0] / "tokenizer").is_symlink() or (runs[0] / "tokenizer").resolve() != shared
     assert {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()} == files
     assert all((r / "tokenizer").resolve() == shared for r in runs[1:])
@@ -69,8 +94,20 @@ def test_a_2x2_sweep_builds_upstream_once_skips_when_complete_and_reports(tmp_pa
 
 @pytest.mark.slow
 def test_a_bad_combination_is_refused_in_one_line_and_the_others_complete(tmp_path, text_corpus):
-    proc = run_cli("-m", "stage=pretrain", "run.name=bad", "data=text", f"data.paths=[{text_corpus}]", *TINY,
-                   "model=tiny", "train=tiny", "train.max_steps=2", "train.lr=3e-3,-1", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "-m",
+        "stage=pretrain",
+        "run.name=bad",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        "train.max_steps=2",
+        "train.lr=3e-3,-1",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 1
     refused = [line for line in proc.stderr.splitlines() if line.startswith("sweep [") and "refused" in line]
     assert len(refused) == 1 and "train.lr=-1" in refused[0]
@@ -81,19 +118,50 @@ def test_a_bad_combination_is_refused_in_one_line_and_the_others_complete(tmp_pa
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_each_combination_can_run_as_an_accelerate_launch(tmp_path, text_corpus):
-    launch = (f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 "
-              f"--mixed_precision no --dynamo_backend no --main_process_port {free_port()}")
-    run_cli("-m", "stage=pretrain", "run.name=acc", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny",
-            "train=tiny", "train.max_steps=2", f"sweep.launch={launch}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    launch = (
+        f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 "
+        f"--mixed_precision no --dynamo_backend no --main_process_port {free_port()}"
+    )
+    run_cli(
+        "-m",
+        "stage=pretrain",
+        "run.name=acc",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        "train.max_steps=2",
+        f"sweep.launch={launch}",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert manifest_facts(tmp_path / "runs/acc/default/pretrain")["launch"]["processes"] == 2
 
 
 @pytest.mark.slow
 def test_sigterm_to_the_sweep_checkpoints_the_running_combination_and_stops_the_sweep(tmp_path, text_corpus):
-    args = ["-m", "stage=pretrain", "run.name=term", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny",
-            "train=tiny", "train.max_steps=2000", "train.ckpt_every=0", "train.eval_every=0", "train.lr=1e-3,3e-3"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "WANDB_MODE": "offline"})
+    args = [
+        "-m",
+        "stage=pretrain",
+        "run.name=term",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        "train.max_steps=2000",
+        "train.ckpt_every=0",
+        "train.eval_every=0",
+        "train.lr=1e-3,3e-3",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     metrics = tmp_path / "runs/term/train.lr=0.001/pretrain/metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):

@@ -15,10 +15,12 @@ from pipeline.model.build import count_params, flops_per_token
 from pipeline.train.bpb import token_byte_strings
 from pipeline.train.layout import batch_layout
 from pipeline.train.optim import lr_at, make_optimizer
+from pipeline.train.strategy import Strategy
 from tests.trainer_helpers import (
     losses,
     make_trainer,
     nan_at,
+    reset_accelerate,
     restored_step,
     synthetic_shards,
     tiny_model,
@@ -137,14 +139,14 @@ def test_exact_resume_after_stop(tmp_path):
 
     stop_at = 3  # deliver SIGTERM while step 3 loads its data; the run stops after step 3
     t = make_trainer(tmp_path / "run")
-    real_batch = t.job.batch
+    real_batch = t.job.train_batch
 
     def batch_then_signal(first, size):
         if first == (stop_at - 1) * t.layout.global_seqs:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_batch(first, size)
 
-    t.job.batch = batch_then_signal
+    t.job.train_batch = batch_then_signal
     with pytest.raises(TrainingStopped) as stopped:
         t.fit()
     assert stopped.value.step == stop_at and (tmp_path / "run/checkpoints/step_000003").is_dir()
@@ -176,7 +178,9 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
 def test_a_nan_found_at_a_later_read_names_its_step_and_is_never_checkpointed(tmp_path):
     t = make_trainer(tmp_path, log_every=4, eval_every=0, ckpt_every=4)  # values read at steps 4 and 8
     nan_at(t, {5})
-    with pytest.raises(PipelineError, match=r"loss nan at step 6 is not finite; the last good checkpoint is .*step_000004"):
+    with pytest.raises(
+        PipelineError, match=r"loss nan at step 6 is not finite; the last good checkpoint is .*step_000004"
+    ):
         t.fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000004"]
 
@@ -187,14 +191,22 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
     t = make_trainer(tmp_path, micro_batch_size=2)  # with accumulation
     package, reads = os.path.dirname(pipeline.__file__), []
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+
+        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):  # noqa: B008 (bound now)
             if sys._getframe(1).f_code.co_filename.startswith(package):
                 reads.append(_name)
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    pending = [t._train_step(0), t._train_step(1)]
+    pending = [t.step(0), t.step(1)]
     assert reads == []
-    t._skipped = 0
-    loss, grad_norm, tokens = t._read_back(pending, 2, None)
+    loss, grad_norm, tokens = t.read_back(pending, 2, None)
     assert reads and math.isfinite(loss) and grad_norm > 0 and tokens == 2 * 256
+
+
+def test_a_second_training_in_one_process_may_choose_another_precision(tmp_path):
+    """stage=all pretrains in bf16 (measured) and may fine-tune in fp32 (a run too short to
+    measure): accelerate's per-process state must not refuse the second launch."""
+    reset_accelerate()
+    assert Strategy(TrainSpec(mixed_precision="bf16"), tmp_path).precision == "bf16"
+    assert Strategy(TrainSpec(mixed_precision="no"), tmp_path).precision == "no"

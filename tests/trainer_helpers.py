@@ -12,6 +12,7 @@ from pipeline.data.shards import TokenShards
 from pipeline.data.windows import PackedWindows
 from pipeline.model.build import build_model, hf_config
 from pipeline.train import checkpoints
+from pipeline.train.choices import prepare_launch
 from pipeline.train.loop import Trainer, TrainingJob
 
 VOCAB = 64
@@ -38,16 +39,29 @@ def reset_accelerate() -> None:
 
 def make_trainer(out, batch_fn=None, seed: int = 0, **spec_overrides) -> Trainer:
     reset_accelerate()
-    spec = TrainSpec(**{
-        "max_steps": 8, "batch_tokens": 256, "micro_batch_size": 4, "seq_len": 32, "lr": 3e-3,
-        "warmup_steps": 2, "mixed_precision": "no", "log_every": 1, "eval_every": 4,
-        "eval_tokens": 256, "ckpt_every": 4, **spec_overrides,
-    })
+    spec = TrainSpec(
+        **{
+            "max_steps": 8,
+            "batch_tokens": 256,
+            "micro_batch_size": 4,
+            "seq_len": 32,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "mixed_precision": "no",
+            "log_every": 1,
+            "eval_every": 4,
+            "eval_tokens": 256,
+            "ckpt_every": 4,
+            **spec_overrides,
+        }
+    )
     windows = PackedWindows(synthetic_shards(), spec.seq_len, seed)
-    val = torch.from_numpy(np.stack([synthetic_shards(3000, 1).arrays[0][i * 33 : i * 33 + 33] for i in range(8)]).astype(np.int64))
+    val = torch.from_numpy(
+        np.stack([synthetic_shards(3000, 1).arrays[0][i * 33 : i * 33 + 33] for i in range(8)]).astype(np.int64)
+    )
     evals = [{"input_ids": val[:, :-1], "labels": val[:, 1:]}]
     job = TrainingJob(tiny_model(seed), spec, out, "test", batch_fn or windows.batch, lambda micro: evals)
-    return Trainer(job)
+    return Trainer(job, prepare_launch(job))
 
 
 def restored_step(trainer: Trainer) -> int:

@@ -46,10 +46,14 @@ def _register_schemas() -> None:
     """Typed schemas for the config groups: an unknown key or a wrong type fails at compose time."""
     store = ConfigStore.instance()
     for group, name, node in (
-        ("data", "corpus_schema", data.CorpusSpec), ("tokenizer", "tokenizer_schema", data.TokenizerSpec),
-        ("model", "model_schema", model.ModelSpec), ("train", "train_schema", train.TrainSpec),
-        ("finetune", "finetune_schema", run.FinetuneSpec), ("generate", "generate_schema", run.GenerateSpec),
-        ("eval", "eval_schema", run.EvalSpec), ("logger", "logger_schema", run.LoggerSpec),
+        ("data", "corpus_schema", data.CorpusSpec),
+        ("tokenizer", "tokenizer_schema", data.TokenizerSpec),
+        ("model", "model_schema", model.ModelSpec),
+        ("train", "train_schema", train.TrainSpec),
+        ("finetune", "finetune_schema", run.FinetuneSpec),
+        ("generate", "generate_schema", run.GenerateSpec),
+        ("eval", "eval_schema", run.EvalSpec),
+        ("logger", "logger_schema", run.LoggerSpec),
     ):
         store.store(group=group, name=name, node=node)
 
@@ -79,9 +83,23 @@ def compose_config(overrides: list[str], validate: bool = True):
             message += " There is no such config key; `pipeline --cfg` lists the valid ones."
         raise PipelineError(f"config error: {message}") from None
     if missing:
-        raise PipelineError(f"config error: {', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line.")
+        raise PipelineError(
+            f"config error: {', '.join(missing)} must be set, e.g. {missing[0]}=... on the command line."
+        )
     if cfg.stage not in STAGE_CHOICES:
         raise PipelineError(f"stage={cfg.stage} is unknown; use one of {', '.join(STAGE_CHOICES)}.")
     if not validate:
         return cfg, None
     return cfg, run.build_specs(OmegaConf.to_container(cfg, resolve=True))
+
+
+def config_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def save_run_config(run_dir: Path, cfg, overrides: list[str]) -> None:
+    """The composed config and the overrides of this invocation, in <run>/.hydra/."""
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, hydra_dir / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")

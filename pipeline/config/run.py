@@ -31,8 +31,10 @@ class Sampling:
         if self.max_new_tokens <= 0:
             raise PipelineError(f"generate.max_new_tokens={self.max_new_tokens} must be a positive number.")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise PipelineError(f"generate.temperature={self.temperature} must be >= 0 (0 = greedy) and "
-                                f"generate.top_p={self.top_p} in (0, 1].")
+            raise PipelineError(
+                f"generate.temperature={self.temperature} must be >= 0 (0 = greedy) and "
+                f"generate.top_p={self.top_p} in (0, 1]."
+            )
 
     def generate_kwargs(self) -> dict:
         kw = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
@@ -63,8 +65,9 @@ class FinetuneSpec:
         if self.quantize not in (None, "4bit"):
             raise PipelineError(f"finetune.quantize={self.quantize!r} is unknown; use 4bit (QLoRA) or null.")
         if self.quantize and self.method != "lora":
-            raise PipelineError("finetune.quantize=4bit trains LoRA adapters on a frozen 4-bit base; set "
-                                "finetune.method=lora.")
+            raise PipelineError(
+                "finetune.quantize=4bit trains LoRA adapters on a frozen 4-bit base; set finetune.method=lora."
+            )
 
 
 def check_dtype(dtype: str, key: str) -> None:
@@ -100,7 +103,8 @@ class GenerateSpec(Sampling):
     chat: str = "auto"  # auto | true | false
     batch_size: int = 8
     show: int = 3
-    dtype: str = "auto"  # weights: auto (GPU: bf16/fp16; CPU: fp32 or bf16, whichever generates faster here) | fp32 | bf16 | fp16
+    # weights: auto (GPU: bf16/fp16; CPU: fp32 or bf16, whichever generates faster here) | fp32 | bf16 | fp16
+    dtype: str = "auto"
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -145,14 +149,27 @@ class RunSpecs:
 def build_specs(cfg: dict) -> RunSpecs:
     """Typed, checked specs from the composed config (a plain, resolved dict)."""
     ft = dict(cfg["finetune"])
-    finetune = FinetuneSpec(**{**ft, "data": ChatDataSpec(**ft["data"]), "lora": LoraSpec(**ft["lora"]),
-                               "train": TrainSpec(**ft["train"], key="finetune.train")})
+    finetune = FinetuneSpec(
+        **{
+            **ft,
+            "data": ChatDataSpec(**ft["data"]),
+            "lora": LoraSpec(**ft["lora"]),
+            "train": TrainSpec(**ft["train"], key="finetune.train"),
+        }
+    )
     specs = RunSpecs(
-        data=CorpusSpec(**cfg["data"]), tokenizer=TokenizerSpec(**cfg["tokenizer"]),
-        prepare=PrepareSpec(**cfg["prepare"]), model=ModelSpec(**cfg["model"]),
-        train=TrainSpec(**cfg["train"]), finetune=finetune, generate=GenerateSpec(**cfg["generate"]),
+        data=CorpusSpec(**cfg["data"]),
+        tokenizer=TokenizerSpec(**cfg["tokenizer"]),
+        prepare=PrepareSpec(**cfg["prepare"]),
+        model=ModelSpec(**cfg["model"]),
+        train=TrainSpec(**cfg["train"]),
+        finetune=finetune,
+        generate=GenerateSpec(**cfg["generate"]),
         eval=EvalSpec(**cfg["eval"]),
-        logger=LoggerSpec(**cfg["logger"]), seed=cfg["seed"], resume=cfg["resume"], force=cfg["force"],
+        logger=LoggerSpec(**cfg["logger"]),
+        seed=cfg["seed"],
+        resume=cfg["resume"],
+        force=cfg["force"],
     )
     if not isinstance(specs.seed, int) or isinstance(specs.seed, bool):
         raise PipelineError(f"seed={specs.seed!r} must be a whole number.")
@@ -160,6 +177,8 @@ def build_specs(cfg: dict) -> RunSpecs:
         raise PipelineError(f"resume={specs.resume} is unknown; use auto or never.")
     for key, train in (("train", specs.train), ("finetune.train", None if finetune.base else finetune.train)):
         if train is not None and train.seq_len > specs.model.max_seq_len:
-            raise PipelineError(f"{key}.seq_len={train.seq_len} exceeds model.max_seq_len={specs.model.max_seq_len}; "
-                                f"lower one or raise the other.")
+            raise PipelineError(
+                f"{key}.seq_len={train.seq_len} exceeds model.max_seq_len={specs.model.max_seq_len}; "
+                f"lower one or raise the other."
+            )
     return specs

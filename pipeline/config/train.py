@@ -13,9 +13,19 @@ PRECISIONS = ("auto", "bf16", "fp16", "no")
 DECAYS = ("cosine", "linear", "constant", "wsd")
 # How a run is watched, saved, batched on the device or bounded in time, not what its weights
 # become: checkpoints stay resumable when these change (a different max_steps: Trainer decides).
-NOT_IN_CHECKPOINT_FINGERPRINT = ("max_steps", "time_budget", "log_every", "eval_every", "ckpt_every",
-                                 "keep_checkpoints", "micro_batch_size", "compile", "activation_checkpointing",
-                                 "skip_nonfinite", "loss_chunk_tokens")
+NOT_IN_CHECKPOINT_FINGERPRINT = (
+    "max_steps",
+    "time_budget",
+    "log_every",
+    "eval_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "micro_batch_size",
+    "compile",
+    "activation_checkpointing",
+    "skip_nonfinite",
+    "loss_chunk_tokens",
+)
 _DURATION = r"(\d+(?:\.\d+)?)\s*(min|s|h)"
 _SECONDS = {"s": 1, "min": 60, "h": 3600}
 
@@ -45,7 +55,9 @@ class TrainSpec:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    mixed_precision: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: fp32 or bf16, whichever measures faster) | bf16 | fp16 | no
+    mixed_precision: str = (
+        "auto"  # auto (CUDA: bf16, else fp16; CPU: fp32 or bf16, whichever measures faster) | bf16 | fp16 | no
+    )
     # torch.compile of model and loss together: true | false | auto (timed against eager at the start
     # where the run is long enough to repay trying). Falls back to eager, with a log line, if it fails.
     compile: Any = "auto"
@@ -75,8 +87,15 @@ class TrainSpec:
         for name in ("max_steps", "batch_tokens", "seq_len", "log_every", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise PipelineError(f"{key}.{name}={getattr(self, name)} must be a positive number.")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "skip_nonfinite", "grad_clip",
-                     "weight_decay"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "ckpt_every",
+            "keep_checkpoints",
+            "skip_nonfinite",
+            "grad_clip",
+            "weight_decay",
+        ):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{key}.{name}={getattr(self, name)} must be 0 or more.")
         if not self.lr > 0:
@@ -84,13 +103,17 @@ class TrainSpec:
         if self.optimizer not in ("adamw", "muon"):
             raise PipelineError(f"{key}.optimizer={self.optimizer!r} is unknown; use adamw or muon.")
         if not 0 < self.cooldown <= 1:
-            raise PipelineError(f"{key}.cooldown={self.cooldown} must be in (0, 1]: the share of the steps spent decaying.")
+            raise PipelineError(
+                f"{key}.cooldown={self.cooldown} must be in (0, 1]: the share of the steps spent decaying."
+            )
         if not 0 <= self.min_lr_ratio <= 1:
             raise PipelineError(f"{key}.min_lr_ratio={self.min_lr_ratio} must be between 0 and 1.")
         if self.decay not in DECAYS:
             raise PipelineError(f"{key}.decay={self.decay!r} is unknown; use {', '.join(DECAYS)}.")
         if self.mixed_precision not in PRECISIONS:
-            raise PipelineError(f"{key}.mixed_precision={self.mixed_precision!r} is unknown; use {', '.join(PRECISIONS)}.")
+            raise PipelineError(
+                f"{key}.mixed_precision={self.mixed_precision!r} is unknown; use {', '.join(PRECISIONS)}."
+            )
         if self.time_budget is not None:
             parse_duration(self.time_budget, f"{key}.time_budget")
             if self.decay != "constant" and self.warmup_steps < 3:
@@ -99,8 +122,9 @@ class TrainSpec:
                     f"{key}.warmup_steps to 3 or more (it is {self.warmup_steps}) or {key}.decay=constant."
                 )
         if self.batch_tokens % self.seq_len:
-            raise PipelineError(f"{key}.batch_tokens={self.batch_tokens} is not a multiple of {key}.seq_len={self.seq_len}.")
-
+            raise PipelineError(
+                f"{key}.batch_tokens={self.batch_tokens} is not a multiple of {key}.seq_len={self.seq_len}."
+            )
 
     @property
     def budget_seconds(self) -> float | None:

@@ -71,8 +71,10 @@ def _labelled(tokenizer, text: str, spans: list[tuple[int, int]]) -> Example:
     would straddle a span's start (a prompt ending in a space merged with the answer's first word),
     the text is cut there and each side tokenized alone, as generation sees the prompt."""
     if not tokenizer.is_fast:
-        raise PipelineError(f"fine-tuning needs a fast (Rust) tokenizer for its loss masks; {tokenizer.name_or_path} "
-                            f"loads a slow one: convert it (AutoTokenizer.from_pretrained(..., use_fast=True)).")
+        raise PipelineError(
+            f"fine-tuning needs a fast (Rust) tokenizer for its loss masks; {tokenizer.name_or_path} "
+            f"loads a slow one: convert it (AutoTokenizer.from_pretrained(..., use_fast=True))."
+        )
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     cuts = sorted({s for s, _ in spans if any(b < s < f for b, f in offsets)})
     ids, labels = [], []
@@ -142,8 +144,14 @@ class Rendered:
     refused: int = 0  # conversations the template refused (skipped with skip_bad)
 
 
-def build_examples(tokenizer, conversations: list[list[dict]], max_len: int, end_of_turn: str | None = None,
-                   source: str = "the tokenizer", skip_bad: bool = False) -> Rendered:
+def build_examples(
+    tokenizer,
+    conversations: list[list[dict]],
+    max_len: int,
+    end_of_turn: str | None = None,
+    source: str = "the tokenizer",
+    skip_bad: bool = False,
+) -> Rendered:
     """Rendered, shifted (next-token) examples of at most max_len inputs."""
     from jinja2.exceptions import TemplateError
 
@@ -175,11 +183,11 @@ def build_examples(tokenizer, conversations: list[list[dict]], max_len: int, end
                 out.examples.append(shifted)
     if not out.examples and conversations:
         if out.refused == len(conversations):
-            raise PipelineError(f"the chat template of {source} refuses every conversation; see the template's rules "
-                                f"(for example no system role) and fix the data.")
-        raise PipelineError(
-            f"no conversation keeps a trained token within finetune.train.seq_len={max_len}; raise it."
-        )
+            raise PipelineError(
+                f"the chat template of {source} refuses every conversation; see the template's rules "
+                f"(for example no system role) and fix the data."
+            )
+        raise PipelineError(f"no conversation keeps a trained token within finetune.train.seq_len={max_len}; raise it.")
     return out
 
 
@@ -235,8 +243,14 @@ class ChatSamples:
     `flatten`: packed rows of a micro-batch come as one row, for flash-attention's varlen kernel,
     which transformers only uses on a single row (its sequences found from the position ids)."""
 
-    def __init__(self, examples: list[Example], seed: int, pad_id: int, packed_rows: list[dict] | None = None,
-                 flatten: bool = False):
+    def __init__(
+        self,
+        examples: list[Example],
+        seed: int,
+        pad_id: int,
+        packed_rows: list[dict] | None = None,
+        flatten: bool = False,
+    ):
         self.examples, self.packed, self.seed, self.pad_id = examples, packed_rows, seed, pad_id
         self.flatten = flatten
         self.n = len(packed_rows) if packed_rows is not None else len(examples)
@@ -245,7 +259,9 @@ class ChatSamples:
     def batch(self, first_sample: int, size: int) -> dict[str, torch.Tensor]:
         items = [self.order(first_sample + j) for j in range(size)]
         if self.packed is not None:
-            rows = {k: torch.tensor([self.packed[i][k] for i in items]) for k in ("input_ids", "labels", "position_ids")}
+            rows = {
+                k: torch.tensor([self.packed[i][k] for i in items]) for k in ("input_ids", "labels", "position_ids")
+            }
             return {k: v.reshape(1, -1) for k, v in rows.items()} if self.flatten else rows
         return pad_batch([self.examples[i] for i in items], self.pad_id)
 

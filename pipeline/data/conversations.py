@@ -12,7 +12,7 @@ import ast
 import json
 import logging
 import textwrap
-from typing import Iterator
+from collections.abc import Iterator
 
 from pipeline.config.data import ChatDataSpec
 from pipeline.data.jsonl import read_jsonl
@@ -74,7 +74,9 @@ def _hf_conversations(spec: ChatDataSpec, counts: dict) -> Iterator[list[dict]]:
             yield to_messages(row, spec)
         except ValueError as e:
             if not spec.skip_bad:
-                raise PipelineError(f"dataset {spec.name!r} row {i}: {e}; set finetune.data.skip_bad=true to skip.") from None
+                raise PipelineError(
+                    f"dataset {spec.name!r} row {i}: {e}; set finetune.data.skip_bad=true to skip."
+                ) from None
             counts["bad"] += 1
 
 
@@ -135,10 +137,13 @@ def stdlib_conversations_by_file(max_code_chars: int) -> Iterator[tuple[str, lis
             code = _with_summary_docstring(lines, node, summary)
             if code is None or len(code) > max_code_chars:
                 continue
-            yield source, [
-                {"role": "user", "content": code_request(node.name, summary)},
-                {"role": "assistant", "content": code},
-            ]
+            yield (
+                source,
+                [
+                    {"role": "user", "content": code_request(node.name, summary)},
+                    {"role": "assistant", "content": code},
+                ],
+            )
 
 
 def load_conversations(spec: ChatDataSpec) -> tuple[list[list[dict]], list[list[dict]], dict]:
@@ -167,7 +172,7 @@ def load_conversations(spec: ChatDataSpec) -> tuple[list[list[dict]], list[list[
         raise PipelineError(f"no training conversations in {where}; check finetune.data.paths.")
     if not val:
         raise PipelineError(
-            f"no validation conversations in {where} ({len(train)} in all); add data or raise finetune.data.val_fraction."
+            f"no validation conversations in {where} ({len(train)} in all); add data or raise "
+            "finetune.data.val_fraction."
         )
     return train, val, counts
-

@@ -25,8 +25,15 @@ class Chunks:
     that chunk, and `at_end(chunk, hash)` is called there (a resumed prepare checks that a chunk it
     kept still holds the same text)."""
 
-    def __init__(self, labelled, chunk_bytes: int, batch_bytes: int, mine, progress=lambda n: None,
-                 at_end=lambda chunk, digest: None):
+    def __init__(
+        self,
+        labelled,
+        chunk_bytes: int,
+        batch_bytes: int,
+        mine,
+        progress=lambda n: None,
+        at_end=lambda chunk, digest: None,
+    ):
         self.labelled, self.chunk_bytes, self.batch_bytes = labelled, chunk_bytes, batch_bytes
         self.mine, self.progress, self.at_end = mine, progress, at_end
         self.count, self.ends = 0, {}

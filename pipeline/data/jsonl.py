@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from pipeline.errors import PipelineError
 
 T = TypeVar("T")
 
 
-def read_jsonl(path: Path, parse: Callable[[Any], T], fix: str = "fix or remove that line",
-               skip_bad: bool = False, counts: dict | None = None) -> Iterator[T]:
+def read_jsonl(
+    path: Path,
+    parse: Callable[[Any], T],
+    fix: str = "fix or remove that line",
+    skip_bad: bool = False,
+    counts: dict | None = None,
+) -> Iterator[T]:
     """parse(record) for each non-blank line. `parse` rejects a record with ValueError(reason) or
     ValueError(reason, its own fix). A rejected or unparsable line raises PipelineError
     "FILE:LINE: reason; fix." or, with skip_bad, is counted in counts["bad"]. Records that parse

@@ -138,9 +138,5 @@ class TokenShards:
 def open_split(data_dir: Path, split: str) -> TokenShards:
     index = json.loads((data_dir / INDEX).read_text())
     dtype = np.dtype(index["dtype"])
-    arrays = [
-        np.memmap(data_dir / s["file"], dtype=dtype, mode="r")
-        for s in index["splits"][split]
-        if s["tokens"] > 0
-    ]
+    arrays = [np.memmap(data_dir / s["file"], dtype=dtype, mode="r") for s in index["splits"][split] if s["tokens"] > 0]
     return TokenShards(arrays)

@@ -13,8 +13,8 @@ import itertools
 import logging
 import os
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from pipeline.config.data import CorpusSpec
 from pipeline.data.jsonl import read_jsonl
@@ -42,8 +42,12 @@ def labelled_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[
     second = next(docs, None)
     if second is None:
         cut = _val_cut(first, spec.val_fraction)
-        log.info("data: the corpus is one document of %d characters; validation is its last %.0f%% (from "
-                 "character %d)", len(first), 100 * spec.val_fraction, cut)
+        log.info(
+            "data: the corpus is one document of %d characters; validation is its last %.0f%% (from character %d)",
+            len(first),
+            100 * spec.val_fraction,
+            cut,
+        )
         yield from ((False, first[:cut]), (True, first[cut:]))
         return
     for doc in itertools.chain([first, second], docs):
@@ -221,8 +225,9 @@ def _jsonl_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:
     def text_of(row) -> str | None:
         if not isinstance(row, dict) or spec.text_field not in row:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"no {spec.text_field!r} field (found {keys})",
-                             "set data.text_field to the field holding the text")
+            raise ValueError(
+                f"no {spec.text_field!r} field (found {keys})", "set data.text_field to the field holding the text"
+            )
         text = row[spec.text_field]
         return text if isinstance(text, str) and text.strip() else None
 
@@ -240,8 +245,7 @@ def _parquet_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:
             raise PipelineError(f"{path} is not a readable Parquet file ({e}).") from None
         if spec.text_field not in pf.schema_arrow.names:
             raise PipelineError(
-                f"{path} has no column {spec.text_field!r} (columns: {pf.schema_arrow.names}); "
-                f"set data.text_field."
+                f"{path} has no column {spec.text_field!r} (columns: {pf.schema_arrow.names}); set data.text_field."
             )
         for batch in pf.iter_batches(columns=[spec.text_field]):
             for text in batch.column(0).to_pylist():
@@ -286,10 +290,17 @@ def iter_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[str]
         docs = _hf_documents(spec)
     count = size = 0
     for doc in docs:
-        limit = "max_docs" if spec.max_docs and count >= spec.max_docs else \
-            "max_bytes" if spec.max_bytes and size >= spec.max_bytes else None
+        limit = (
+            "max_docs"
+            if spec.max_docs and count >= spec.max_docs
+            else "max_bytes"
+            if spec.max_bytes and size >= spec.max_bytes
+            else None
+        )
         if limit:
-            log.info("data: stopped reading the corpus at data.%s=%d (%d documents)", limit, getattr(spec, limit), count)
+            log.info(
+                "data: stopped reading the corpus at data.%s=%d (%d documents)", limit, getattr(spec, limit), count
+            )
             return
         count, size = count + 1, size + (utf8_len(doc) if spec.max_bytes else 0)
         yield doc

@@ -1,1 +1,2 @@
-"""Model components: build from config, load and publish HF dirs, LoRA, the tokenizer contract, inference."""
+"""Model components: build from config, load and publish HF dirs, LoRA, the tokenizer contract, inference,
+the fine-tuned model's published dirs."""

@@ -79,8 +79,9 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     embedding = model.get_input_embeddings().weight
     lookup = [] if cfg.tie_word_embeddings else [embedding]
     # PEFT's modules_to_save keeps the frozen original beside the trained copy: only the copy runs.
-    matmul = [p for name, p in model.named_parameters()
-              if all(p is not e for e in lookup) and "original_module" not in name]
+    matmul = [
+        p for name, p in model.named_parameters() if all(p is not e for e in lookup) and "original_module" not in name
+    ]
     n, trained = sum(map(numel, matmul)), sum(numel(p) for p in matmul if p.requires_grad)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     return 4 * n + 2 * trained + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len

@@ -1,7 +1,9 @@
-"""Plain Hugging Face model directories: load them (local dir or hub name) and publish them atomically."""
+"""Plain Hugging Face model directories: load them (local dir or hub name) and publish them atomically;
+a chat base for fine-tuning is loaded in the dtype and attention its training calls for."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.artifacts import replace_dir, staging_dir
+from pipeline.device import resolve_mixed_precision
 from pipeline.errors import PipelineError, first_line
 from pipeline.model.tokenizer import end_of_turn, ensure_pad_token, use_chat_template
 
@@ -114,6 +117,28 @@ def sharded_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP") == "true" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
 
 
+def frozen_base_dtype(spec) -> torch.dtype:
+    """bf16 for LoRA's frozen base on a GPU training in bf16: half the memory and no per-step cast
+    of its weights, while PEFT keeps the LoRA weights fp32. fp32 elsewhere: a CPU's precision is
+    measured later, FSDP flattens one dtype per unit, DeepSpeed casts the model itself, and a
+    full fine-tune needs fp32 master weights."""
+    gpu = torch.cuda.is_available() and not sharded_launch()
+    if spec.method != "lora" or spec.quantize or not gpu:
+        return torch.float32
+    return torch.bfloat16 if resolve_mixed_precision(spec.train.mixed_precision) == "bf16" else torch.float32
+
+
+def packed_attention(spec) -> str | None:
+    """Packed rows on a GPU training in bf16/fp16 with flash-attn installed: flash-attention's
+    variable-length kernel, which transformers drives from the restarting position ids of a single
+    row (the micro-batch's rows are flattened into one), so no (rows, 1, seq, seq) mask is built.
+    Otherwise the model's default (SDPA with a block-diagonal mask from the position ids)."""
+    half = resolve_mixed_precision(spec.train.mixed_precision) in ("bf16", "fp16")
+    if spec.packing and half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 def load_chat_base(base: str, spec, dtype=torch.float32, attn_implementation: str | None = None):
     """(model, tokenizer, whose chat template, ids of tokens added for it) of the base for the
     finetune spec, checked to fit each other and the training sequence length, ready to fine-tune
@@ -129,14 +154,17 @@ def load_chat_base(base: str, spec, dtype=torch.float32, attn_implementation: st
     model = load_causal_lm(base, spec.trust_remote_code, dtype, attn_implementation=attention, **quantized)
     n_embed = model.get_input_embeddings().num_embeddings
     if len(known) > n_embed:
-        raise PipelineError(f"the tokenizer in {base} has {len(known)} tokens but the model only {n_embed} "
-                            f"embeddings; use the tokenizer that came with the model.")
+        raise PipelineError(
+            f"the tokenizer in {base} has {len(known)} tokens but the model only {n_embed} "
+            f"embeddings; use the tokenizer that came with the model."
+        )
     added = sorted(set(added) | set(untrained_template_tokens(model, tokenizer)))
     grow_vocab(model, tokenizer, added)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and spec.train.seq_len > max_pos:
-        raise PipelineError(f"finetune.train.seq_len={spec.train.seq_len} exceeds the model's {max_pos} positions; "
-                            f"lower it.")
+        raise PipelineError(
+            f"finetune.train.seq_len={spec.train.seq_len} exceeds the model's {max_pos} positions; lower it."
+        )
     return model, tokenizer, template, added
 
 
@@ -144,18 +172,25 @@ def quantized_loading(quantize: str) -> dict:
     """from_pretrained arguments for QLoRA: the frozen base in 4-bit NF4 (double-quantized),
     computing in bf16 (fp16 before Ampere), on this process's GPU."""
     if not torch.cuda.is_available():
-        raise PipelineError(f"finetune.quantize={quantize} (QLoRA) needs a CUDA GPU for bitsandbytes' 4-bit kernels; "
-                            f"on this machine remove finetune.quantize to fine-tune the base unquantized.")
+        raise PipelineError(
+            f"finetune.quantize={quantize} (QLoRA) needs a CUDA GPU for bitsandbytes' 4-bit kernels; "
+            f"on this machine remove finetune.quantize to fine-tune the base unquantized."
+        )
     if sharded_launch():
-        raise PipelineError(f"finetune.quantize={quantize} runs on one GPU or under DDP (accelerate launch "
-                            f"--multi_gpu), not FSDP or DeepSpeed; launch it with conf/accelerate/ddp.yaml.")
+        raise PipelineError(
+            f"finetune.quantize={quantize} runs on one GPU or under DDP (accelerate launch "
+            f"--multi_gpu), not FSDP or DeepSpeed; launch it with conf/accelerate/ddp.yaml."
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise PipelineError(f"finetune.quantize={quantize} needs bitsandbytes: pip install 'pipeline[qlora]'.") from None
+        raise PipelineError(
+            f"finetune.quantize={quantize} needs bitsandbytes: pip install 'pipeline[qlora]'."
+        ) from None
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=compute)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
     return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}

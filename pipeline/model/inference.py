@@ -117,8 +117,14 @@ def load_model(choice: ModelChoice, trust_remote_code: bool = False, dtype: str 
 
 def _decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
     t0 = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, pad_token_id=0)
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
     return time.perf_counter() - t0
 
 
@@ -141,8 +147,12 @@ def faster_cpu_weights(model, tokenizer, new_tokens: int = 8):
                 times[name].append(_decode_seconds(m, ids, new_tokens))
     ms = {name: 1000 * statistics.median(t) / new_tokens for name, t in times.items()}
     choice = "bf16" if ms["bf16"] < 0.95 * ms["fp32"] else "fp32"
-    log.info("generation: %s weights, measured on this machine (fp32 %.1f ms, bf16 %.1f ms per token at batch 1)",
-             choice, ms["fp32"], ms["bf16"])
+    log.info(
+        "generation: %s weights, measured on this machine (fp32 %.1f ms, bf16 %.1f ms per token at batch 1)",
+        choice,
+        ms["fp32"],
+        ms["bf16"],
+    )
     return candidates[choice]
 
 
@@ -197,11 +207,13 @@ def generate_batch(model, tokenizer, texts: list[str], sampling: Sampling, chat:
     for i in range(len(texts)):
         ids = new[i].tolist()
         n = next((k for k, t in enumerate(ids) if t in stops), len(ids))
-        records.append({
-            "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
-            "prompt_tokens": int(enc["attention_mask"][i].sum()),
-            "completion_tokens": n,
-        })
+        records.append(
+            {
+                "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
+                "prompt_tokens": int(enc["attention_mask"][i].sum()),
+                "completion_tokens": n,
+            }
+        )
     total = sum(r["completion_tokens"] for r in records)
     for r in records:
         r["batch_tokens_per_s"] = round(total / seconds, 1)

@@ -21,7 +21,10 @@ def apply_lora(model, spec: LoraSpec, new_token_ids: list[int] | None = None):
 
     targets = spec.target_modules
     config = LoraConfig(
-        r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, task_type="CAUSAL_LM",
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        task_type="CAUSAL_LM",
         target_modules="all-linear" if list(targets) == ["all-linear"] else list(targets),
         modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
         trainable_token_indices=_token_rows(model, new_token_ids) if new_token_ids else None,
@@ -36,6 +39,7 @@ def apply_lora(model, spec: LoraSpec, new_token_ids: list[int] | None = None):
 def _token_rows(model, ids: list[int]) -> dict[str, list[int]]:
     """PEFT's trainable_token_indices: the input embedding, plus the output head when it is not
     tied to it (PEFT ties the rows itself when it is)."""
+
     def name(layer):
         return next(n for n, m in model.named_modules() if m is layer).rsplit(".", 1)[-1]
 
@@ -58,7 +62,9 @@ def adapter_base(adapter_dir: Path) -> str:
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:
-        raise PipelineError(f"{adapter_dir}/adapter_config.json names no base model; pass the base model dir explicitly.")
+        raise PipelineError(
+            f"{adapter_dir}/adapter_config.json names no base model; pass the base model dir explicitly."
+        )
     return base
 
 
@@ -70,7 +76,9 @@ def check_adapter_base(model_dir: str, adapter_dir: str) -> None:
     """Refuse an adapter on a different base than the one it was trained on (as recorded with it)."""
     recorded, given = Path(adapter_base(Path(adapter_dir))), Path(model_dir)
     if not (recorded / "config.json").is_file():
-        log.warning("cannot check %s: its base %s is not here; make sure %s is that model", adapter_dir, recorded, given)
+        log.warning(
+            "cannot check %s: its base %s is not here; make sure %s is that model", adapter_dir, recorded, given
+        )
         return
     if recorded.resolve() != given.resolve() and _model_fingerprint(recorded) != _model_fingerprint(given):
         raise PipelineError(

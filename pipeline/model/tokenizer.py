@@ -4,8 +4,8 @@ every tokenizer the chain uses must have (a chat template to fine-tune with, a p
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -90,8 +90,9 @@ def use_chat_template(tokenizer, source: str, template_file: str | None = None) 
     if tokenizer.chat_template:
         return "base"
     added = tokenizer.add_tokens([END_OF_TURN, *ROLE_TOKENS], special_tokens=True)
-    log.warning("%s has no chat template; using pipeline's (<|user|> ... <|end|>), %d special tokens added",
-                source, added)
+    log.warning(
+        "%s has no chat template; using pipeline's (<|user|> ... <|end|>), %d special tokens added", source, added
+    )
     # A base trained with BOS before every text keeps it: the template writes it, as chat
     # templates do, since rendered conversations are tokenized without special tokens.
     tokenizer.chat_template = ("{{- bos_token }}" if adds_bos(tokenizer) else "") + CHAT_TEMPLATE
@@ -117,7 +118,7 @@ def end_of_turn(tokenizer) -> str | None:
         text = tokenizer.apply_chat_template(conv, tokenize=False)
     except Exception:  # a template that cannot render a plain exchange has no end-of-turn to find
         return None
-    after = text[text.rfind(probe) + len(probe):]
+    after = text[text.rfind(probe) + len(probe) :]
     special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     special.update(tokenizer.all_special_tokens)
     found = [(after.find(t), t) for t in special if t and t in after]

@@ -1,2 +1,3 @@
-"""The stages. Each module has NAME, upstream(specs), config_slice(specs) and run(ctx) -> facts;
-`pipeline.runner` decides when to run them, and no stage imports another."""
+"""The stages. Each module defines what `pipeline.stages.base.Stage` lists (NAME, DIR, DISTRIBUTED,
+KEEPS_WORK, UNTRACKED, upstream(specs), config_slice(specs), run(ctx) -> facts); `pipeline.runner`
+decides when to run them, and no stage imports another."""

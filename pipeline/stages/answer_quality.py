@@ -12,7 +12,8 @@ from dataclasses import asdict
 from tqdm.auto import tqdm
 
 from pipeline.config.run import Sampling
-from pipeline.evaluation import held_out_tasks, score, summarize
+from pipeline.eval.scoring import score, summarize
+from pipeline.eval.tasks import held_out_tasks
 from pipeline.model.inference import (
     ModelChoice,
     format_prompt,
@@ -23,6 +24,10 @@ from pipeline.model.inference import (
 from pipeline.stages.context import StageContext
 
 NAME = "eval"
+DIR = "eval"  # runs/<name>/eval/
+DISTRIBUTED = False  # the main process scores
+KEEPS_WORK = False  # a rebuild starts over
+UNTRACKED = ()
 log = logging.getLogger("pipeline")
 
 
@@ -32,8 +37,10 @@ def upstream(specs) -> list[str]:
 
 def config_slice(specs) -> dict:
     data = specs.finetune.data
-    return {"eval": asdict(specs.eval), "tasks": {"val_fraction": data.val_fraction,
-                                                  "max_code_chars": data.max_code_chars}}
+    return {
+        "eval": asdict(specs.eval),
+        "tasks": {"val_fraction": data.val_fraction, "max_code_chars": data.max_code_chars},
+    }
 
 
 def _targets(ctx: StageContext) -> dict[str, ModelChoice]:
@@ -59,18 +66,32 @@ def run(ctx: StageContext) -> dict:
         answers = []
         for i in tqdm(range(0, len(tasks), e.batch_size), desc=f"eval {label}", leave=False, disable=None):
             batch = tasks[i : i + e.batch_size]
-            texts = [format_prompt(tokenizer, t.messages if chat else t.messages[0]["content"] + "\n", chat)
-                     for t in batch]
+            texts = [
+                format_prompt(tokenizer, t.messages if chat else t.messages[0]["content"] + "\n", chat) for t in batch
+            ]
             answers += [r["completion"] for r in generate_batch(model, tokenizer, texts, greedy, chat)]
         scores = [score(a, t, e.timeout_seconds) for a, t in zip(answers, tasks)]
         with open(ctx.out / f"answers_{label}.jsonl", "w") as f:
             for t, a, s in zip(tasks, answers, scores):
                 f.write(json.dumps({"function": t.name, "prompt": t.messages[0]["content"], "answer": a, **s}) + "\n")
-        facts[label] = {"model": choice.describe(), "dtype": str(model.dtype).removeprefix("torch."),
-                        **summarize(scores)}
+        facts[label] = {
+            "model": choice.describe(),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            **summarize(scores),
+        }
         del model
-    log.info("eval: %d held-out prompts; %s", len(tasks), "; ".join(
-        f"{label} {s['parses']:.0%} parse, {s['defines']:.0%} define the function"
-        + (f", {s['passes_doctests']:.0%} of {s['with_doctests']} pass their doctests" if s["with_doctests"] else "")
-        for label, s in facts.items() if isinstance(s, dict)))
+    log.info(
+        "eval: %d held-out prompts; %s",
+        len(tasks),
+        "; ".join(
+            f"{label} {s['parses']:.0%} parse, {s['defines']:.0%} define the function"
+            + (
+                f", {s['passes_doctests']:.0%} of {s['with_doctests']} pass their doctests"
+                if s["with_doctests"]
+                else ""
+            )
+            for label, s in facts.items()
+            if isinstance(s, dict)
+        ),
+    )
     return facts

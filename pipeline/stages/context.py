@@ -17,8 +17,16 @@ class StageContext:
     fingerprint: str  # hash of this stage's config and its inputs' content
     checkpoint_fingerprint: str = ""  # the same without the train keys that leave the weights as they are
 
-    def training_job(self, model, spec, token_pieces: list[bytes], batch, eval_batches, flops_per_token=None,
-                     fixed_shapes: bool = True):
+    def training_job(
+        self,
+        model,
+        spec,
+        token_pieces: list[bytes],
+        batch,
+        eval_batches,
+        flops_per_token=None,
+        fixed_shapes: bool = True,
+    ):
         """The TrainingJob both training stages hand to run_training, from this context;
         token_pieces (bpb.token_byte_strings) give each token's bytes, for bits per byte."""
         import torch
@@ -27,10 +35,15 @@ class StageContext:
 
         logger = self.specs.logger
         return TrainingJob(
-            model=model, spec=spec, out_dir=self.out, fingerprint=self.checkpoint_fingerprint or self.fingerprint,
-            batch=batch,
-            eval_batches=eval_batches, flops_per_token=flops_per_token,
+            model=model,
+            spec=spec,
+            out_dir=self.out,
+            fingerprint=self.checkpoint_fingerprint or self.fingerprint,
+            train_batch=batch,
+            eval_batches=eval_batches,
+            flops_per_token=flops_per_token,
             token_bytes=torch.tensor([len(p) for p in token_pieces], dtype=torch.float32),  # exact; no float64 on MPS
-            resume=self.specs.resume, tracking=Tracking(tuple(logger.trackers), logger.project, asdict(spec)),
+            resume=self.specs.resume,
+            tracking=Tracking(tuple(logger.trackers), logger.project, asdict(spec)),
             fixed_shapes=fixed_shapes,
         )

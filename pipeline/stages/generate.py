@@ -19,6 +19,10 @@ from pipeline.model.inference import (
 from pipeline.stages.context import StageContext
 
 NAME = "generate"
+DIR = "generate"  # runs/<name>/generate/
+DISTRIBUTED = False  # the main process generates
+KEEPS_WORK = False  # a rebuild starts over
+UNTRACKED = ()
 log = logging.getLogger("pipeline")
 CHAT_PROMPTS = [
     "Write a Python function named reverse_list: Return a new list with the items in reverse order.",
@@ -26,7 +30,7 @@ CHAT_PROMPTS = [
     "Write a Python function named read_lines: Return the lines of a text file without newlines.",
     "Write a Python function named flatten: Flatten a list of lists into one list.",
 ]
-COMPLETION_PROMPTS = ["def ", "import os\n\n\ndef ", "class Stack:\n    \"\"\"", "    def __init__(self"]
+COMPLETION_PROMPTS = ["def ", "import os\n\n\ndef ", 'class Stack:\n    """', "    def __init__(self"]
 
 
 def upstream(specs) -> list[str]:
@@ -47,8 +51,13 @@ def run(ctx: StageContext) -> dict:
     chat = g.chat_mode(choice.chat)
     model, tokenizer = load_model(choice, g.trust_remote_code, g.dtype)
     prompts = read_prompts(g.prompts) if g.prompts else (CHAT_PROMPTS if chat else COMPLETION_PROMPTS)
-    log.info("generate: %d prompts with %s (%s, %s mode)", len(prompts), choice.describe(), choice.kind,
-             "chat" if chat else "completion")
+    log.info(
+        "generate: %d prompts with %s (%s, %s mode)",
+        len(prompts),
+        choice.describe(),
+        choice.kind,
+        "chat" if chat else "completion",
+    )
     records = []
     for i in tqdm(range(0, len(prompts), g.batch_size), desc="generate", leave=False, disable=None):
         batch = prompts[i : i + g.batch_size]
@@ -65,6 +74,11 @@ def run(ctx: StageContext) -> dict:
     tokens = sum(r["completion_tokens"] for r in records)
     log.info("generate: %d completions, %d tokens -> %s", len(records), tokens, ctx.out / "samples.jsonl")
     return {
-        "model": choice.model_dir, "adapter": choice.adapter_dir, "kind": choice.kind, "chat": chat,
-        "prompts": len(records), "completion_tokens": tokens, "dtype": str(model.dtype).removeprefix("torch."),
+        "model": choice.model_dir,
+        "adapter": choice.adapter_dir,
+        "kind": choice.kind,
+        "chat": chat,
+        "prompts": len(records),
+        "completion_tokens": tokens,
+        "dtype": str(model.dtype).removeprefix("torch."),
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from accelerate import PartialState
 from accelerate.utils import gather_object
@@ -34,6 +35,7 @@ NAME = "prepare"
 DIR = "data"  # runs/<name>/data/
 DISTRIBUTED = True  # every rank tokenizes its share of the chunks
 KEEPS_WORK = True  # finished chunks survive a crash
+UNTRACKED = ()
 log = logging.getLogger("pipeline")
 
 
@@ -43,6 +45,51 @@ def upstream(specs) -> list[str]:
 
 def config_slice(specs) -> dict:
     return {"data": asdict(specs.data), "shard_bytes": specs.prepare.shard_bytes}
+
+
+def _progress_bar(data_spec, is_main_process: bool) -> tqdm:
+    """A bytes progress bar over the whole corpus, shown on the main process only."""
+    return tqdm(
+        desc="prepare",
+        total=corpus_bytes(data_spec),
+        unit="B",
+        unit_scale=True,
+        leave=False,
+        disable=None if is_main_process else True,
+    )
+
+
+def _summary(
+    out: Path, secs: float, vocab_size: int, dtype, totals: dict, kept: dict, n_chunks: int, by_rank: list, world: int
+) -> dict:
+    """Log what prepare wrote and how fast, and return the stage's facts."""
+    reused = [r for c, r in kept.items() if c < n_chunks]
+    new_bytes = sum(totals[s]["bytes"] for s in totals) - sum(r[s]["bytes"] for r in reused for s in totals)
+    facts = {
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        **totals,
+        "chunks": n_chunks,
+        "chunks_kept": len(reused),
+        "chunks_by_rank": by_rank,
+        "processes": world,
+        "seconds": round(secs, 2),
+    }
+    log.info(
+        "prepare: %d train / %d val docs -> %.2fM / %.2fM tokens (%s, %d chunks, %d processes) in %.1fs "
+        "(%.1f MB/s) -> %s",
+        totals["train"]["docs"],
+        totals["val"]["docs"],
+        totals["train"]["tokens"] / 1e6,
+        totals["val"]["tokens"] / 1e6,
+        dtype.name,
+        n_chunks,
+        world,
+        secs,
+        new_bytes / 1e6 / secs,
+        out,
+    )
+    return facts
 
 
 def run(ctx: StageContext) -> dict | None:
@@ -63,10 +110,15 @@ def run(ctx: StageContext) -> dict | None:
                 "rerun with force=[prepare] to start over."
             )
 
-    with tqdm(desc="prepare", total=corpus_bytes(ctx.specs.data), unit="B", unit_scale=True, leave=False,
-              disable=None if state.is_main_process else True) as bar:
-        chunks = Chunks(labelled_documents(ctx.specs.data), ctx.specs.prepare.shard_bytes, BATCH_BYTES,
-                        lambda c: c % world == rank and c not in kept, bar.update, check_kept)
+    with _progress_bar(ctx.specs.data, state.is_main_process) as bar:
+        chunks = Chunks(
+            labelled_documents(ctx.specs.data),
+            ctx.specs.prepare.shard_bytes,
+            BATCH_BYTES,
+            lambda c: c % world == rank and c not in kept,
+            bar.update,
+            check_kept,
+        )
         written = encode_chunks(tok, chunks, ctx.out, dtype, eos_id, fp)
     by_rank = gather_object([len(written)]) if world > 1 else [len(written)]
     state.wait_for_everyone()
@@ -75,14 +127,4 @@ def run(ctx: StageContext) -> dict | None:
     splits, totals = collect(ctx.out, chunks.count, fp)
     write_index(ctx.out, dtype, vocab_size, eos_id, splits)
     remove_leftovers(ctx.out, {s["file"] for parts in splits.values() for s in parts}, chunks.count)
-    secs = time.time() - t0
-    reused = [r for c, r in kept.items() if c < chunks.count]
-    new_bytes = sum(totals[s]["bytes"] for s in totals) - sum(r[s]["bytes"] for r in reused for s in totals)
-    facts = {"vocab_size": vocab_size, "dtype": dtype.name, **totals, "chunks": chunks.count,
-             "chunks_kept": len(reused), "chunks_by_rank": by_rank, "processes": world, "seconds": round(secs, 2)}
-    log.info(
-        "prepare: %d train / %d val docs -> %.2fM / %.2fM tokens (%s, %d chunks, %d processes) in %.1fs "
-        "(%.1f MB/s) -> %s", totals["train"]["docs"], totals["val"]["docs"], totals["train"]["tokens"] / 1e6,
-        totals["val"]["tokens"] / 1e6, dtype.name, chunks.count, world, secs, new_bytes / 1e6 / secs, ctx.out,
-    )
-    return facts
+    return _summary(ctx.out, time.time() - t0, vocab_size, dtype, totals, kept, chunks.count, by_rank, world)

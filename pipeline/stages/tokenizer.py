@@ -14,6 +14,10 @@ from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
 from pipeline.stages.context import StageContext
 
 NAME = "tokenizer"
+DIR = "tokenizer"  # runs/<name>/tokenizer/
+DISTRIBUTED = False  # the main process trains it
+KEEPS_WORK = False  # a rebuild starts over
+UNTRACKED = ()
 log = logging.getLogger("pipeline")
 VAL_SAMPLE_BYTES = 20 * 2**20  # enough validation text for a stable bytes/token figure
 
@@ -41,8 +45,11 @@ def run(ctx: StageContext) -> dict:
                 bar.update(n)
                 yield doc
 
-    tok = train_bpe(counted(take_bytes(split_documents(data, "train", files), spec.max_train_bytes)),
-                    spec.vocab_size, spec.min_frequency)
+    tok = train_bpe(
+        counted(take_bytes(split_documents(data, "train", files), spec.max_train_bytes)),
+        spec.vocab_size,
+        spec.min_frequency,
+    )
     if stats["docs"] == 0:
         raise PipelineError(
             "the training split is empty (every document fell into validation); "
@@ -64,7 +71,12 @@ def run(ctx: StageContext) -> dict:
     }
     log.info(
         "tokenizer: %d-token BPE from %.1f MB of %d docs in %.1fs (%.1f MB/s), %s bytes/token on val -> %s",
-        facts["vocab_size"], stats["bytes"] / 1e6, stats["docs"], secs, stats["bytes"] / 1e6 / secs,
-        facts["val_bytes_per_token"], ctx.out,
+        facts["vocab_size"],
+        stats["bytes"] / 1e6,
+        stats["docs"],
+        secs,
+        stats["bytes"] / 1e6 / secs,
+        facts["val_bytes_per_token"],
+        ctx.out,
     )
     return facts

@@ -1,5 +1,6 @@
-"""Choices that depend on the machine, made by measuring it: `mixed_precision=auto`,
-`compile=auto` and the step count of `train.time_budget`.
+"""Measurements of the machine that start-of-run choices are made from (train/choices.py):
+`mixed_precision=auto`, `compile=auto`, `micro_batch_size=auto` and the step count of
+`train.time_budget`.
 
 Precision: on a CPU, bf16 autocast is 1.5x faster than fp32 on one x86 vendor and slower on
 another, so a few timed forward+backward passes of the real model on a real batch decide. The
@@ -14,10 +15,12 @@ import statistics
 import time
 from contextlib import nullcontext
 
+import psutil
 import torch
 
 from pipeline.device import half_precision
 from pipeline.train.loss import token_losses
+from pipeline.train.preflight import activation_bytes, divisors_desc, find_micro_batch
 
 log = logging.getLogger("pipeline")
 MEASURE_SHARE = 0.05  # the measurement may cost at most this share of the run
@@ -61,8 +64,14 @@ def candidates(device: torch.device) -> list[str]:
     return [half or "no"]
 
 
-def measure_precision(model, batch: dict, device: torch.device, run_passes: int | None,
-                      run_seconds: float | None, loss_chunk_tokens: int | str = 0) -> dict:
+def measure_precision(
+    model,
+    batch: dict,
+    device: torch.device,
+    run_passes: int | None,
+    run_seconds: float | None,
+    loss_chunk_tokens: int | str = 0,
+) -> dict:
     """{"choice": precision, "seconds": {precision: median seconds per pass}, ...}. The run's
     length is given in forward+backward passes or in seconds (a time budget); the passes compute
     the loss as training will (train.loss_chunk_tokens)."""
@@ -98,8 +107,15 @@ def measure_precision(model, batch: dict, device: torch.device, run_passes: int 
     return {"choice": choice, "measured": True, "seconds": seconds}
 
 
-def measure_compile(eager, compiled, model, device: torch.device, run_passes: int, run_seconds: float | None,
-                    agree=lambda decision: decision) -> dict:
+def measure_compile(
+    eager,
+    compiled,
+    model,
+    device: torch.device,
+    run_passes: int,
+    run_seconds: float | None,
+    agree=lambda decision: decision,
+) -> dict:
     """{"choice": compile or not, "seconds": {eager, compiled}, ...}: forward+backward passes of
     `eager()` and `compiled()` (the same losses) timed in turns after compiling. Compiling is only
     tried when COMPILE_PRIOR_SECONDS is at most MEASURE_SHARE of the run (given in passes or
@@ -117,8 +133,11 @@ def measure_compile(eager, compiled, model, device: torch.device, run_passes: in
         if not agree(prior <= MEASURE_SHARE * total):
             model.zero_grad(set_to_none=True)
             model.train(was_training)
-            return {"choice": False, "measured": False,
-                    "reason": f"a run of ~{total:.0f}s is too short to repay trying: compiling may take ~{prior:.0f}s"}
+            return {
+                "choice": False,
+                "measured": False,
+                "reason": f"a run of ~{total:.0f}s is too short to repay trying: compiling may take ~{prior:.0f}s",
+            }
         compile_seconds = _timed(compiled, device)
         for _ in range(TIMED_PASSES):  # in turns, so drift in machine speed hits both alike
             times["compiled"].append(_timed(compiled, device))
@@ -126,8 +145,44 @@ def measure_compile(eager, compiled, model, device: torch.device, run_passes: in
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     seconds = {k: round(statistics.median(t), 4) for k, t in times.items()}
-    return {"choice": seconds["compiled"] < (1 - MARGIN) * seconds["eager"], "measured": True, "seconds": seconds,
-            "compile_seconds": round(compile_seconds, 1)}
+    return {
+        "choice": seconds["compiled"] < (1 - MARGIN) * seconds["eager"],
+        "measured": True,
+        "seconds": seconds,
+        "compile_seconds": round(compile_seconds, 1),
+    }
+
+
+def measure_micro_batch(
+    model, *, seq_len: int, per_rank: int, device: torch.device, autocast, half: bool, chunk_tokens, checkpointing: bool
+) -> int:
+    """The largest micro-batch (a divisor of this rank's sequences per step) that fits. GPUs probe a
+    real forward+backward with OOM back-off; CPUs cap it at a quarter of free RAM by the activation
+    estimate (an OOM there kills the process instead of raising). `autocast()`: the launch's, and
+    `half` whether it computes in 16 bits."""
+    cfg = model.config
+
+    def act(size):
+        return activation_bytes(
+            cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, size * seq_len, half, checkpointing
+        )
+
+    cap = None
+    if device.type == "cpu":
+        free = psutil.virtual_memory().available
+        cap = max([d for d in divisors_desc(per_rank) if act(d) <= free / 4] or [1])
+    if not getattr(model, "hf_device_map", None):  # a quantized base is placed when loaded
+        model.to(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def probe(size):
+        ids = torch.randint(0, cfg.vocab_size, (size, seq_len + 1), generator=gen).to(device)
+        with autocast():
+            loss = token_losses(model, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, chunk_tokens).mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return find_micro_batch(per_rank, probe, cap)
 
 
 class TimeBudget:
@@ -136,8 +191,16 @@ class TimeBudget:
     evaluation, and the time spent since the trainer started. The learning-rate schedule is still
     in warmup then, so the decay spans exactly the steps decided; they are stored with checkpoints."""
 
-    def __init__(self, seconds: float, started: float, warmup_steps: int, eval_every: int, start_step: int = 0,
-                 constant_lr: bool = False, eval_seconds: float = 0.0):
+    def __init__(
+        self,
+        seconds: float,
+        started: float,
+        warmup_steps: int,
+        eval_every: int,
+        start_step: int = 0,
+        constant_lr: bool = False,
+        eval_seconds: float = 0.0,
+    ):
         """`started` is when the budget began (earlier than now for a run resumed before deciding)."""
         self.seconds, self.started, self.eval_every = seconds, started, eval_every
         # Steps timed before deciding: every step taken by then (indices start_step .. start_step +
@@ -160,6 +223,11 @@ class TimeBudget:
         evals = self.eval_seconds / self.eval_every if self.eval_every else 0.0
         left = self.seconds - (now - self.started) - self.eval_seconds  # the final evaluation included
         total = min(cap, step + max(0, int(left // (per_step + evals))))
-        self.facts = {"seconds": self.seconds, "step_seconds": round(per_step, 4),
-                      "eval_seconds": round(self.eval_seconds, 2), "decided_at_step": step, "steps": total}
+        self.facts = {
+            "seconds": self.seconds,
+            "step_seconds": round(per_step, 4),
+            "eval_seconds": round(self.eval_seconds, 2),
+            "decided_at_step": step,
+            "steps": total,
+        }
         return total

@@ -97,11 +97,17 @@ def restore(strategy, root: Path, fingerprint: str, resume: str, usable=None) ->
         log.info("resumed from %s (step %d)", path, found[1]["step"])
     strategy.wait()
     if strategy.is_main:  # this config's checkpoints past the one resumed are on another schedule
-        stale = [c for c in sorted(root.glob("step_*")) if (path is None or c.name > path.name)
-                 and fingerprint_of(c) == fingerprint]
+        stale = [
+            c
+            for c in sorted(root.glob("step_*"))
+            if (path is None or c.name > path.name) and fingerprint_of(c) == fingerprint
+        ]
         if stale:
-            log.warning("removing %s: trained on another schedule (step count or time budget) than this run%s",
-                        ", ".join(c.name for c in stale), "" if found else ", which starts over")
+            log.warning(
+                "removing %s: trained on another schedule (step count or time budget) than this run%s",
+                ", ".join(c.name for c in stale),
+                "" if found else ", which starts over",
+            )
         for c in stale:
             shutil.rmtree(c, ignore_errors=True)
     strategy.wait()

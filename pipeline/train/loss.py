@@ -8,10 +8,14 @@ fp32 copy are never kept: gpt2-124m at 16 x 1024 tokens saves 1.6 GB of bf16 and
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from torch.utils.checkpoint import checkpoint
+
+from pipeline.errors import first_line
 
 IGNORE = -100  # label of a token that is not trained (prompt, padding); torch's and transformers' convention
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -20,6 +24,7 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 CHUNKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"})
 LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 AUTO_CHUNK_BYTES = 256 * 2**20  # loss_chunk_tokens=auto: no chunk's fp32 logits are larger
+log = logging.getLogger("pipeline")
 
 
 def token_losses(model, batch: dict, chunk_tokens: int | str = 0) -> torch.Tensor:
@@ -36,8 +41,10 @@ def token_losses(model, batch: dict, chunk_tokens: int | str = 0) -> torch.Tenso
     # one position (so the head stays in the outputs' graph, where DDP's find_unused_parameters looks);
     # output_hidden_states=-1 keeps only the last hidden state, which transformers returns after the final norm.
     hidden = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=-1).hidden_states[-1]
-    losses = [checkpoint(_head_cross_entropy, head, h, y, use_reentrant=False)
-              for h, y in zip(hidden.flatten(0, 1).split(chunk), labels.flatten().split(chunk))]
+    losses = [
+        checkpoint(_head_cross_entropy, head, h, y, use_reentrant=False)
+        for h, y in zip(hidden.flatten(0, 1).split(chunk), labels.flatten().split(chunk))
+    ]
     return torch.cat(losses).view_as(labels)
 
 
@@ -57,8 +64,9 @@ def _chunking(model, chunk_tokens: int | str, positions: int) -> tuple[torch.nn.
         return None, 0
     inner = extract_model_from_parallel(model, keep_torch_compile=False)  # DDP's .module, compile's _orig_mod
     config = inner.config
-    if config.model_type not in CHUNKABLE_MODEL_TYPES or any(getattr(config, k, None) is not None
-                                                              for k in LOGIT_MODIFIERS):
+    if config.model_type not in CHUNKABLE_MODEL_TYPES or any(
+        getattr(config, k, None) is not None for k in LOGIT_MODIFIERS
+    ):
         return None, 0
     chunk = auto_chunk_tokens(positions, config.vocab_size) if chunk_tokens == "auto" else int(chunk_tokens)
     return (inner.get_output_embeddings(), chunk) if chunk else (None, 0)
@@ -69,3 +77,30 @@ def auto_chunk_tokens(positions: int, vocab: int) -> int:
     (the plain path, faster) where all `positions` fit in one chunk."""
     chunk = max(1, AUTO_CHUNK_BYTES // (4 * vocab))
     return chunk if positions > chunk else 0
+
+
+class CompiledOrEager:
+    """torch.compile a function (train.compile: the model and its loss as one graph; compiling the
+    model alone left the loss's casts and softmax eager and gained little). If compiling fails (no
+    C++ compiler, an unsupported op), say so once and run it eagerly rather than losing the run."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # inductor/dynamo raise many types
+                log.warning(
+                    "torch.compile failed (%s: %s); continuing without compilation",
+                    type(e).__name__,
+                    first_line(e) if str(e).strip() else "",
+                )
+                self.compiled = None
+        return self.fn(*args, **kwargs)
+
+
+def is_compiled(loss_fn) -> bool:
+    """Whether training's loss function runs compiled (a CompiledOrEager whose compile worked)."""
+    return isinstance(loss_fn, CompiledOrEager) and loss_fn.compiled is not None

@@ -45,27 +45,40 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, spec: TrainSpec, fused: bool, sharded: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, spec: TrainSpec, fused: bool, sharded: bool = False
+) -> torch.optim.Optimizer:
     """AdamW over param_groups (`fused`: one kernel for all tensors, where the device has it), or
     with train.optimizer=muon, Muon for the hidden weight matrices and AdamW for the rest."""
     adamw = dict(lr=spec.lr, betas=(spec.beta1, spec.beta2), fused=fused)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, spec.weight_decay), **adamw)
     if sharded:
-        raise PipelineError("train.optimizer=muon needs whole weight matrices on each process; use it with one "
-                            "process or DDP, not FSDP or DeepSpeed.")
+        raise PipelineError(
+            "train.optimizer=muon needs whole weight matrices on each process; use it with one "
+            "process or DDP, not FSDP or DeepSpeed."
+        )
     if hasattr(model, "peft_config"):
-        raise PipelineError("train.optimizer=muon is for pretraining and full fine-tuning; LoRA adapters train with "
-                            "finetune.train.optimizer=adamw.")
+        raise PipelineError(
+            "train.optimizer=muon is for pretraining and full fine-tuning; LoRA adapters train with "
+            "finetune.train.optimizer=adamw."
+        )
     hidden = {id(p) for p in hidden_matrices(model)}
     if not hidden:
-        raise PipelineError("train.optimizer=muon found no trained weight matrices inside the model's blocks; "
-                            "use train.optimizer=adamw.")
-    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]}
-            for g in param_groups(model, spec.weight_decay)]
+        raise PipelineError(
+            "train.optimizer=muon found no trained weight matrices inside the model's blocks; "
+            "use train.optimizer=adamw."
+        )
+    rest = [
+        {**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in param_groups(model, spec.weight_decay)
+    ]
     # match_rms_adamw scales each matrix's update to AdamW's RMS, so one lr and weight decay serve both.
-    muon = torch.optim.Muon([p for p in model.parameters() if id(p) in hidden], lr=spec.lr,
-                            weight_decay=spec.weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = torch.optim.Muon(
+        [p for p in model.parameters() if id(p) in hidden],
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        adjust_lr_fn="match_rms_adamw",
+    )
     return MuonAndAdamW(muon, torch.optim.AdamW([g for g in rest if g["params"]], **adamw))
 
 
@@ -73,8 +86,11 @@ def hidden_matrices(model: torch.nn.Module) -> list[torch.Tensor]:
     """The trained 2-D weights of the linear layers inside the blocks: not the embeddings or the
     output head (Muon orthogonalises updates of matrices that map hidden states to hidden states)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [m.weight for m in model.modules()
-            if isinstance(m, torch.nn.Linear) and m is not head and m.weight.requires_grad and m.weight.dim() == 2]
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m is not head and m.weight.requires_grad and m.weight.dim() == 2
+    ]
 
 
 class MuonAndAdamW(torch.optim.Optimizer):

@@ -14,9 +14,11 @@ Memory model (bytes), P parameters of which T trainable, N processes:
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
+from pipeline.model.build import count_params
 
 log = logging.getLogger("pipeline")
 GB = 1e9
@@ -38,9 +40,22 @@ def memory_table(params: int, trainable: int, n_layer: int, world: int, act: flo
     }
 
 
-def report(*, params: int, trainable: int, flops_per_token: float | None, n_layer: int, d_model: int, vocab: int,
-           micro_tokens: int, world: int, half: bool, checkpointing: bool, budget_tokens: int | None,
-           peak_flops: float | None, mfu: float = 0.4) -> list[str]:
+def preflight_lines(
+    *,
+    params: int,
+    trainable: int,
+    flops_per_token: float | None,
+    n_layer: int,
+    d_model: int,
+    vocab: int,
+    micro_tokens: int,
+    world: int,
+    half: bool,
+    checkpointing: bool,
+    budget_tokens: int | None,
+    peak_flops: float | None,
+    mfu: float = 0.4,
+) -> list[str]:
     """Lines to log before training starts (keyword arguments only: they are easy to mix up)."""
     act = activation_bytes(n_layer, d_model, vocab, micro_tokens, half, checkpointing)
     table = memory_table(params, trainable, n_layer, world, act)
@@ -49,13 +64,35 @@ def report(*, params: int, trainable: int, flops_per_token: float | None, n_laye
         + (f"{flops_per_token / 1e6:.1f} MFLOPs/token, " if flops_per_token else "")
         + f"weights {4 * params / GB:.2f} GB, grads {4 * trainable / GB:.2f} GB, AdamW {8 * trainable / GB:.2f} GB, "
         f"activations {act / GB:.2f} GB per micro-batch of {micro_tokens} tokens",
-        "pre-flight: per-device memory " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in table.items())
+        "pre-flight: per-device memory "
+        + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in table.items())
         + f" (x{world} processes)",
     ]
     if peak_flops and flops_per_token and budget_tokens:  # None: a time budget decides the tokens
         seconds = budget_tokens * flops_per_token / (mfu * peak_flops * world)
         lines.append(f"pre-flight: {budget_tokens / 1e6:.1f}M tokens take ~{seconds / 3600:.3g} h at {mfu:.0%} MFU")
     return lines
+
+
+def log_preflight(
+    model, config, flops_per_token: float | None, spec, micro: int, world: int, precision: str, peak_flops: float | None
+) -> None:
+    """Log the pre-flight lines of a prepared model (`config`: the unwrapped model's)."""
+    for line in preflight_lines(
+        params=count_params(model),
+        trainable=count_params(model, trainable_only=True),
+        flops_per_token=flops_per_token,
+        n_layer=getattr(config, "num_hidden_layers", 1),
+        d_model=getattr(config, "hidden_size", 1),
+        vocab=getattr(config, "vocab_size", 1),
+        micro_tokens=micro * spec.seq_len,
+        world=world,
+        half=precision in ("bf16", "fp16"),
+        checkpointing=spec.activation_checkpointing,
+        budget_tokens=None if spec.time_budget else spec.max_steps * spec.batch_tokens,
+        peak_flops=peak_flops,
+    ):
+        log.info(line)
 
 
 def divisors_desc(n: int) -> list[int]:

@@ -1,10 +1,10 @@
 """Everything that depends on how the run was launched, in one place.
 
 `accelerate launch` picks the strategy (one device, DDP, FSDP, DeepSpeed) and the process count;
-the Strategy owns the Accelerator and answers the loop's questions: the batch layout (with
-micro_batch_size=auto), precision, how a micro-step syncs and backpropagates, the gradient norm,
-cross-rank sums, saving and loading state, and the consolidated weights. The loop holds no
-strategy branches: a launch-specific case lives here.
+the Strategy owns the Accelerator and answers the loop's questions: the batch layout, precision
+and autocast, how a micro-step syncs and backpropagates, the gradient norm, cross-rank sums and
+broadcasts, trackers, saving and loading state, and the consolidated weights. This is the only
+training module that imports accelerate; the loop holds no strategy branches.
 """
 
 from __future__ import annotations
@@ -16,34 +16,20 @@ import socket
 import sys
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
-import psutil
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType, broadcast_object_list
 
 from pipeline.config.train import TrainSpec
-from pipeline.device import (
-    accumulator_dtype,
-    best_device,
-    half_precision,
-    has_accelerator,
-)
+from pipeline.device import accumulator_dtype, has_accelerator, resolve_mixed_precision
 from pipeline.errors import PipelineError, first_line
 from pipeline.train.layout import BatchLayout, batch_layout
-from pipeline.train.loss import token_losses
 from pipeline.train.optim import make_optimizer
-from pipeline.train.preflight import activation_bytes, divisors_desc, find_micro_batch
 
 log = logging.getLogger("pipeline")
-
-
-def resolve_mixed_precision(choice: str) -> str:
-    """An explicit choice is obeyed; "auto" is bf16 (fp16 before Ampere) on a CUDA GPU, fp32 elsewhere."""
-    if choice != "auto":
-        return choice
-    device = best_device()
-    return (half_precision(device) if device.type == "cuda" else None) or "no"
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -53,31 +39,38 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
 
 
-class CompiledOrEager:
-    """torch.compile a function; if compiling fails (no C++ compiler, an unsupported op), say so
-    once and run it eagerly rather than losing the run."""
+class ProcessInfo(NamedTuple):
+    device: torch.device
+    world: int  # processes in the launch
+    rank: int
 
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, torch.compile(fn)
 
-    def __call__(self, *args, **kwargs):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as e:  # inductor/dynamo raise many types
-                log.warning("torch.compile failed (%s: %s); continuing without compilation", type(e).__name__,
-                            first_line(e) if str(e).strip() else "")
-                self.compiled = None
-        return self.fn(*args, **kwargs)
+def process_info() -> ProcessInfo:
+    """This process's device and place in the launch, before any Strategy exists."""
+    state = PartialState()
+    return ProcessInfo(state.device, state.num_processes, state.process_index)
+
+
+def broadcast_from_main(value):
+    """The main process's value (any picklable object) on every rank: decisions made from timings,
+    which differ between ranks, must be the same everywhere."""
+    if PartialState().num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 class Strategy:
     def __init__(self, spec: TrainSpec, out_dir: Path, trackers: tuple[str, ...] = (), precision: str | None = None):
         """`precision` is the mixed precision already chosen (e.g. measured); None resolves spec's."""
         self.spec = spec
+        precision = precision or resolve_mixed_precision(spec.mixed_precision)
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+            # One process may run several trainings (pretrain, then finetune) that choose different
+            # precisions; accelerate's per-process state refuses a change, so it starts afresh.
+            AcceleratorState._reset_state()
         self.accelerator = acc = Accelerator(
             cpu=not has_accelerator(),
-            mixed_precision=precision or resolve_mixed_precision(spec.mixed_precision),
+            mixed_precision=precision,
             log_with=list(trackers) or None,
             project_dir=str(out_dir),
         )
@@ -90,10 +83,6 @@ class Strategy:
         # which calls the output embedding outside it, is off there.
         self.loss_chunk_tokens = 0 if self.sharded else spec.loss_chunk_tokens
         self.layout: BatchLayout | None = None
-        self.model = None  # the prepared model
-        # The training loss, model and cross entropy compiled as one graph (train.compile), else None.
-        # Compiling the model alone left the loss's casts and softmax eager and gained little.
-        self.compiled_losses: CompiledOrEager | None = None
         self.warnings: list[str] = []  # launch-specific caveats, also written to the manifest
         if self.deepspeed and spec.skip_nonfinite:
             raise PipelineError(
@@ -101,8 +90,12 @@ class Strategy:
                 "backward(); set train.skip_nonfinite=0 or launch with a DDP/FSDP config."
             )
         if self.world > 1:  # every rank reports in: after a hang, the missing line names the culprit
-            print(f"[pipeline] rank {self.rank}/{self.world} ready on {self.device} (pid {os.getpid()}, "
-                  f"host {socket.gethostname()})", file=sys.stderr, flush=True)
+            print(
+                f"[pipeline] rank {self.rank}/{self.world} ready on {self.device} (pid {os.getpid()}, "
+                f"host {socket.gethostname()})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @property
     def name(self) -> str:
@@ -132,75 +125,38 @@ class Strategy:
     def precision(self) -> str:
         return self.accelerator.mixed_precision
 
-    def describe(self) -> dict:
-        """The facts of this launch, for the manifest."""
-        compiled = self.compiled_losses is not None and self.compiled_losses.compiled is not None
-        return {"processes": self.world, "micro_batch": self.layout.micro, "accumulation": self.layout.accum,
-                "mixed_precision": self.precision, "strategy": self.name, "compiled": compiled,
-                "device": str(self.device), "warnings": self.warnings}
+    def describe(self, compiled: bool) -> dict:
+        """The facts of this launch (and whether training's loss runs compiled), for the manifest."""
+        return {
+            "processes": self.world,
+            "micro_batch": self.layout.micro,
+            "accumulation": self.layout.accum,
+            "mixed_precision": self.precision,
+            "strategy": self.name,
+            "compiled": compiled,
+            "device": str(self.device),
+            "warnings": self.warnings,
+        }
 
     # -- setup ---------------------------------------------------------------------------------
-    def losses(self, batch: dict, train: bool = True) -> torch.Tensor:
-        """Per-token losses of the prepared model; compiled in training where chosen. Evaluation
-        stays eager: its no-grad graph would be a second compilation for a few passes."""
-        fn = self.compiled_losses if train and self.compiled_losses is not None else token_losses
-        return fn(self.model, batch, self.loss_chunk_tokens)
-
-    def setup(self, model):
-        """(prepared model, optimizer); fixes self.layout for this launch."""
+    def setup(self, model, micro_batch: int | None = None):
+        """(prepared model, optimizer); fixes self.layout for this launch (`micro_batch`: the size
+        micro_batch_size=auto measured)."""
         spec = self.spec
-        if spec.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        micro = self._auto_micro_batch(model) if spec.micro_batch_size == "auto" else None
-        self.layout = batch_layout(spec, self.world, micro)
+        self.layout = batch_layout(spec, self.world, micro_batch)
         if self.deepspeed:  # DeepSpeed owns micro-batch, accumulation and clipping: give it this run's
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
-            config.update(train_micro_batch_size_per_gpu=self.layout.micro,
-                          gradient_accumulation_steps=self.layout.accum, gradient_clipping=spec.grad_clip)
+            config.update(
+                train_micro_batch_size_per_gpu=self.layout.micro,
+                gradient_accumulation_steps=self.layout.accum,
+                gradient_clipping=spec.grad_clip,
+            )
             self.accelerator.gradient_accumulation_steps = self.layout.accum
         optimizer = make_optimizer(model, spec, self.device.type == "cuda", self.sharded)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self._check_adapter_survived(model)
         self._warn_zero3_tied_lora(model)
-        self.model = model
-        if spec.compile is True:  # "auto" is measured by the Trainer
-            self.compiled_losses = CompiledOrEager(token_losses)
         return model, optimizer
-
-    def _auto_micro_batch(self, model) -> int:
-        """Largest micro-batch that fits, agreed by all ranks (the minimum). GPUs probe a real
-        forward+backward with OOM back-off; CPUs cap it at a quarter of free RAM (an OOM there
-        kills the process instead of raising)."""
-        spec, acc = self.spec, self.accelerator
-        per_rank = batch_layout(spec, self.world, micro_batch=1).global_seqs // self.world  # validates first
-        cfg = model.config
-        half = self.precision in ("bf16", "fp16")
-
-        def act(size):
-            return activation_bytes(cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, size * spec.seq_len,
-                                    half, spec.activation_checkpointing)
-
-        cap = None
-        if self.device.type == "cpu":
-            free = psutil.virtual_memory().available
-            cap = max([d for d in divisors_desc(per_rank) if act(d) <= free / 4] or [1])
-        if not getattr(model, "hf_device_map", None):  # a quantized base is placed when loaded
-            model.to(self.device)
-        gen = torch.Generator().manual_seed(0)
-
-        def probe(size):
-            ids = torch.randint(0, cfg.vocab_size, (size, spec.seq_len + 1), generator=gen).to(self.device)
-            with acc.autocast():
-                batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-                loss = token_losses(model, batch, self.loss_chunk_tokens).mean()
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-
-        size = torch.tensor(find_micro_batch(per_rank, probe, cap), device=self.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
-        log.info("micro_batch_size=auto: %d sequences per device fit", int(size))
-        return int(size)
 
     def _check_adapter_survived(self, model) -> None:
         """PEFT must find the LoRA weights in the prepared model's state dict, or the saved adapter
@@ -222,12 +178,22 @@ class Strategy:
         unwrapped = self.accelerator.unwrap_model(model)
         frozen = any(not p.requires_grad for p in unwrapped.parameters())
         if plugin and plugin.zero_stage == 3 and frozen and getattr(unwrapped.config, "tie_word_embeddings", False):
-            self.warnings.append("DeepSpeed ZeRO-3 with LoRA on a model with tied embeddings: gradients differ from a "
-                                 "1-process run (DeepSpeed's handling of the frozen tied weight); prefer ZeRO-2 or "
-                                 "FSDP for LoRA.")
+            self.warnings.append(
+                "DeepSpeed ZeRO-3 with LoRA on a model with tied embeddings: gradients differ from a "
+                "1-process run (DeepSpeed's handling of the frozen tied weight); prefer ZeRO-2 or "
+                "FSDP for LoRA."
+            )
             log.warning(self.warnings[-1])
 
+    def unwrap(self, model) -> torch.nn.Module:
+        """The model without the launch's wrappers (DDP, FSDP, DeepSpeed, compile)."""
+        return self.accelerator.unwrap_model(model)
+
     # -- one step ------------------------------------------------------------------------------
+    def autocast(self):
+        """The launch's mixed-precision context for forward passes (a no-op in fp32)."""
+        return self.accelerator.autocast()
+
     @contextmanager
     def micro_step(self, model, last: bool):
         """Forward+backward of one micro-batch: gradients are synchronised only on the last one
@@ -268,13 +234,28 @@ class Strategy:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def from_main(self, value: int) -> int:
-        """The main process's value on every rank (for decisions made from timings, which differ)."""
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of every rank's value (e.g. the micro-batch that fits everywhere)."""
         if self.world == 1:
             return value
         tensor = torch.tensor(value, device=self.device)
-        torch.distributed.broadcast(tensor, src=0)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
         return int(tensor.item())
+
+    broadcast = staticmethod(broadcast_from_main)
+
+    # -- trackers (wandb, tensorboard) ---------------------------------------------------------
+    def init_trackers(self, project: str, config: dict) -> None:
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers(project, config=config)
+
+    def log_to_trackers(self, row: dict, step: int) -> None:
+        if self.accelerator.trackers:
+            self.accelerator.log(row, step=step)
+
+    def end_trackers(self) -> None:
+        if self.accelerator.trackers:
+            self.accelerator.end_training()
 
     # -- state ---------------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:

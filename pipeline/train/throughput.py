@@ -27,9 +27,21 @@ PEAK_BF16_FLOPS = {
 
 # Dense fp32 peak FLOP/s without tensor cores (what fp32 matmuls use unless TF32 is allowed).
 PEAK_FP32_FLOPS = {
-    "H200": 67e12, "H100 SXM": 67e12, "H100 NVL": 60e12, "H100 PCIe": 51e12, "H100": 67e12, "GH200": 67e12,
-    "A100": 19.5e12, "A10G": 31.2e12, "A10": 31.2e12, "L40S": 91.6e12, "L40": 90.5e12, "L4": 30.3e12,
-    "RTX 4090": 82.6e12, "RTX 3090": 35.6e12, "V100": 15.7e12,
+    "H200": 67e12,
+    "H100 SXM": 67e12,
+    "H100 NVL": 60e12,
+    "H100 PCIe": 51e12,
+    "H100": 67e12,
+    "GH200": 67e12,
+    "A100": 19.5e12,
+    "A10G": 31.2e12,
+    "A10": 31.2e12,
+    "L40S": 91.6e12,
+    "L40": 90.5e12,
+    "L4": 30.3e12,
+    "RTX 4090": 82.6e12,
+    "RTX 3090": 35.6e12,
+    "V100": 15.7e12,
 }
 
 

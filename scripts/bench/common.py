@@ -22,8 +22,11 @@ from pipeline.config.train import TrainSpec  # noqa: E402
 
 
 def training_parser(doc: str, micro_batch: int = 16, steps: int = 30, warmup: int = 5) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None)
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[1] if "\n\n" in doc else None,
+    )
     p.add_argument("--model", default="small", help="a conf/model/*.yaml name")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
@@ -31,7 +34,9 @@ def training_parser(doc: str, micro_batch: int = 16, steps: int = 30, warmup: in
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--warmup", type=int, default=warmup, help="steps left out of the timing (compile, caches)")
-    p.add_argument("--precision", default="auto", help="auto (CPU: measured, fp32 or bf16; GPU: bf16) | bf16 | fp16 | no")
+    p.add_argument(
+        "--precision", default="auto", help="auto (CPU: measured, fp32 or bf16; GPU: bf16) | bf16 | fp16 | no"
+    )
     return p
 
 
@@ -43,11 +48,21 @@ def model_spec(name: str) -> ModelSpec:
 
 def train_spec(args, **overrides) -> TrainSpec:
     """A spec that logs every step and never evaluates or checkpoints mid-run (only timing counts)."""
-    return TrainSpec(**{
-        "max_steps": args.steps, "batch_tokens": args.batch_tokens, "micro_batch_size": args.micro_batch,
-        "seq_len": args.seq_len, "mixed_precision": args.precision, "log_every": 1, "eval_every": 0,
-        "ckpt_every": 0, "keep_checkpoints": 1, "warmup_steps": 2, **overrides,
-    })
+    return TrainSpec(
+        **{
+            "max_steps": args.steps,
+            "batch_tokens": args.batch_tokens,
+            "micro_batch_size": args.micro_batch,
+            "seq_len": args.seq_len,
+            "mixed_precision": args.precision,
+            "log_every": 1,
+            "eval_every": 0,
+            "ckpt_every": 0,
+            "keep_checkpoints": 1,
+            "warmup_steps": 2,
+            **overrides,
+        }
+    )
 
 
 def timed_tokens_per_s(rows: list[dict], warmup: int, batch_tokens: int) -> float:

@@ -26,6 +26,7 @@ from common import (  # also puts the repo on sys.path
 from pipeline.config.model import LoraSpec
 from pipeline.model.build import build_model, count_params, hf_config
 from pipeline.model.lora import apply_lora
+from pipeline.train.choices import prepare_launch  # noqa: E402
 from pipeline.train.loop import Trainer, TrainingJob
 from pipeline.train.memory import peak_memory_gb
 
@@ -45,16 +46,27 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         val = [batch(0, 2)]
-        trainer = Trainer(TrainingJob(model, spec, Path(out), "bench", batch, lambda micro: val))
+        job = TrainingJob(model, spec, Path(out), "bench", batch, lambda micro: val)
+        trainer = Trainer(job, prepare_launch(job))
         trainer.fit()
         tps = timed_tokens_per_s(trainer.metrics.rows(), args.warmup, spec.batch_tokens)
     device = trainer.strategy.device
-    print(json.dumps({
-        "model": args.model, "device": device_name(device), "precision": trainer.strategy.precision,
-        "lora_rank": args.rank, "params": count_params(model), "trainable_params": count_params(model, True),
-        "seq_len": args.seq_len, "batch_tokens": args.batch_tokens, "lora_tokens_per_s": round(tps, 1),
-        "peak_mem_gb": round(peak_memory_gb(device), 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "device": device_name(device),
+                "precision": trainer.strategy.precision,
+                "lora_rank": args.rank,
+                "params": count_params(model),
+                "trainable_params": count_params(model, True),
+                "seq_len": args.seq_len,
+                "batch_tokens": args.batch_tokens,
+                "lora_tokens_per_s": round(tps, 1),
+                "peak_mem_gb": round(peak_memory_gb(device), 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

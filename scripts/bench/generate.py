@@ -40,13 +40,22 @@ def measure(model, vocab: int, batch: int, prompt_tokens: int, new_tokens: int, 
         sync(model.device)
         prefill.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         sync(model.device)
         total.append(time.perf_counter() - t0)
     p, t = min(prefill), min(total)
-    return {"batch": batch, "prefill_tokens_per_s": round(batch * prompt_tokens / p, 1),
-            "decode_tokens_per_s": round(batch * new_tokens / max(t - p, 1e-9), 1)}
+    return {
+        "batch": batch,
+        "prefill_tokens_per_s": round(batch * prompt_tokens / p, 1),
+        "decode_tokens_per_s": round(batch * new_tokens / max(t - p, 1e-9), 1),
+    }
 
 
 def main() -> None:
@@ -59,8 +68,18 @@ def main() -> None:
     choice = resolve_model(args.target)
     model, tokenizer = load_model(choice)
     results = [measure(model, len(tokenizer), b, args.prompt_tokens, args.new_tokens, args.repeats) for b in (1, 8)]
-    print(json.dumps({"model": choice.describe(), "device": str(model.device), "dtype": str(model.dtype),
-                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "results": results}))
+    print(
+        json.dumps(
+            {
+                "model": choice.describe(),
+                "device": str(model.device),
+                "dtype": str(model.dtype),
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -51,22 +51,32 @@ def throughput(spec: CorpusSpec, tok, repeats: int) -> dict:
 
     def raw(method):
         encode = getattr(tok, method)
-        return lambda: [encode([d for _, d in batch], add_special_tokens=False) for _, batch in
-                        Chunks(docs, 2**62, BATCH_BYTES, lambda c: True)]
+        return lambda: [
+            encode([d for _, d in batch], add_special_tokens=False)
+            for _, batch in Chunks(docs, 2**62, BATCH_BYTES, lambda c: True)
+        ]
 
     def write(labelled):
         with tempfile.TemporaryDirectory() as out:
             encode_chunks(tok, Chunks(labelled, 64 * 2**20, BATCH_BYTES, lambda c: True), Path(out), dtype, eos, "b")
 
-    figures = {name: best_mb_per_s(fn, mb, repeats) for name, fn in (
-        ("raw_encode_batch", raw("encode_batch")), ("raw_encode_batch_fast", raw("encode_batch_fast")),
-        ("prepare_in_memory", lambda: write(iter(docs))), ("prepare_from_disk", lambda: write(labelled_documents(spec))),
-    )}
+    figures = {
+        name: best_mb_per_s(fn, mb, repeats)
+        for name, fn in (
+            ("raw_encode_batch", raw("encode_batch")),
+            ("raw_encode_batch_fast", raw("encode_batch_fast")),
+            ("prepare_in_memory", lambda: write(iter(docs))),
+            ("prepare_from_disk", lambda: write(labelled_documents(spec))),
+        )
+    }
     fastest = max(figures["raw_encode_batch"], figures["raw_encode_batch_fast"])
-    return {"mb": round(mb, 2), **{f"{k}_mb_per_s": round(v, 2) for k, v in figures.items()},
-            "in_memory_vs_fastest_raw": round(figures["prepare_in_memory"] / fastest, 3),
-            "from_disk_vs_fastest_raw": round(figures["prepare_from_disk"] / fastest, 3),
-            "from_disk_vs_encode_batch": round(figures["prepare_from_disk"] / figures["raw_encode_batch"], 3)}
+    return {
+        "mb": round(mb, 2),
+        **{f"{k}_mb_per_s": round(v, 2) for k, v in figures.items()},
+        "in_memory_vs_fastest_raw": round(figures["prepare_in_memory"] / fastest, 3),
+        "from_disk_vs_fastest_raw": round(figures["prepare_from_disk"] / fastest, 3),
+        "from_disk_vs_encode_batch": round(figures["prepare_from_disk"] / figures["raw_encode_batch"], 3),
+    }
 
 
 def generate_corpus(spec: CorpusSpec, path: Path, gb: float) -> int:
@@ -87,16 +97,28 @@ def prepare_at_scale(spec: CorpusSpec, gb: float) -> dict:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work).resolve()
         nbytes = generate_corpus(spec, work / "corpus.txt", gb)
-        args = [sys.executable, "-m", "pipeline", "run.name=bench", f"run.root={work}/runs", "data=text",
-                f"data.paths=[{work}/corpus.txt]", f"data.separator='{SEPARATOR}'",
-                "tokenizer.max_train_bytes=20000000"]
+        args = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run.name=bench",
+            f"run.root={work}/runs",
+            "data=text",
+            f"data.paths=[{work}/corpus.txt]",
+            f"data.separator='{SEPARATOR}'",
+            "tokenizer.max_train_bytes=20000000",
+        ]
         subprocess.run([*args, "stage=tokenizer"], check=True, cwd=REPO, capture_output=True)
         _, wall, peak_gb = run_child([*args, "stage=prepare"], "pipeline stage=prepare", cwd=REPO)
         facts = json.loads((work / "runs/bench/data/manifest.json").read_text())["facts"]
-    return {"generated_gb": round(nbytes / 1e9, 2), "prepare_wall_s": round(wall, 1),
-            "prepare_mb_per_s": round(nbytes / 1e6 / wall, 2), "chunks": facts["chunks"],
-            "tokens": facts["train"]["tokens"] + facts["val"]["tokens"],
-            "prepare_peak_rss_gb": round(peak_gb, 3)}
+    return {
+        "generated_gb": round(nbytes / 1e9, 2),
+        "prepare_wall_s": round(wall, 1),
+        "prepare_mb_per_s": round(nbytes / 1e6 / wall, 2),
+        "chunks": facts["chunks"],
+        "tokens": facts["train"]["tokens"] + facts["val"]["tokens"],
+        "prepare_peak_rss_gb": round(peak_gb, 3),
+    }
 
 
 def main() -> None:
@@ -116,8 +138,12 @@ def main() -> None:
         tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
     else:
         tok = train_bpe(take_bytes((d for _, d in labelled_documents(spec)), 20 * 2**20), 8192)
-    result = {"corpus": args.data, "device": device_name_cpu(), **throughput(spec, tok, args.repeats),
-              "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}
+    result = {
+        "corpus": args.data,
+        "device": device_name_cpu(),
+        **throughput(spec, tok, args.repeats),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+    }
     if args.generate_gb:
         result.update(prepare_at_scale(spec, args.generate_gb))
     print(json.dumps(result))

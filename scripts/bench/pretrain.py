@@ -32,17 +32,19 @@ from common import (  # also puts the repo on sys.path
 from pipeline.config.train import TrainSpec
 from pipeline.data.shards import TokenShards
 from pipeline.data.windows import PackedWindows
+from pipeline.device import resolve_mixed_precision
 from pipeline.model.build import build_model, count_params, flops_per_token, hf_config
+from pipeline.train.choices import prepare_launch  # noqa: E402
 from pipeline.train.layout import batch_layout
 from pipeline.train.loop import Trainer, TrainingJob
 from pipeline.train.memory import peak_memory_gb
 from pipeline.train.optim import lr_at, make_optimizer
-from pipeline.train.strategy import resolve_mixed_precision
 from pipeline.train.throughput import peak_flops
 
 
-def bare_loop(args, spec: TrainSpec, windows: PackedWindows, device: torch.device, precision: str,
-              compile: bool) -> float:
+def bare_loop(
+    args, spec: TrainSpec, windows: PackedWindows, device: torch.device, precision: str, compile: bool
+) -> float:
     """The reference: forward, cross entropy, backward, clip, AdamW; compiled, the model and the
     loss are one graph. Returns tokens/s after warmup."""
     model = build_model(hf_config(model_spec(args.model), args.vocab, 0, 1, 2), 0).to(device)
@@ -80,17 +82,27 @@ def bare_loop(args, spec: TrainSpec, windows: PackedWindows, device: torch.devic
 def bare_candidates(args, spec, windows, device) -> dict[str, float]:
     """Every candidate the pipeline chooses among, as a bare loop: tokens/s by 'precision+mode'."""
     precisions = ["no", "bf16"] if device.type == "cpu" else [resolve_mixed_precision("auto")]
-    return {f"{p}+{'compiled' if c else 'eager'}": round(bare_loop(args, spec, windows, device, p, c), 1)
-            for p in precisions for c in (False, True)}
+    return {
+        f"{p}+{'compiled' if c else 'eager'}": round(bare_loop(args, spec, windows, device, p, c), 1)
+        for p in precisions
+        for c in (False, True)
+    }
 
 
 def pipeline_loop(args, spec: TrainSpec, windows: PackedWindows) -> tuple[float, Trainer]:
     model = build_model(hf_config(model_spec(args.model), args.vocab, 0, 1, 2), 0)
     val = windows.batch(0, spec.micro_batch_size)
     with tempfile.TemporaryDirectory() as out:
-        job = TrainingJob(model, spec, Path(out), "bench", windows.batch, lambda micro: [val],
-                          flops_per_token=flops_per_token(model, spec.seq_len))
-        trainer = Trainer(job)
+        job = TrainingJob(
+            model,
+            spec,
+            Path(out),
+            "bench",
+            windows.batch,
+            lambda micro: [val],
+            flops_per_token=flops_per_token(model, spec.seq_len),
+        )
+        trainer = Trainer(job, prepare_launch(job))
         trainer.fit()
         tps = timed_tokens_per_s(trainer.metrics.rows(), args.warmup, spec.batch_tokens)
     return tps, trainer
@@ -98,14 +110,25 @@ def pipeline_loop(args, spec: TrainSpec, windows: PackedWindows) -> tuple[float,
 
 def main() -> None:
     p = training_parser(__doc__)
-    p.add_argument("--compile", default="false", choices=["true", "false", "auto"],
-                   help="the pipeline's train.compile (auto: measured, where the run is long enough)")
-    p.add_argument("--run-minutes", type=float, default=None,
-                   help="tell the pipeline the run is this long (a time budget capped at --steps), so auto "
-                        "choices are made as in a run of that length")
+    p.add_argument(
+        "--compile",
+        default="false",
+        choices=["true", "false", "auto"],
+        help="the pipeline's train.compile (auto: measured, where the run is long enough)",
+    )
+    p.add_argument(
+        "--run-minutes",
+        type=float,
+        default=None,
+        help="tell the pipeline the run is this long (a time budget capped at --steps), so auto "
+        "choices are made as in a run of that length",
+    )
     p.add_argument("--skip-bare", action="store_true", help="time only the pipeline")
-    p.add_argument("--candidates", action="store_true",
-                   help="time the bare loop for every candidate (fp32/bf16 x eager/compiled on a CPU)")
+    p.add_argument(
+        "--candidates",
+        action="store_true",
+        help="time the bare loop for every candidate (fp32/bf16 x eager/compiled on a CPU)",
+    )
     args = p.parse_args()
 
     compile = {"true": True, "false": False}.get(args.compile, "auto")
@@ -119,10 +142,16 @@ def main() -> None:
     device = trainer.strategy.device
     fpt = trainer.job.flops_per_token
     result = {
-        "model": args.model, "params": count_params(trainer.model), "device": device_name(device),
-        "precision": trainer.strategy.precision, "compiled": trainer.strategy.describe()["compiled"],
-        "precision_choice": trainer.precision_choice, "compile_choice": trainer.compile_choice,
-        "seq_len": args.seq_len, "batch_tokens": args.batch_tokens, "micro_batch": trainer.layout.micro,
+        "model": args.model,
+        "params": count_params(trainer.model),
+        "device": device_name(device),
+        "precision": trainer.strategy.precision,
+        "compiled": trainer.strategy.describe()["compiled"],
+        "precision_choice": trainer.precision_choice,
+        "compile_choice": trainer.compile_choice,
+        "seq_len": args.seq_len,
+        "batch_tokens": args.batch_tokens,
+        "micro_batch": trainer.layout.micro,
         "pipeline_tokens_per_s": round(pipe_tps, 1),
         "peak_mem_gb": round(peak_memory_gb(device), 3),
     }
@@ -132,8 +161,9 @@ def main() -> None:
     if args.candidates:
         bare = bare_candidates(args, spec, windows, device)
         fastest = max(bare, key=bare.get)
-        result.update(bare_tokens_per_s=bare, bare_fastest=fastest,
-                      pipeline_vs_fastest_bare=round(pipe_tps / bare[fastest], 4))
+        result.update(
+            bare_tokens_per_s=bare, bare_fastest=fastest, pipeline_vs_fastest_bare=round(pipe_tps / bare[fastest], 4)
+        )
         if "no+eager" in bare:
             result["pipeline_vs_bare_fp32_eager"] = round(pipe_tps / bare["no+eager"], 4)
     elif not args.skip_bare:

@@ -42,12 +42,33 @@ def main() -> None:
     cpu = device_name(torch.device("cpu"))
     for mb in args.mb:
         out, wall, peak_gb = run_child(
-            [sys.executable, "-c", CHILD, args.data, ",".join(args.paths), args.glob, str(int(mb * 1e6)),
-             str(args.vocab_size)], f"BPE training on {mb} MB", env={**os.environ, "PYTHONPATH": str(REPO)})
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                args.data,
+                ",".join(args.paths),
+                args.glob,
+                str(int(mb * 1e6)),
+                str(args.vocab_size),
+            ],
+            f"BPE training on {mb} MB",
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         nbytes, secs = out.split()
-        print(json.dumps({"device": cpu, "vocab_size": args.vocab_size, "train_mb": round(int(nbytes) / 1e6, 1),
-                          "bpe_seconds": round(float(secs), 1), "mb_per_s": round(int(nbytes) / 1e6 / float(secs), 2),
-                          "wall_s": round(wall, 1), "peak_rss_gb": round(peak_gb, 2)}))
+        print(
+            json.dumps(
+                {
+                    "device": cpu,
+                    "vocab_size": args.vocab_size,
+                    "train_mb": round(int(nbytes) / 1e6, 1),
+                    "bpe_seconds": round(float(secs), 1),
+                    "mb_per_s": round(int(nbytes) / 1e6 / float(secs), 2),
+                    "wall_s": round(wall, 1),
+                    "peak_rss_gb": round(peak_gb, 2),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,11 @@ def pipeline_tokens_per_s(metrics: Path, warmup: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--trl-python", required=True, help="python of an environment with trl, peft, transformers")
     p.add_argument("--model", default="small", help="a conf/model/*.yaml name")
     p.add_argument("--vocab", type=int, default=8192)
@@ -67,36 +70,94 @@ def main() -> None:
         data = work / "chat.jsonl"
         convs = islice(stdlib_conversations(800), args.conversations)
         data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
-        shape = dict(steps=args.steps, seq_len=args.seq_len, micro_batch=args.micro_batch, rank=args.rank,
-                     precision=args.precision)
+        shape = dict(
+            steps=args.steps,
+            seq_len=args.seq_len,
+            micro_batch=args.micro_batch,
+            rank=args.rank,
+            precision=args.precision,
+        )
 
-        _, wall, rss = run_child([
-            sys.executable, "-m", "pipeline", "stage=finetune", f"run.root={work}", "run.name=bench",
-            f"finetune.base={work / 'base'}", "finetune.data.source=jsonl", f"finetune.data.paths=[{data}]",
-            "finetune.data.val_fraction=0.01", "finetune.data.max_val_examples=16", "finetune.merge=false",
-            f"finetune.lora.r={args.rank}", f"finetune.lora.alpha={2 * args.rank}",
-            f"finetune.train.max_steps={args.steps}", "finetune.train.time_budget=null",
-            f"finetune.train.seq_len={args.seq_len}", f"finetune.train.micro_batch_size={args.micro_batch}",
-            f"finetune.train.batch_tokens={args.seq_len * args.micro_batch}", "finetune.train.lr=2e-4",
-            f"finetune.train.mixed_precision={args.precision}", "finetune.train.log_every=1",
-            "finetune.train.eval_every=0", "finetune.train.ckpt_every=0",
-        ], "pipeline finetune", cwd=REPO, stderr=sys.stderr)
-        ours = {"tokens_per_s": round(pipeline_tokens_per_s(work / "bench/finetune/metrics.jsonl", args.warmup), 1),
-                "wall_s": round(wall, 1), "peak_rss_gb": round(rss, 3)}
+        _, wall, rss = run_child(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "stage=finetune",
+                f"run.root={work}",
+                "run.name=bench",
+                f"finetune.base={work / 'base'}",
+                "finetune.data.source=jsonl",
+                f"finetune.data.paths=[{data}]",
+                "finetune.data.val_fraction=0.01",
+                "finetune.data.max_val_examples=16",
+                "finetune.merge=false",
+                f"finetune.lora.r={args.rank}",
+                f"finetune.lora.alpha={2 * args.rank}",
+                f"finetune.train.max_steps={args.steps}",
+                "finetune.train.time_budget=null",
+                f"finetune.train.seq_len={args.seq_len}",
+                f"finetune.train.micro_batch_size={args.micro_batch}",
+                f"finetune.train.batch_tokens={args.seq_len * args.micro_batch}",
+                "finetune.train.lr=2e-4",
+                f"finetune.train.mixed_precision={args.precision}",
+                "finetune.train.log_every=1",
+                "finetune.train.eval_every=0",
+                "finetune.train.ckpt_every=0",
+            ],
+            "pipeline finetune",
+            cwd=REPO,
+            stderr=sys.stderr,
+        )
+        ours = {
+            "tokens_per_s": round(pipeline_tokens_per_s(work / "bench/finetune/metrics.jsonl", args.warmup), 1),
+            "wall_s": round(wall, 1),
+            "peak_rss_gb": round(rss, 3),
+        }
 
-        out, wall, rss = run_child([
-            args.trl_python, str(REPO / "scripts/bench/trl_sft.py"), "--base", str(work / "base"), "--data", str(data),
-            "--out", str(work / "trl"), "--precision", args.precision, "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
-            "--rank", str(args.rank),
-        ], "TRL SFTTrainer", stderr=sys.stderr)
+        out, wall, rss = run_child(
+            [
+                args.trl_python,
+                str(REPO / "scripts/bench/trl_sft.py"),
+                "--base",
+                str(work / "base"),
+                "--data",
+                str(data),
+                "--out",
+                str(work / "trl"),
+                "--precision",
+                args.precision,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--seq-len",
+                str(args.seq_len),
+                "--micro-batch",
+                str(args.micro_batch),
+                "--rank",
+                str(args.rank),
+            ],
+            "TRL SFTTrainer",
+            stderr=sys.stderr,
+        )
         trl = {**json.loads(out.strip().splitlines()[-1]), "wall_s": round(wall, 1), "peak_rss_gb": round(rss, 3)}
 
     import torch
 
-    print(json.dumps({"device": device_name(torch.device("cpu")), "model": args.model, "params": params, **shape,
-                      "pipeline": ours, "trl": trl,
-                      "tokens_per_s_ratio": round(ours["tokens_per_s"] / trl["tokens_per_s"], 3)}))
+    print(
+        json.dumps(
+            {
+                "device": device_name(torch.device("cpu")),
+                "model": args.model,
+                "params": params,
+                **shape,
+                "pipeline": ours,
+                "trl": trl,
+                "tokens_per_s_ratio": round(ours["tokens_per_s"] / trl["tokens_per_s"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,15 +28,28 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     data = load_dataset("json", data_files=args.data, split="train")
     config = SFTConfig(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=2,
-        max_length=args.seq_len, packing=False, assistant_only_loss=True, bf16=args.precision == "bf16",
-        logging_steps=10, save_strategy="no", report_to=[], seed=1337, dataloader_num_workers=0,
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        max_length=args.seq_len,
+        packing=False,
+        assistant_only_loss=True,
+        bf16=args.precision == "bf16",
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=1337,
+        dataloader_num_workers=0,
         gradient_checkpointing=False,  # TRL's default recomputes activations; pipeline's does not
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on a CPU needs it said
     )
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     seen = {"tokens": 0}
     marks = []
 
@@ -50,12 +63,21 @@ def main() -> None:
         def on_step_end(self, *a, **kw):
             marks.append((time.perf_counter(), seen["tokens"]))
 
-    trainer = Counting(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora,
-                       callbacks=[Clock()])
+    trainer = Counting(
+        model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora, callbacks=[Clock()]
+    )
     trainer.train()
     (t0, n0), (t1, n1) = marks[args.warmup - 1], marks[-1]
-    print(json.dumps({"tokens_per_s": round((n1 - n0) / (t1 - t0), 1), "steps": len(marks), "threads": torch.get_num_threads(),
-                      "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}))
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": round((n1 - n0) / (t1 - t0), 1),
+                "steps": len(marks),
+                "threads": torch.get_num_threads(),
+                "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

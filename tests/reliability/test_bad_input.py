@@ -32,20 +32,44 @@ CASES = {
     "empty folder": (["stage=prepare", "data=text", "data.paths=[empty/]"], ["empty/ has no files"]),
     "empty file": (["stage=prepare", "data=text", "data.paths=[empty.txt]"], ["contains no text"]),
     "JSONL line not JSON": (["stage=prepare", "data=jsonl", "data.paths=[bad.jsonl]"], ["bad.jsonl:2: not valid JSON"]),
-    "JSONL text field absent": (["stage=prepare", "data=jsonl", "data.paths=[nofield.jsonl]"], ["nofield.jsonl:1: no 'text' field", "data.text_field"]),
-    "malformed Parquet": (["stage=prepare", "data=parquet", "data.paths=[broken.parquet]"], ["broken.parquet is not a readable Parquet file"]),
-    "corpus smaller than a window": (["stage=pretrain", "data=text", "data.paths=[tiny/]", "data.val_fraction=0.5",
-                                      *TINY_TRAIN, "train.seq_len=256", "train.batch_tokens=2048", "model.max_seq_len=256"],
-                                     ["fewer than one window", "train.seq_len=256"]),
+    "JSONL text field absent": (
+        ["stage=prepare", "data=jsonl", "data.paths=[nofield.jsonl]"],
+        ["nofield.jsonl:1: no 'text' field", "data.text_field"],
+    ),
+    "malformed Parquet": (
+        ["stage=prepare", "data=parquet", "data.paths=[broken.parquet]"],
+        ["broken.parquet is not a readable Parquet file"],
+    ),
+    "corpus smaller than a window": (
+        [
+            "stage=pretrain",
+            "data=text",
+            "data.paths=[tiny/]",
+            "data.val_fraction=0.5",
+            *TINY_TRAIN,
+            "train.seq_len=256",
+            "train.batch_tokens=2048",
+            "model.max_seq_len=256",
+        ],
+        ["fewer than one window", "train.seq_len=256"],
+    ),
     "unknown key": (["stage=prepare", "tokenizer.vocab_sise=100"], ["tokenizer.vocab_sise", "no such config key"]),
     "unknown group option": (["stage=prepare", "model=huge"], ["config error", "model/huge"]),
     "unknown recipe": (["recipe=nope"], ["no recipe named 'nope'"]),
     "unknown stage": (["stage=train"], ["stage=train is unknown"]),
-    "negative lr": (["stage=pretrain", "data=text", "data.paths=[tiny/]", *TINY_TRAIN, "train.lr=-1"], ["train.lr=-1.0 must be positive"]),
-    "zero batch": (["stage=pretrain", "data=text", "data.paths=[tiny/]", *TINY_TRAIN, "train.micro_batch_size=0"], ["train.micro_batch_size=0 must be a positive"]),
+    "negative lr": (
+        ["stage=pretrain", "data=text", "data.paths=[tiny/]", *TINY_TRAIN, "train.lr=-1"],
+        ["train.lr=-1.0 must be positive"],
+    ),
+    "zero batch": (
+        ["stage=pretrain", "data=text", "data.paths=[tiny/]", *TINY_TRAIN, "train.micro_batch_size=0"],
+        ["train.micro_batch_size=0 must be a positive"],
+    ),
     "wrong value type": (["stage=prepare", "data.val_fraction=lots"], ["config error", "val_fraction"]),
-    "chat with no assistant turn": (["stage=finetune", "finetune.base=base", "finetune.data.source=jsonl",
-                                     "finetune.data.paths=[chat_bad.jsonl]"], ["chat_bad.jsonl:1: the conversation has no assistant turn", "skip_bad"]),
+    "chat with no assistant turn": (
+        ["stage=finetune", "finetune.base=base", "finetune.data.source=jsonl", "finetune.data.paths=[chat_bad.jsonl]"],
+        ["chat_bad.jsonl:1: the conversation has no assistant turn", "skip_bad"],
+    ),
     "missing base model": (["stage=finetune", "finetune.base=./no_such_model"], ["no_such_model does not exist"]),
 }
 
@@ -60,8 +84,9 @@ def test_bad_input_gives_one_clear_line(bad_files, name):
     manifests = list((bad_files / "runs").rglob("manifest.json")) if (bad_files / "runs").exists() else []
     # whatever stage failed left no manifest a later stage could trust
     failed_stage = args[0].split("=")[1]
-    assert not any(m.parent.name in (failed_stage, "data" if failed_stage == "prepare" else failed_stage)
-                   for m in manifests), manifests
+    assert not any(
+        m.parent.name in (failed_stage, "data" if failed_stage == "prepare" else failed_stage) for m in manifests
+    ), manifests
 
 
 def make_model(path, vocab, tokenizer_vocab=None):
@@ -70,8 +95,14 @@ def make_model(path, vocab, tokenizer_vocab=None):
     tok = to_hf_tokenizer(train_bpe(make_documents(60), tokenizer_vocab or vocab), 256)
     tok.save_pretrained(path)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
 
@@ -84,8 +115,15 @@ def test_tokenizer_larger_than_model_vocabulary_is_refused(tmp_path):
 
 def test_finetune_seq_len_beyond_model_positions_is_refused(tmp_path):
     make_model(tmp_path / "m", vocab=400)
-    proc = run_cli("stage=finetune", "run.name=v", "finetune.base=m", "finetune.train.seq_len=512",
-                   "finetune.train.batch_tokens=8192", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "stage=finetune",
+        "run.name=v",
+        "finetune.base=m",
+        "finetune.train.seq_len=512",
+        "finetune.train.batch_tokens=8192",
+        cwd=tmp_path,
+        check=False,
+    )
     assert_clear_error(proc, "seq_len=512 exceeds the model's 256 positions")
 
 
@@ -102,14 +140,28 @@ def test_adapter_on_a_different_base_is_refused(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     make_model(tmp_path / "a", vocab=400)
-    other = LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128)
+    other = LlamaConfig(
+        vocab_size=400,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     make_model(tmp_path / "b", vocab=400)
     LlamaForCausalLM(other).save_pretrained(tmp_path / "b")
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "a"), LoraConfig(target_modules="all-linear"))
+    peft_model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(tmp_path / "a"), LoraConfig(target_modules="all-linear")
+    )
     peft_model.save_pretrained(tmp_path / "adapter")
-    proc = run_cli("stage=generate", "run.name=g", f"generate.model={tmp_path / 'b'}",
-                   f"generate.adapter={tmp_path / 'adapter'}", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "stage=generate",
+        "run.name=g",
+        f"generate.model={tmp_path / 'b'}",
+        f"generate.adapter={tmp_path / 'adapter'}",
+        cwd=tmp_path,
+        check=False,
+    )
     assert_clear_error(proc, "was trained on", "not on")
 
 

@@ -28,14 +28,28 @@ pytestmark = pytest.mark.slow
 
 
 def pretrain_args(corpus, name, *extra):
-    return ["stage=pretrain", f"run.name={name}", "data=text", f"data.paths=[{corpus}]", *TINY,
-            "model=tiny", "train=tiny", *extra]
+    return [
+        "stage=pretrain",
+        f"run.name={name}",
+        "data=text",
+        f"data.paths=[{corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        *extra,
+    ]
 
 
 def start_cli(args, cwd):
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(predicate, timeout=120):
@@ -141,7 +155,9 @@ def test_nonfinite_steps_are_skipped_up_to_the_budget(tmp_path):
     assert all(v == v for i, v in enumerate(got) if i not in (2, 5))  # the rest trained normally
     t2 = make_trainer(tmp_path / "b", skip_nonfinite=1, eval_every=0)
     nan_at(t2, {2, 5})
-    with pytest.raises(PipelineError, match=r"loss nan at step 6 is not finite; the last good checkpoint is .*step_000004"):
+    with pytest.raises(
+        PipelineError, match=r"loss nan at step 6 is not finite; the last good checkpoint is .*step_000004"
+    ):
         t2.fit()
 
 
@@ -177,7 +193,9 @@ def test_an_fp16_overflow_is_a_skipped_step_not_an_error(tmp_path, monkeypatch, 
     from pipeline.train.optim import make_optimizer
     from pipeline.train.strategy import Strategy
 
-    monkeypatch.setattr(strategy_module, "make_optimizer", lambda model, spec, _, sharded: make_optimizer(model, spec, fused, sharded))
+    monkeypatch.setattr(
+        strategy_module, "make_optimizer", lambda model, spec, _, sharded: make_optimizer(model, spec, fused, sharded)
+    )
     original = Strategy.__init__
 
     def with_scaler(self, *args, **kwargs):

@@ -36,10 +36,24 @@ def test_nothing_is_written_outside_the_run_root(tmp_path, text_corpus):
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
-    run_cli("run.name=t", "data=text", f"data.paths=[{text_corpus}]", *TINY, "model=tiny", "train=tiny",
-            "finetune.train.max_steps=2", "finetune.train.seq_len=128", "finetune.train.batch_tokens=512",
-            "finetune.train.micro_batch_size=4", "finetune.data.max_examples=60", "finetune.data.max_val_examples=8",
-            "generate.max_new_tokens=4", "logger=wandb", cwd=work, env={"HOME": str(home)})
+    run_cli(
+        "run.name=t",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        "finetune.train.max_steps=2",
+        "finetune.train.seq_len=128",
+        "finetune.train.batch_tokens=512",
+        "finetune.train.micro_batch_size=4",
+        "finetune.data.max_examples=60",
+        "finetune.data.max_val_examples=8",
+        "generate.max_new_tokens=4",
+        "logger=wandb",
+        cwd=work,
+        env={"HOME": str(home)},
+    )
     assert list(home.iterdir()) == []
     assert [p.name for p in work.iterdir()] == ["runs"]
     assert sorted(p.name for p in (work / "runs").iterdir()) == ["t"]
@@ -48,7 +62,22 @@ def test_nothing_is_written_outside_the_run_root(tmp_path, text_corpus):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_soak_kill_9_two_processes_then_resume_gives_the_same_weights(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/soak_kill9.py"), "--kills", "3", "--steps", "60",
-                           "--max-delay", "6", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts/soak_kill9.py"),
+            "--kills",
+            "3",
+            "--steps",
+            "60",
+            "--max-delay",
+            "6",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert '"same_final_weights": true' in proc.stdout

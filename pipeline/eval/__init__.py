@@ -1,0 +1,1 @@
+"""Answer-quality evaluation for code: held-out tasks (tasks.py) and how answers are scored (scoring.py)."""
