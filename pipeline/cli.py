@@ -124,6 +124,8 @@ def run(argv: list[str]) -> None:
     # join a gloo process group instead of silently running N independent single processes.
     state = PartialState(cpu=not has_accelerator(), timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     setup_logging(state.is_main_process)
+    for note in specs.notes:
+        log.info(note)
     run_dir = Path(cfg.run.root) / cfg.run.name
     keep_wandb_local(run_dir)
     # The main process owns the run dir for the whole command; other ranks of a launch share it.
@@ -134,7 +136,11 @@ def run(argv: list[str]) -> None:
         runner = Runner(specs, run_dir, specs.force, cfg.run.shared_upstream)
         for name in targets:
             runner.ensure(name)
-    log.info("done: %s -> %s", ", ".join(targets), run_dir)
+    warnings = [f"{a.stage}: {w}" for a in runner.done.values() for w in a.facts.get("warnings", [])]
+    if warnings:  # the command's last line says that the model is short of what was meant, and why
+        log.warning("done, but %s -> %s", "; ".join(warnings), run_dir)
+    else:
+        log.info("done: %s -> %s", ", ".join(targets), run_dir)
 
 
 def torch_distributed_errors() -> tuple[type, ...]:

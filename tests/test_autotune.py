@@ -2,6 +2,7 @@
 
 import json
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ def test_durations_parse_and_bad_ones_name_the_key():
     TrainSpec(time_budget="1min", warmup_steps=0, decay="constant")
 
 
-def test_precision_measurement_leaves_weights_gradients_and_rng_as_they_were():
+def test_precision_measurement_leaves_weights_gradients_and_rng_as_they_were(monkeypatch):
+    monkeypatch.setattr(autotune, "bf16_speedup", lambda shapes, device: 1.0)  # a tie: both timed at full size
     model = tiny_model()
     model.train()
     ids = torch.randint(0, 64, (4, 33))
@@ -33,12 +35,41 @@ def test_precision_measurement_leaves_weights_gradients_and_rng_as_they_were():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     result = measure_precision(model, batch, torch.device("cpu"), run_passes=10**6, run_seconds=None)
-    assert result["measured"] and result["choice"] in ("no", "bf16") and set(result["seconds"]) == {"no", "bf16"}
+    # bf16 is timed unless its passes run ABANDON times slower than fp32's (a tiny model's may)
+    assert result["measured"] and result["choice"] in ("no", "bf16") and "no" in result["seconds"]
     assert result["choice"] == min(result["seconds"], key=result["seconds"].get)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
     short = measure_precision(model, batch, torch.device("cpu"), run_passes=20, run_seconds=None)
     assert short == {"choice": "no", "measured": False, "reason": short["reason"]} and "too short" in short["reason"]
+
+
+def test_a_candidate_much_slower_at_full_size_is_abandoned_and_the_measurement_keeps_its_share(monkeypatch):
+    monkeypatch.setattr(autotune, "bf16_speedup", lambda shapes, device: 1.0)
+    calls = []
+
+    def fake_pass(model, batch, device, precision, chunk_tokens):
+        calls.append(precision)
+        return {"no": 1.0, "bf16": 1.4 if len(calls) < 4 else 9.0}[precision]  # bf16 slows down mid-way
+
+    monkeypatch.setattr(autotune, "_timed_pass", fake_pass)
+    result = measure_precision(tiny_model(), {}, torch.device("cpu"), run_passes=None, run_seconds=10**6)
+    assert result["choice"] == "no" and set(result["seconds"]) == {"no"}  # bf16's 9 s pass ended it
+    assert calls.count("bf16") == 2  # the warm-up and the pass that was 9x the best: no more
+    short = measure_precision(tiny_model(), {}, torch.device("cpu"), run_passes=None, run_seconds=100.0)
+    assert short["measured"] is False  # 7 more 1 s passes would pass 5% of 100 s
+
+
+def test_a_precision_whose_matmuls_screen_much_slower_is_never_run_at_full_size(monkeypatch):
+    """An AVX2-only CPU emulates bf16 ~20x slower: its screen (milliseconds) ends the measurement."""
+    monkeypatch.setattr(autotune, "bf16_speedup", lambda shapes, device: 0.05)
+    passes = []
+    monkeypatch.setattr(autotune, "token_losses", lambda *a, **k: passes.append(1))
+    ids = torch.randint(0, 64, (4, 33))
+    result = measure_precision(tiny_model(), {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}, torch.device("cpu"),
+                               run_passes=None, run_seconds=240.0)  # fmt: skip
+    assert result["choice"] == "no" and result["not_run_at_full_size"] == ["bf16"] and not passes
+    assert result["measured"] and result["cost_seconds"] < 1
 
 
 def test_time_budget_fits_steps_evaluations_and_time_already_spent():
@@ -75,7 +106,8 @@ def test_a_time_budget_decides_the_steps_once_and_a_resume_keeps_them(tmp_path):
     assert again.spec.max_steps == decided and again.choices.budget is None  # not measured again
 
 
-def test_auto_precision_is_measured_used_and_stored(tmp_path):
+def test_auto_precision_is_measured_used_and_stored(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "bf16_speedup", lambda shapes, device: 1.0)  # the screen passes bf16 on
     trainer = make_trainer(tmp_path, mixed_precision="auto", max_steps=200, ckpt_every=0, eval_every=0)
     choice = trainer.choices.precision
     assert choice["measured"] and trainer.strategy.precision == choice["choice"]
@@ -91,7 +123,8 @@ def test_auto_precision_is_measured_used_and_stored(tmp_path):
     }
 
 
-def test_a_stored_precision_is_kept_only_on_the_same_kind_of_device(tmp_path):
+def test_a_stored_precision_is_kept_only_on_the_same_kind_of_device(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "bf16_speedup", lambda shapes, device: 1.0)  # the screen passes bf16 on
     make_trainer(tmp_path, mixed_precision="auto", max_steps=8).fit()
     state_file = sorted((tmp_path / "checkpoints").glob("step_*"))[-1] / "trainer_state.json"
     state = json.loads(state_file.read_text())
@@ -136,18 +169,19 @@ def test_compile_is_chosen_when_it_measures_faster_and_leaves_no_gradients():
 
 def test_compile_is_not_tried_in_a_run_too_short_to_repay_it():
     model = torch.nn.Linear(4, 1)
+    model.config = SimpleNamespace(num_hidden_layers=4)  # the quickstart model's blocks
 
     def never():
         raise AssertionError("compiled in a run too short to repay it")
 
     short = measure_compile(
         _losses_taking(0.0, model), never, model, torch.device("cpu"), run_passes=10**6, run_seconds=240.0
-    )  # the quickstart's 4 minutes: 5% is 12 s, a cold compile ~30 s
+    )  # the quickstart's 4 minutes: 5% is 12 s, a cold compile of 4 blocks ~40 s
     assert short["choice"] is False and "too short" in short["reason"]
 
 
 def test_auto_compile_is_measured_once_and_a_resume_keeps_it(tmp_path, monkeypatch):
-    monkeypatch.setitem(autotune.COMPILE_PRIOR_SECONDS, "cpu", 0.0)  # any run is long enough to try
+    monkeypatch.setitem(autotune.COMPILE_SECONDS_PER_LAYER, "cpu", 0.0)  # any run is long enough to try
     monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: fn)  # the test is the decision, not inductor
     calls = []
 
@@ -183,7 +217,7 @@ def test_the_compiled_loss_trains_like_eager(tmp_path, chunk):
 
 
 def test_the_real_measurement_times_the_compiled_loss_in_training_mode(tmp_path, monkeypatch):
-    monkeypatch.setitem(autotune.COMPILE_PRIOR_SECONDS, "cpu", 0.0)
+    monkeypatch.setitem(autotune.COMPILE_SECONDS_PER_LAYER, "cpu", 0.0)
     monkeypatch.setattr(torch, "compile", lambda fn, *a, **k: fn)  # eager twice: the decision is a near-tie
     modes = []
     real = choices.token_losses

@@ -188,7 +188,7 @@ def test_family_recipe_fine_tunes_a_tiny_model_to_end_its_turns(name, tmp_path):
     prompts = [c[:-1] for c in conversations(40, seed=7, system=family.system)]
     outputs = {}
     for target in ("merged", "adapter"):
-        model, tok = load_model(resolve_model(str(tmp_path / "runs/ft/finetune" / target)))
+        model, tok = load_model(resolve_model(str(tmp_path / "runs/ft/finetune" / target)), dtype="fp32")
         texts = [format_prompt(tok, p, chat=True) for p in prompts]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(

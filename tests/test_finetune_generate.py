@@ -149,6 +149,7 @@ def test_generate_stage_greedy_equals_model_generate(finetuned, tmp_path):
         "generate.temperature=0",
         "generate.max_new_tokens=8",
         "generate.batch_size=2",
+        "generate.dtype=fp32",  # compared below with the plain fp32 model: no timing race picks the weights
         cwd=tmp_path,
     )
     rows = [json.loads(x) for x in (tmp_path / "runs/ft/generate/samples.jsonl").read_text().splitlines()]

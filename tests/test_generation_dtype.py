@@ -24,9 +24,17 @@ def test_auto_keeps_the_weights_that_generate_faster_and_leaves_the_fp32_model_a
         return 0.01 if (m.dtype == torch.bfloat16) == (faster == "bf16") else 0.02
 
     monkeypatch.setattr(inference, "_decode_seconds", timed)
+    monkeypatch.setattr(inference, "bf16_speedup", lambda shapes, device: 1.0)  # the screen passes bf16 on
     chosen = faster_cpu_weights(model, tokenizer)
     assert chosen.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[faster]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_cpu_whose_bf16_matmuls_screen_slow_generates_in_fp32_without_timing_a_copy(base, monkeypatch):
+    model, tokenizer = load_model(resolve_model(str(base)), dtype="fp32")
+    monkeypatch.setattr(inference, "bf16_speedup", lambda shapes, device: 0.05)  # an AVX2-only CPU
+    monkeypatch.setattr(inference, "_decode_seconds", lambda *a: pytest.fail("timed a bf16 copy"))
+    assert faster_cpu_weights(model, tokenizer) is model
 
 
 def test_auto_measures_on_a_cpu_and_an_explicit_dtype_is_obeyed(base, monkeypatch, caplog):

@@ -210,3 +210,17 @@ def test_a_second_training_in_one_process_may_choose_another_precision(tmp_path)
     reset_accelerate()
     assert Strategy(TrainSpec(mixed_precision="bf16"), tmp_path).precision == "bf16"
     assert Strategy(TrainSpec(mixed_precision="no"), tmp_path).precision == "no"
+
+
+def test_a_sharded_launch_refuses_a_second_precision_in_one_line(tmp_path):
+    """FSDP and DeepSpeed keep their plugins in accelerate's state: resetting it would fail deep
+    inside accelerate, so a change of precision between stages is refused with the fix."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    reset_accelerate()
+    Strategy(TrainSpec(mixed_precision="bf16"), tmp_path)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as an FSDP launch sets it
+    with pytest.raises(PipelineError, match="finetune.train.mixed_precision to the same value"):
+        Strategy(TrainSpec(mixed_precision="no"), tmp_path)
+    reset_accelerate()

@@ -18,6 +18,8 @@ from pipeline.errors import PipelineError, first_line
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = "quickstart"
+TRAINING_GROUPS = ("train", "finetune.train")  # where max_steps and time_budget meet
+WHERE = {0: "a config group default", 1: "the recipe", 2: "the command line"}
 
 
 def _shipped(name: str) -> Path:
@@ -88,9 +90,51 @@ def compose_config(overrides: list[str], validate: bool = True):
         )
     if cfg.stage not in STAGE_CHOICES:
         raise PipelineError(f"stage={cfg.stage} is unknown; use one of {', '.join(STAGE_CHOICES)}.")
+    notes = _explicit_steps_win(cfg, rest, recipe_dir, recipe_name)
     if not validate:
         return cfg, None
-    return cfg, run.build_specs(OmegaConf.to_container(cfg, resolve=True))
+    specs = run.build_specs(OmegaConf.to_container(cfg, resolve=True))
+    specs.notes = notes
+    return cfg, specs
+
+
+def _explicit_steps_win(cfg, overrides: list[str], recipe_dir: Path, recipe_name: str) -> list[str]:
+    """A max_steps set closer to the user (command line > recipe > config group) than the time
+    budget decides the steps: the budget is dropped from `cfg`. Set at the same level, both hold
+    (the budget, capped by max_steps). Returns a line saying so for each group changed."""
+    recipes = _recipe_chain(recipe_dir, recipe_name)
+    cli = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    notes = []
+    for group in TRAINING_GROUPS:
+
+        def level(key):
+            return 2 if key in cli else int(any(OmegaConf.select(r, key) is not None for r in recipes))
+
+        steps, budget = level(f"{group}.max_steps"), level(f"{group}.time_budget")
+        value = OmegaConf.select(cfg, f"{group}.time_budget")
+        if value is not None and steps > budget:
+            OmegaConf.update(cfg, f"{group}.time_budget", None)
+            notes.append(
+                f"{group}.max_steps={OmegaConf.select(cfg, f'{group}.max_steps')} from {WHERE[steps]} "
+                f"decides the steps, not the {value} time budget from {WHERE[budget]} (set "
+                f"{group}.time_budget too to bound the steps by time)"
+            )
+    return notes
+
+
+def _recipe_chain(recipe_dir: Path, name: str) -> list:
+    """The recipe file and the recipes it builds on (its defaults list), each loaded as written."""
+    path = recipe_dir / f"{name}.yaml"
+    if not path.is_file():
+        path = RECIPES_DIR / f"{name}.yaml"
+        if not path.is_file() or name == "config":
+            return []
+    recipe = OmegaConf.load(path)
+    chain = [recipe]
+    for entry in recipe.get("defaults", []) or []:
+        if isinstance(entry, str) and entry not in ("_self_", "config"):
+            chain += _recipe_chain(path.parent, entry)
+    return chain
 
 
 def config_yaml(cfg) -> str:

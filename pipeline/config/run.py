@@ -144,6 +144,7 @@ class RunSpecs:
     seed: int
     resume: str
     force: bool | list[str] | str = False  # true: rebuild every stage this command runs; [pretrain]: those named
+    notes: list[str] = field(default_factory=list)  # what composing decided, for the log (not config)
 
 
 def build_specs(cfg: dict) -> RunSpecs:

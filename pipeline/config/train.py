@@ -55,9 +55,8 @@ class TrainSpec:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
-    mixed_precision: str = (
-        "auto"  # auto (CUDA: bf16, else fp16; CPU: fp32 or bf16, whichever measures faster) | bf16 | fp16 | no
-    )
+    # auto (CUDA: bf16, else fp16; CPU: fp32 or bf16, whichever measures faster) | bf16 | fp16 | no
+    mixed_precision: str = "auto"
     # torch.compile of model and loss together: true | false | auto (timed against eager at the start
     # where the run is long enough to repay trying). Falls back to eager, with a log line, if it fails.
     compile: Any = "auto"

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.artifacts import read_manifest
 from pipeline.config.run import Sampling
-from pipeline.device import DTYPES, best_device, half_precision
+from pipeline.device import DTYPES, SCREEN_SLOWER, best_device, bf16_speedup, half_precision, model_matmul_shapes
 from pipeline.errors import PipelineError, first_line
 from pipeline.model.hf_dir import grow_vocab, load_causal_lm, load_tokenizer
 from pipeline.model.lora import adapter_base, check_adapter_base
@@ -135,6 +135,10 @@ def faster_cpu_weights(model, tokenizer, new_tokens: int = 8):
     copy_bytes = sum(p.numel() for p in model.parameters()) * 2
     if copy_bytes > psutil.virtual_memory().available / 4:
         log.info("generation: fp32 weights (a bf16 copy to time would not fit comfortably in free memory)")
+        return model
+    speedup = bf16_speedup(model_matmul_shapes(model.config, tokens=8), torch.device("cpu"))
+    if speedup < 1 / SCREEN_SLOWER:  # an AVX2-only CPU: a bf16 copy would decode many times slower
+        log.info("generation: fp32 weights, measured on this machine (bf16 matmuls run at %.2fx fp32's speed)", speedup)
         return model
     candidates = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
     ids = torch.randint(0, len(tokenizer), (1, 32), generator=torch.Generator().manual_seed(0))

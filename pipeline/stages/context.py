@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.artifacts import Artifact
@@ -16,6 +17,7 @@ class StageContext:
     out: Path
     fingerprint: str  # hash of this stage's config and its inputs' content
     checkpoint_fingerprint: str = ""  # the same without the train keys that leave the weights as they are
+    started: float = field(default_factory=time.time)  # when the stage began (a time budget counts from here)
 
     def training_job(
         self,
@@ -46,4 +48,5 @@ class StageContext:
             resume=self.specs.resume,
             tracking=Tracking(tuple(logger.trackers), logger.project, asdict(spec)),
             fixed_shapes=fixed_shapes,
+            started=self.started,
         )

@@ -24,6 +24,7 @@ from pipeline.model.hf_dir import frozen_base_dtype, load_chat_base, packed_atte
 from pipeline.model.lora import apply_lora
 from pipeline.model.tokenizer import end_of_turn
 from pipeline.stages.context import StageContext
+from pipeline.train.assessment import training_warnings
 from pipeline.train.bpb import token_byte_strings
 from pipeline.train.loop import run_training
 
@@ -151,7 +152,8 @@ def _log_plan(spec, base: str, trainable: int, total: int, data: ChatData) -> No
     )
 
 
-def _log_result(summary: dict, out: Path) -> None:
+def _log_result(summary: dict, out: Path, tspec) -> list[str]:
+    """The stage's result line, then any warning that the model is undertrained (its last words)."""
     first, final = summary.get("initial", {}), summary.get("final", {})
     log.info(
         "finetune: val loss %.4f -> %.4f, val bpb %.4f -> %.4f, %.0f tokens/s -> %s",
@@ -162,9 +164,13 @@ def _log_result(summary: dict, out: Path) -> None:
         summary["tokens_per_s"],
         out,
     )
+    warnings = training_warnings(summary, tspec, "finetune.train")
+    for line in warnings:
+        log.warning("finetune: %s", line)
+    return warnings
 
 
-def _training_facts(summary: dict, out: Path) -> dict:
+def _training_facts(summary: dict, out: Path, warnings: list[str]) -> dict:
     first, final = summary.get("initial", {}), summary.get("final", {})
     return {
         "initial_val_loss": first.get("val_loss"),
@@ -176,6 +182,7 @@ def _training_facts(summary: dict, out: Path) -> dict:
         "resumed_from_step": summary["start_step"],
         "outputs": [d for d in ("adapter", "merged") if (out / d).is_dir()],
         "launch": summary["launch"],
+        "warnings": warnings,
     }
 
 
@@ -207,7 +214,7 @@ def run(ctx: StageContext) -> dict:
     )
     publish = partial(publish_finetuned, tokenizer=tokenizer, out_dir=ctx.out, spec=spec, base=base)
     summary = run_training(job, publish)
-    _log_result(summary, ctx.out)
+    warnings = _log_result(summary, ctx.out, tspec)
     return {
         "base": base,
         "method": spec.method,
@@ -222,6 +229,6 @@ def run(ctx: StageContext) -> dict:
         "new_tokens": tokenizer.convert_ids_to_tokens(added),
         "split_by_turn": data.split,
         "packed_rows": len(data.packed) if data.packed else None,
-        **_training_facts(summary, ctx.out),
+        **_training_facts(summary, ctx.out, warnings),
         "example_trained_span": data.example[:2000],
     }

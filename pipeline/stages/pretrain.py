@@ -16,6 +16,7 @@ from pipeline.model.build import build_model, count_params, flops_per_token, hf_
 from pipeline.model.hf_dir import publish_hf_dir
 from pipeline.model.inference import stops_at_end_of_turn
 from pipeline.stages.context import StageContext
+from pipeline.train.assessment import training_warnings
 from pipeline.train.bpb import compressor_references, token_byte_strings
 from pipeline.train.loop import run_training
 from pipeline.train.metrics_file import MetricsFile, plot_curves
@@ -136,4 +137,7 @@ def run(ctx: StageContext) -> dict:
     )
     summary = run_training(ctx.training_job(model, tspec, pieces, windows.batch, eval_batches, fpt), publish)
     _log_result(summary, references, ctx.out / "model")
-    return _facts(summary, references, n_params, vocab_size, fpt)
+    warnings = training_warnings(summary, tspec, "train", references["gzip9_val_bpb"])
+    for line in warnings:  # the stage's last words
+        log.warning("pretrain: %s", line)
+    return dict(_facts(summary, references, n_params, vocab_size, fpt), warnings=warnings)

@@ -2,10 +2,13 @@
 `mixed_precision=auto`, `compile=auto`, `micro_batch_size=auto` and the step count of
 `train.time_budget`.
 
-Precision: on a CPU, bf16 autocast is 1.5x faster than fp32 on one x86 vendor and slower on
-another, so a few timed forward+backward passes of the real model on a real batch decide. The
-weights, gradients and RNG are left as they were: the run trains exactly as with the explicit
-choice. A run too short to repay the measurement (over 5% of it) uses fp32 without measuring.
+Precision: on a CPU, bf16 autocast is 1.5x faster than fp32 on one x86 CPU, slower on another and
+19x slower on an AVX2-only one, so the model's own matmul shapes are screened first (milliseconds),
+and only candidates that are not clearly slower get timed forward+backward passes of the real model
+on a real batch. A pass much slower than the best ends its candidate's measurement, and the whole
+measurement (precision and compile together) stops at MEASURE_SHARE of the run; its real cost is
+reported. The weights, gradients and RNG are left as they were: the run trains exactly as with the
+explicit choice. A run too short to repay the measurement uses fp32 without measuring.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from contextlib import nullcontext
 import psutil
 import torch
 
-from pipeline.device import half_precision
+from pipeline.device import SCREEN_SLOWER, bf16_speedup, half_precision, model_matmul_shapes
 from pipeline.train.loss import token_losses
 from pipeline.train.preflight import activation_bytes, divisors_desc, find_micro_batch
 
@@ -26,9 +29,11 @@ log = logging.getLogger("pipeline")
 MEASURE_SHARE = 0.05  # the measurement may cost at most this share of the run
 TIMED_PASSES = 3  # per candidate, after one warm-up pass each
 MARGIN = 0.05  # a half precision or compiling must be this much faster to be chosen (near-ties are noise)
-# What compiling forward+backward may take before it is known: a cold compile (empty inductor
-# cache) of the 5M quickstart model took 23-28 s on cpu-2c-amd. Trying is only worth a run 20x longer.
-COMPILE_PRIOR_SECONDS = {"cpu": 30.0, "cuda": 60.0}
+ABANDON = 1.5  # a full pass this much slower than the best candidate's ends that candidate's measurement
+# What compiling forward+backward may take before it is known, per block of the model: a cold
+# compile (empty inductor cache) took 23-28 s for the 4-layer quickstart model and 308 s for the
+# 30-layer SmolLM2-135M on 2-core EPYCs. Trying is only worth a run 20x longer.
+COMPILE_SECONDS_PER_LAYER = {"cpu": 10.0, "cuda": 5.0}
 
 
 def _autocast(device: torch.device, precision: str):
@@ -72,39 +77,67 @@ def measure_precision(
     run_seconds: float | None,
     loss_chunk_tokens: int | str = 0,
 ) -> dict:
-    """{"choice": precision, "seconds": {precision: median seconds per pass}, ...}. The run's
-    length is given in forward+backward passes or in seconds (a time budget); the passes compute
-    the loss as training will (train.loss_chunk_tokens)."""
+    """{"choice": precision, "seconds": {precision: median seconds per pass}, "cost_seconds", ...}.
+    The run's length is given in forward+backward passes or in seconds (a time budget); the passes
+    compute the loss as training will (train.loss_chunk_tokens)."""
     options = candidates(device)
     if len(options) == 1:
         return {"choice": options[0], "measured": False}
-    was_training = model.training
-    model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        _timed_pass(model, batch, device, options[0], loss_chunk_tokens)  # warm-up: the first pass pays for allocations
-        first = _timed_pass(model, batch, device, options[0], loss_chunk_tokens)
-        total = run_seconds if run_seconds is not None else first * (run_passes or 0)
-        cost = first * (len(options) * (TIMED_PASSES + 1) - 1)  # what measuring all of them would add
-        if cost > MEASURE_SHARE * total:
-            model.train(was_training)
-            return {"choice": "no", "measured": False, "reason": f"run too short to measure (~{cost:.1f}s)"}
-        for precision in list(options[1:]):
-            try:
-                _timed_pass(model, batch, device, precision, loss_chunk_tokens)  # warm-up
-            except RuntimeError as e:  # an op without a kernel for this type here
-                log.info("precision: %s does not run here (%s)", precision, str(e).splitlines()[0][:120])
-                model.zero_grad(set_to_none=True)
-                options.remove(precision)
-        times = {p: [first] if p == options[0] else [] for p in options}
-        for round_ in range(TIMED_PASSES):
-            for precision in options:  # interleaved, so drift in machine speed hits all alike
-                if round_ or precision != options[0]:
-                    times[precision].append(_timed_pass(model, batch, device, precision, loss_chunk_tokens))
-    model.train(was_training)
+    started, was_training = time.perf_counter(), model.training
+    speedup = {p: round(bf16_speedup(model_matmul_shapes(model.config), device), 3) for p in options if p == "bf16"}
+    slow = [p for p, x in speedup.items() if x < 1 / SCREEN_SLOWER]
+    kept = [p for p in options if p not in slow]
+    times = {}
+    if len(kept) > 1:  # else fp32 is the choice, and no full-size pass is needed
+        model.train()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            _timed_pass(
+                model, batch, device, kept[0], loss_chunk_tokens
+            )  # warm-up: the first pass pays for allocations
+            first = _timed_pass(model, batch, device, kept[0], loss_chunk_tokens)
+            total = run_seconds if run_seconds is not None else first * (run_passes or 0)
+            cost = first * (len(kept) * (TIMED_PASSES + 1) - 1)  # what measuring the rest at full size would add
+            if cost > MEASURE_SHARE * total:
+                model.train(was_training)
+                return {"choice": "no", "measured": False, "reason": f"run too short to measure (~{cost:.1f}s)"}
+            times = _timed_rounds(model, batch, device, kept, first, loss_chunk_tokens, started + MEASURE_SHARE * total)
+        model.train(was_training)
     seconds = {p: round(statistics.median(t), 4) for p, t in times.items()}
-    fastest = min(seconds, key=seconds.get)
-    choice = fastest if seconds[fastest] < (1 - MARGIN) * seconds["no"] else "no"
-    return {"choice": choice, "measured": True, "seconds": seconds}
+    fastest = min(seconds, key=seconds.get, default="no")
+    choice = fastest if seconds.get(fastest, 0) < (1 - MARGIN) * seconds.get("no", 0) else "no"
+    result = {
+        "choice": choice,
+        "measured": True,
+        "seconds": seconds,
+        "screen_bf16_speedup": speedup,
+        "cost_seconds": round(time.perf_counter() - started, 2),
+    }
+    return dict(result, not_run_at_full_size=slow) if slow else result
+
+
+def _timed_rounds(model, batch, device, options: list[str], first: float, chunk_tokens, deadline: float) -> dict:
+    """{precision: seconds of its timed passes}: a warm-up each, then TIMED_PASSES rounds in turns (so
+    drift in machine speed hits all alike). A candidate whose pass is ABANDON times slower than the
+    best so far is dropped, and no pass starts after `deadline`. options[0] (fp32) was timed once."""
+    times = {options[0]: [first]}
+    for precision in options[1:]:
+        try:
+            warm = _timed_pass(model, batch, device, precision, chunk_tokens)
+        except RuntimeError as e:  # an op without a kernel for this type here
+            log.info("precision: %s does not run here (%s)", precision, str(e).splitlines()[0][:120])
+            model.zero_grad(set_to_none=True)
+            continue
+        if warm < 2 * ABANDON * first:  # a warm-up pays for allocations: judged leniently
+            times[precision] = []
+    for round_ in range(TIMED_PASSES):
+        for precision in list(times):
+            if (round_ == 0 and precision == options[0]) or time.perf_counter() > deadline:
+                continue
+            times[precision].append(_timed_pass(model, batch, device, precision, chunk_tokens))
+            best = min(statistics.median(t) for t in times.values() if t)
+            if precision != options[0] and times[precision][-1] > ABANDON * best:
+                del times[precision]
+    return {p: t for p, t in times.items() if t}
 
 
 def measure_compile(
@@ -115,14 +148,20 @@ def measure_compile(
     run_passes: int,
     run_seconds: float | None,
     agree=lambda decision: decision,
+    spent: float = 0.0,
 ) -> dict:
     """{"choice": compile or not, "seconds": {eager, compiled}, ...}: forward+backward passes of
     `eager()` and `compiled()` (the same losses) timed in turns after compiling. Compiling is only
-    tried when COMPILE_PRIOR_SECONDS is at most MEASURE_SHARE of the run (given in passes or
-    seconds). `agree` makes every process take rank 0's decision (their passes must match)."""
-    prior = COMPILE_PRIOR_SECONDS.get(device.type)
-    if prior is None:
+    tried when its expected cost (COMPILE_SECONDS_PER_LAYER x the model's blocks) fits in what is
+    left of MEASURE_SHARE of the run (given in passes or seconds) after `spent` seconds of other
+    measurements, and chosen only if it is MARGIN faster and saves more than it cost over the run.
+    `agree` makes every process take rank 0's decision (their passes must match)."""
+    per_layer = COMPILE_SECONDS_PER_LAYER.get(device.type)
+    if per_layer is None:
         return {"choice": False, "measured": False, "reason": f"not tried on {device.type}"}
+    prior = per_layer * max(1, getattr(getattr(model, "config", None), "num_hidden_layers", 1) or 1)
+    if run_seconds is not None and not agree(prior <= MEASURE_SHARE * run_seconds - spent):  # known without a pass
+        return {"choice": False, "measured": False, "reason": _too_short(run_seconds, prior)}
     times = {"eager": [], "compiled": []}
     was_training = model.training
     model.train()  # as training calls it: dropout on, and the graph compiled is the one training uses
@@ -130,14 +169,10 @@ def measure_compile(
         _timed(eager, device)  # warm-up
         times["eager"].append(_timed(eager, device))
         total = run_seconds if run_seconds is not None else times["eager"][0] * run_passes
-        if not agree(prior <= MEASURE_SHARE * total):
+        if not agree(prior <= MEASURE_SHARE * total - spent):
             model.zero_grad(set_to_none=True)
             model.train(was_training)
-            return {
-                "choice": False,
-                "measured": False,
-                "reason": f"a run of ~{total:.0f}s is too short to repay trying: compiling may take ~{prior:.0f}s",
-            }
+            return {"choice": False, "measured": False, "reason": _too_short(total, prior)}
         compile_seconds = _timed(compiled, device)
         for _ in range(TIMED_PASSES):  # in turns, so drift in machine speed hits both alike
             times["compiled"].append(_timed(compiled, device))
@@ -145,12 +180,19 @@ def measure_compile(
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     seconds = {k: round(statistics.median(t), 4) for k, t in times.items()}
+    saved = (seconds["eager"] - seconds["compiled"]) * total / seconds["eager"]  # over the run's passes
+    faster = seconds["compiled"] < (1 - MARGIN) * seconds["eager"]
     return {
-        "choice": seconds["compiled"] < (1 - MARGIN) * seconds["eager"],
+        "choice": faster and saved > compile_seconds,
         "measured": True,
         "seconds": seconds,
         "compile_seconds": round(compile_seconds, 1),
+        "saves_seconds": round(saved, 1),
     }
+
+
+def _too_short(run_seconds: float, prior: float) -> str:
+    return f"a run of ~{run_seconds:.0f}s is too short to repay trying: compiling may take ~{prior:.0f}s"
 
 
 def measure_micro_batch(
@@ -189,7 +231,12 @@ class TimeBudget:
     """The step count of a run given in wall time (train.time_budget), fixed early: from the time
     per step over the first few steps (the first one, with its warm-up, excluded), the time of an
     evaluation, and the time spent since the trainer started. The learning-rate schedule is still
-    in warmup then, so the decay spans exactly the steps decided; they are stored with checkpoints."""
+    in warmup then, so the decay spans exactly the steps decided; they are stored with checkpoints.
+    Afterwards `repace` re-estimates the count from the pace since deciding (evaluations and
+    checkpoints included), for a schedule that can still move its decay (wsd before its cooldown)."""
+
+    REPACE_AFTER = 20  # steps timed since deciding before the pace is trusted
+    REPACE_CHANGE = 0.02  # a new count must differ by this share (and 2 steps) to be taken
 
     def __init__(
         self,
@@ -209,6 +256,7 @@ class TimeBudget:
         self.decide_after = 10 if constant_lr else max(1, min(room, 10))
         self.eval_seconds = eval_seconds  # set by each evaluation
         self.first: tuple[int, float] | None = None
+        self.decided: tuple[int, float] | None = None  # (step, time) when the count was fixed
         self.facts: dict = {}
 
     def steps(self, step: int, now: float, cap: int) -> int | None:
@@ -230,4 +278,19 @@ class TimeBudget:
             "decided_at_step": step,
             "steps": total,
         }
+        self.decided = (step, now)
+        return total
+
+    def repace(self, step: int, now: float, cap: int, floor: int) -> int | None:
+        """A new step count (between `floor` and `cap`) when the pace since deciding says the run
+        would end more than REPACE_CHANGE off its budget, else None."""
+        timed = step - self.decided[0]
+        if timed < self.REPACE_AFTER:
+            return None
+        per_step = (now - self.decided[1]) / timed  # evaluations and checkpoints included
+        left = self.seconds - (now - self.started) - self.eval_seconds
+        total = max(floor, min(cap, step + max(0, int(left // per_step))))
+        if abs(total - self.facts["steps"]) < max(2, self.REPACE_CHANGE * self.facts["steps"]):
+            return None
+        self.facts.update(steps=total, repaced_at_step=step, pace_seconds=round(per_step, 4))
         return total

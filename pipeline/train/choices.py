@@ -11,6 +11,7 @@ are logged, written to the manifest (`launch`) and stored with every checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,37 +20,52 @@ from typing import NamedTuple
 import torch
 
 from pipeline.config.train import TrainSpec
+from pipeline.device import bf16_speedup
 from pipeline.train import checkpoints
-from pipeline.train.autotune import TimeBudget, candidates, measure_compile, measure_micro_batch, measure_precision
+from pipeline.train.autotune import (
+    MARGIN,
+    MEASURE_SHARE,
+    TimeBudget,
+    candidates,
+    measure_compile,
+    measure_micro_batch,
+    measure_precision,
+)
 from pipeline.train.layout import batch_layout
 from pipeline.train.loss import CompiledOrEager, is_compiled, token_losses
-from pipeline.train.optim import decay_start
+from pipeline.train.optim import decay_start, hidden_matrices
+from pipeline.train.preflight import log_preflight
 from pipeline.train.strategy import Strategy, broadcast_from_main, process_info, to_device
+from pipeline.train.throughput import peak_flops
 
 log = logging.getLogger("pipeline")
+MUON_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRECISION_LABEL = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
 
 @dataclass
 class LaunchChoices:
     """What the run decided at its start. `budget` is the one decision still open: a TimeBudget
-    fixes the step count from the first steps' timing, then the Trainer sets it to None and
-    `budget_facts` says how the count was decided."""
+    fixes the step count from the first steps' timing (`budget_facts` says how; budget_steps
+    applies it), and with decay=wsd keeps the pace while the rate is constant."""
 
     precision: dict  # {"choice": "no" | "bf16" | "fp16", "measured": bool, "seconds"/"reason": ...}
     compile: dict  # {"choice": bool, "measured": bool, ...}
     budget: TimeBudget | None = None
     budget_facts: dict | None = None
+    muon_dtype: str | None = None  # "fp32" | "bf16": of Muon's Newton-Schulz iterations (train.optimizer=muon)
+    measure_seconds: float = 0.0  # what the start-of-run measurements cost, all of them
 
     def for_checkpoint(self, spec: TrainSpec, strategy: Strategy, compiled: bool) -> dict:
         """What a checkpoint stores so that a resume keeps these choices."""
         choices = {
+            "muon_dtype": self.muon_dtype,
             "precision": strategy.precision,
             "precision_device": strategy.device.type,
             "compile": compiled,
             "schedule_steps": spec.max_steps,
         }
-        if spec.time_budget and self.budget is None:
+        if spec.time_budget and (self.budget is None or self.budget.decided):
             choices.update(max_steps=spec.max_steps, budget_seconds=spec.budget_seconds)
         elif self.budget is not None:
             choices.update(budget_spent=time.time() - self.budget.started, eval_seconds=self.budget.eval_seconds)
@@ -62,16 +78,39 @@ class LaunchChoices:
             precision_choice=self.precision,
             compile_choice=self.compile,
             time_budget=self.budget_facts,
+            muon_dtype=self.muon_dtype,
+            measure_seconds=self.measure_seconds,
         )
 
+    def budget_open(self, spec: TrainSpec, step: int, read_step: bool) -> bool:
+        """Whether the time budget may change the step count after `step`: until it is decided,
+        and at read steps of a wsd run whose cooldown has not begun (moving it keeps the pace)."""
+        if self.budget is None or not self.budget.decided:
+            return self.budget is not None
+        return read_step and spec.decay == "wsd" and step + 1 < decay_start(spec)
+
     def budget_steps(self, spec: TrainSpec, step: int, cap: int, broadcast) -> int | None:
-        """Called after each step while the time budget is open: the run's step count once enough
-        steps are timed (the main process's, through `broadcast`), else None."""
-        steps = self.budget.steps(step, time.time(), cap)
+        """The run's step count once enough steps are timed, or a new one when a wsd run's pace
+        changed (the main process's, through `broadcast`, which every rank calls alike), else None."""
+        budget = self.budget
+        if budget.decided:  # wsd, still at a constant rate: the cooldown must start after this step
+            floor = math.ceil((step + 2) / (1 - spec.cooldown)) + 1
+            steps = broadcast(budget.repace(step, time.time(), cap, floor))
+            if steps is not None:
+                self.budget_facts = dict(budget.facts, steps=steps)
+                log.info(
+                    "time budget %s: the pace is now %.3fs per step -> %d steps, the cooldown from step %d",
+                    spec.time_budget,
+                    budget.facts["pace_seconds"],
+                    steps,
+                    decay_start(spec, steps),
+                )
+            return steps
+        steps = budget.steps(step, time.time(), cap)
         if steps is None:
             return None
         steps = broadcast(steps)
-        self.budget_facts = facts = dict(self.budget.facts, steps=steps)
+        self.budget_facts = facts = dict(budget.facts, steps=steps)
         capped = " (train.max_steps caps it)" if steps == cap else ""
         log.info(
             "time budget %s: %.3fs per step, %.1fs per evaluation -> %d steps%s",
@@ -81,8 +120,16 @@ class LaunchChoices:
             steps,
             capped,
         )
-        self.budget = None
         return steps
+
+    def budget_report(self, spec: TrainSpec, started: float) -> None:
+        """At the end of a budgeted run: how long the stage has taken against its budget."""
+        if not spec.time_budget:
+            return
+        elapsed = time.time() - started
+        over = elapsed / spec.budget_seconds - 1
+        self.budget_facts = dict(self.budget_facts or {}, elapsed_seconds=round(elapsed, 1), overrun=round(over, 3))
+        log.info("time budget %s: training ended %.0fs into the stage (%+.0f%%)", spec.time_budget, elapsed, 100 * over)
 
 
 class Launch(NamedTuple):
@@ -98,7 +145,6 @@ class Launch(NamedTuple):
 
 def prepare_launch(job) -> Launch:
     """Make every start-of-run choice for `job` (a TrainingJob) and prepare model and optimizer."""
-    started = time.time()  # a time budget counts the measurements too
     spec = job.spec
     stored = (
         checkpoints.peek(
@@ -109,19 +155,61 @@ def prepare_launch(job) -> Launch:
         if job.resume != "never"
         else {}
     )
-    same_device = stored.get("precision_device") == process_info().device.type
-    precision = choose_precision(job, stored.get("precision") if same_device else None)
+    kept = stored if stored.get("precision_device") == process_info().device.type else {}  # same kind of device
+    spent = [0.0]  # seconds of measuring: the budget of MEASURE_SHARE is shared by all of them
+
+    def measured(choose, *args):
+        t0 = time.perf_counter()
+        result = choose(*args)
+        spent[0] += time.perf_counter() - t0
+        return result
+
+    precision = measured(choose_precision, job, kept.get("precision"))
     strategy = Strategy(spec, job.out_dir, job.tracking.trackers, precision["choice"])
-    spec, budget, budget_facts = choose_step_count(spec, stored, started)
+    spec, budget, budget_facts = choose_step_count(spec, stored, job.started)
     model = job.model
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    micro = choose_micro_batch(model, spec, strategy) if spec.micro_batch_size == "auto" else None
-    model, optimizer = strategy.setup(model, micro)
-    compile_choice, loss = choose_compile(job, spec, strategy, model, stored.get("compile") if same_device else None)
-    return Launch(
-        spec, strategy, model, optimizer, loss, LaunchChoices(precision, compile_choice, budget, budget_facts)
+    micro = measured(choose_micro_batch, model, spec, strategy) if spec.micro_batch_size == "auto" else None
+    muon_dtype = measured(choose_muon_dtype, spec, model, strategy, kept.get("muon_dtype"))
+    model, optimizer = strategy.setup(model, micro, MUON_DTYPES.get(muon_dtype, torch.bfloat16))
+    compile_choice, loss = measured(choose_compile, job, spec, strategy, model, kept.get("compile"), spent[0])
+    choices = LaunchChoices(precision, compile_choice, budget, budget_facts, muon_dtype, round(spent[0], 2))
+    log.info("start-of-run measurements took %.1fs (at most %.0f%% of the run)", spent[0], 100 * MEASURE_SHARE)
+    _log_launch(job, spec, strategy, model, is_compiled(loss))
+    return Launch(spec, strategy, model, optimizer, loss, choices)
+
+
+def _log_launch(job, spec: TrainSpec, strategy: Strategy, model, compiled: bool) -> None:
+    """The batch layout and the pre-flight estimates of the prepared launch."""
+    layout = strategy.layout
+    log.info(
+        "batch: %d sequences x %d tokens = %d tokens/step = %d processes x %d micro-batch x %d accumulation; "
+        "precision %s%s on %s, strategy %s",
+        layout.global_seqs, spec.seq_len, spec.batch_tokens, strategy.world, layout.micro, layout.accum,
+        strategy.precision, ", compiled" if compiled else "", strategy.device, strategy.name,
+    )  # fmt: skip
+    peak = peak_flops(strategy.device, strategy.precision)
+    config = strategy.unwrap(model).config
+    log_preflight(model, config, job.flops_per_token, spec, layout.micro, strategy.world, strategy.precision, peak)
+
+
+def choose_muon_dtype(spec: TrainSpec, model, strategy: Strategy, stored: str | None) -> str | None:
+    """The dtype of Muon's Newton-Schulz iterations: bf16 on GPUs; on a CPU bf16 only where its
+    matmuls of the hidden matrices' shapes measure MARGIN faster than fp32 (native bf16), else fp32
+    (an AVX2-only CPU emulates bf16 ~20x slower); as stored with this run's checkpoints on resume."""
+    if spec.optimizer != "muon" or strategy.sharded:
+        return None
+    if stored or strategy.device.type != "cpu":
+        return stored or "bf16"
+    shapes = {tuple(sorted(p.shape)) for p in hidden_matrices(model)}
+    iteration = [m for r, c in shapes for m in ((r, c, r), (r, r, r), (r, r, c))]  # X X^T, then two products
+    speedup = strategy.broadcast(bf16_speedup(iteration, strategy.device))
+    dtype = "bf16" if speedup > 1 / (1 - MARGIN) else "fp32"
+    log.info(
+        "muon: Newton-Schulz iterations in %s (bf16 matmuls of its shapes run %.2fx fp32's speed here)", dtype, speedup
     )
+    return dtype
 
 
 def choose_precision(job, stored: str | None) -> dict:
@@ -148,15 +236,16 @@ def choose_precision(job, stored: str | None) -> dict:
     )
     result = broadcast_from_main(result)
     if result["measured"]:
-        timings = ", ".join(f"{PRECISION_LABEL[p]} {t:.3f}s" for p, t in result["seconds"].items())
+        parts = [f"{PRECISION_LABEL[p]} {t:.3f}s" for p, t in result["seconds"].items()]
+        timings = f"{', '.join(parts)} per forward+backward of {micro} x {spec.seq_len} tokens; " if parts else ""
+        screen = ", ".join(f"{p} matmuls of its shapes at {x:.2f}x fp32's speed" + (" (not run at full size)"
+                           if p in result.get("not_run_at_full_size", ()) else "")
+                           for p, x in result["screen_bf16_speedup"].items())  # fmt: skip
         log.info(
-            "precision: %s, measured on this machine (%s per forward+backward of %d x %d tokens; a half "
-            "precision must be 5%% faster); set train.mixed_precision to choose",
-            PRECISION_LABEL[result["choice"]],
-            timings,
-            micro,
-            spec.seq_len,
-        )
+            "precision: %s, measured on this machine in %.1fs (%s; %sa half precision must be 5%% faster); set "
+            "train.mixed_precision to choose",
+            PRECISION_LABEL[result["choice"]], result["cost_seconds"], screen, timings,
+        )  # fmt: skip
     else:
         log.info("precision: %s (%s)", PRECISION_LABEL[result["choice"]], result.get("reason", ""))
     return result
@@ -207,14 +296,15 @@ def choose_micro_batch(model, spec: TrainSpec, strategy: Strategy) -> int:
     return size
 
 
-def choose_compile(job, spec: TrainSpec, strategy: Strategy, model, stored: bool | None) -> tuple[dict, Callable]:
+def choose_compile(
+    job, spec: TrainSpec, strategy: Strategy, model, stored: bool | None, spent: float = 0.0
+) -> tuple[dict, Callable]:
     """(choice, training's loss function): train.compile, or for auto: as stored with this run's
     checkpoints, else measured on this machine: the loss eager against compiled with the model, on
     a real micro-batch, where the run is long enough to repay trying (rank 0 decides for all)."""
     if spec.compile != "auto":
-        return {"choice": bool(spec.compile), "measured": False}, CompiledOrEager(
-            token_losses
-        ) if spec.compile else token_losses
+        loss = CompiledOrEager(token_losses) if spec.compile else token_losses
+        return {"choice": bool(spec.compile), "measured": False}, loss
     compiled = None
     if stored is not None:
         result = {"choice": stored, "measured": False, "reason": "as chosen at the start of this run"}
@@ -233,7 +323,7 @@ def choose_compile(job, spec: TrainSpec, strategy: Strategy, model, stored: bool
             "reason": f"not measured under {strategy.name}" + ("; on, as it wins on GPUs" if on else ""),
         }
     else:
-        compiled, result = _measure_compile(job, spec, strategy, model)
+        compiled, result = _measure_compile(job, spec, strategy, model, spent)
     loss = (compiled or CompiledOrEager(token_losses)) if result["choice"] else token_losses
     if result["measured"] and "seconds" in result:
         t = result["seconds"]
@@ -250,7 +340,7 @@ def choose_compile(job, spec: TrainSpec, strategy: Strategy, model, stored: bool
     return result, loss
 
 
-def _measure_compile(job, spec: TrainSpec, strategy: Strategy, model) -> tuple[CompiledOrEager, dict]:
+def _measure_compile(job, spec: TrainSpec, strategy: Strategy, model, spent: float) -> tuple[CompiledOrEager, dict]:
     micro = strategy.layout.micro
     batch = to_device(job.train_batch(strategy.rank * micro, micro), strategy.device)
     compiled = CompiledOrEager(token_losses)
@@ -264,6 +354,7 @@ def _measure_compile(job, spec: TrainSpec, strategy: Strategy, model) -> tuple[C
             spec.max_steps * strategy.layout.accum,
             spec.budget_seconds,
             strategy.broadcast,
+            spent,
         )
     if not is_compiled(compiled):  # it failed, and said so
         result = {"choice": False, "measured": True, "reason": "compiling failed"}

@@ -66,6 +66,7 @@ class TrainingJob:
     resume: str = "auto"  # auto | never
     tracking: Tracking = field(default_factory=Tracking)
     fixed_shapes: bool = True  # every training batch has the same shape (not so for unpacked chat rows)
+    started: float = field(default_factory=time.time)  # when the stage began: a time budget counts from here
 
 
 def run_training(job: TrainingJob, publish: Callable[[torch.nn.Module, dict], None]) -> dict:
@@ -294,13 +295,15 @@ class Trainer:
                 run.pending.append(self.step(run.step))
                 run.step += 1
                 bar.update(1)
-                if self.choices.budget is not None:
+                read = self._read_due(run.step, stop)
+                if self.choices.budget_open(self.spec, run.step, read):
                     self._apply_budget(run.step, bar)
-                if self._read_due(run.step, stop):
+                if read:
                     self._at_read_step(run, stop, bar, summary)
         if "final" not in summary:  # resumed at the last step: nothing left to train, still report
             summary["final"] = self.evaluate()
         self.strategy.end_trackers()
+        self.choices.budget_report(self.spec, self.job.started)
         seconds = run.train_seconds - start_seconds  # this session's; train_seconds counts since step 0
         summary.update(
             steps=run.step,
@@ -315,7 +318,8 @@ class Trainer:
         return summary
 
     def _apply_budget(self, step: int, bar) -> None:
-        """Fix max_steps once the time budget has timed enough steps (the main process decides)."""
+        """Fix max_steps once the time budget has timed enough steps, or move it to keep the pace (the
+        main process decides)."""
         self.strategy.synchronize()
         steps = self.choices.budget_steps(self.spec, step, self.job.spec.max_steps, self.strategy.broadcast)
         if steps is not None:

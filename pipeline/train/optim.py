@@ -8,6 +8,7 @@ import torch
 
 from pipeline.config.train import TrainSpec
 from pipeline.errors import PipelineError
+from pipeline.train.muon import Muon
 
 
 def decay_start(spec: TrainSpec, max_steps: int | None = None) -> int:
@@ -46,10 +47,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(
-    model: torch.nn.Module, spec: TrainSpec, fused: bool, sharded: bool = False
+    model: torch.nn.Module,
+    spec: TrainSpec,
+    fused: bool,
+    sharded: bool = False,
+    muon_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.optim.Optimizer:
     """AdamW over param_groups (`fused`: one kernel for all tensors, where the device has it), or
-    with train.optimizer=muon, Muon for the hidden weight matrices and AdamW for the rest."""
+    with train.optimizer=muon, Muon for the hidden weight matrices (its Newton-Schulz iterations in
+    `muon_dtype`) and AdamW for the rest."""
     adamw = dict(lr=spec.lr, betas=(spec.beta1, spec.beta2), fused=fused)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, spec.weight_decay), **adamw)
@@ -73,11 +79,12 @@ def make_optimizer(
         {**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in param_groups(model, spec.weight_decay)
     ]
     # match_rms_adamw scales each matrix's update to AdamW's RMS, so one lr and weight decay serve both.
-    muon = torch.optim.Muon(
+    muon = Muon(
         [p for p in model.parameters() if id(p) in hidden],
         lr=spec.lr,
         weight_decay=spec.weight_decay,
         adjust_lr_fn="match_rms_adamw",
+        ns_dtype=muon_dtype,
     )
     return MuonAndAdamW(muon, torch.optim.AdamW([g for g in rest if g["params"]], **adamw))
 

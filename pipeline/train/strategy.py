@@ -3,8 +3,8 @@
 `accelerate launch` picks the strategy (one device, DDP, FSDP, DeepSpeed) and the process count;
 the Strategy owns the Accelerator and answers the loop's questions: the batch layout, precision
 and autocast, how a micro-step syncs and backpropagates, the gradient norm, cross-rank sums and
-broadcasts, trackers, saving and loading state, and the consolidated weights. This is the only
-training module that imports accelerate; the loop holds no strategy branches.
+broadcasts, trackers, saving and loading state, and the consolidated weights. The loop reaches
+accelerate only through it, and holds no strategy branches.
 """
 
 from __future__ import annotations
@@ -59,15 +59,29 @@ def broadcast_from_main(value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
+def _reset_precision(precision: str) -> None:
+    """One process may run several trainings (pretrain, then finetune) that choose different
+    precisions; accelerate's per-process state refuses a change, so it starts afresh. FSDP and
+    DeepSpeed keep their plugins in that state (and DeepSpeed its precision in its config file):
+    there a change is refused in one line instead."""
+    state = AcceleratorState()
+    if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        kind = str(state.distributed_type).split(".")[-1]
+        raise PipelineError(
+            f"this {kind} launch already trained in {state.mixed_precision} and the next stage asks for "
+            f"{precision}; set train.mixed_precision and finetune.train.mixed_precision to the same value, "
+            "or run the stages in separate launches."
+        )
+    AcceleratorState._reset_state()
+
+
 class Strategy:
     def __init__(self, spec: TrainSpec, out_dir: Path, trackers: tuple[str, ...] = (), precision: str | None = None):
         """`precision` is the mixed precision already chosen (e.g. measured); None resolves spec's."""
         self.spec = spec
         precision = precision or resolve_mixed_precision(spec.mixed_precision)
         if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
-            # One process may run several trainings (pretrain, then finetune) that choose different
-            # precisions; accelerate's per-process state refuses a change, so it starts afresh.
-            AcceleratorState._reset_state()
+            _reset_precision(precision)
         self.accelerator = acc = Accelerator(
             cpu=not has_accelerator(),
             mixed_precision=precision,
@@ -139,9 +153,9 @@ class Strategy:
         }
 
     # -- setup ---------------------------------------------------------------------------------
-    def setup(self, model, micro_batch: int | None = None):
+    def setup(self, model, micro_batch: int | None = None, muon_dtype: torch.dtype = torch.bfloat16):
         """(prepared model, optimizer); fixes self.layout for this launch (`micro_batch`: the size
-        micro_batch_size=auto measured)."""
+        micro_batch_size=auto measured; `muon_dtype`: of Muon's Newton-Schulz iterations)."""
         spec = self.spec
         self.layout = batch_layout(spec, self.world, micro_batch)
         if self.deepspeed:  # DeepSpeed owns micro-batch, accumulation and clipping: give it this run's
@@ -152,7 +166,7 @@ class Strategy:
                 gradient_clipping=spec.grad_clip,
             )
             self.accelerator.gradient_accumulation_steps = self.layout.accum
-        optimizer = make_optimizer(model, spec, self.device.type == "cuda", self.sharded)
+        optimizer = make_optimizer(model, spec, self.device.type == "cuda", self.sharded, muon_dtype)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self._check_adapter_survived(model)
         self._warn_zero3_tied_lora(model)

@@ -26,7 +26,7 @@ from common import (  # also puts the repo on sys.path
 from pipeline.config.model import LoraSpec
 from pipeline.model.build import build_model, count_params, hf_config
 from pipeline.model.lora import apply_lora
-from pipeline.train.choices import prepare_launch  # noqa: E402
+from pipeline.train.choices import prepare_launch
 from pipeline.train.loop import Trainer, TrainingJob
 from pipeline.train.memory import peak_memory_gb
 

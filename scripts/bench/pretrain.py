@@ -34,9 +34,10 @@ from pipeline.data.shards import TokenShards
 from pipeline.data.windows import PackedWindows
 from pipeline.device import resolve_mixed_precision
 from pipeline.model.build import build_model, count_params, flops_per_token, hf_config
-from pipeline.train.choices import prepare_launch  # noqa: E402
+from pipeline.train.choices import prepare_launch
 from pipeline.train.layout import batch_layout
 from pipeline.train.loop import Trainer, TrainingJob
+from pipeline.train.loss import is_compiled
 from pipeline.train.memory import peak_memory_gb
 from pipeline.train.optim import lr_at, make_optimizer
 from pipeline.train.throughput import peak_flops
@@ -146,9 +147,9 @@ def main() -> None:
         "params": count_params(trainer.model),
         "device": device_name(device),
         "precision": trainer.strategy.precision,
-        "compiled": trainer.strategy.describe()["compiled"],
-        "precision_choice": trainer.precision_choice,
-        "compile_choice": trainer.compile_choice,
+        "compiled": is_compiled(trainer.loss),
+        "precision_choice": trainer.choices.precision,
+        "compile_choice": trainer.choices.compile,
         "seq_len": args.seq_len,
         "batch_tokens": args.batch_tokens,
         "micro_batch": trainer.layout.micro,

@@ -194,7 +194,9 @@ def test_an_fp16_overflow_is_a_skipped_step_not_an_error(tmp_path, monkeypatch, 
     from pipeline.train.strategy import Strategy
 
     monkeypatch.setattr(
-        strategy_module, "make_optimizer", lambda model, spec, _, sharded: make_optimizer(model, spec, fused, sharded)
+        strategy_module,
+        "make_optimizer",
+        lambda model, spec, _, sharded, muon_dtype: make_optimizer(model, spec, fused, sharded, muon_dtype),
     )
     original = Strategy.__init__
 
