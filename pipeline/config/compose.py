@@ -108,7 +108,8 @@ def _explicit_steps_win(cfg, overrides: list[str], recipe_dir: Path, recipe_name
     for group in TRAINING_GROUPS:
 
         def level(key):
-            return 2 if key in cli else int(any(OmegaConf.select(r, key) is not None for r in recipes))
+            found = (OmegaConf.select(r, key, throw_on_resolution_failure=False) for r in recipes)
+            return 2 if key in cli else int(any(v is not None for v in found))
 
         steps, budget = level(f"{group}.max_steps"), level(f"{group}.time_budget")
         value = OmegaConf.select(cfg, f"{group}.time_budget")

@@ -23,7 +23,7 @@ def training_warnings(summary: dict, spec: TrainSpec, key: str, gzip_bpb: float 
             f"the model ends at {final_bpb:.3f} bits/byte on held-out text, above gzip -9's {gzip_bpb:.3f}: "
             f"it predicts the text worse than a compressor does after {steps} steps ({_cause(summary)})"
         )
-    if spec.time_budget and steps < spec.warmup_steps + UNDERTRAINED_STEPS:
+    if spec.time_budget and steps < min(spec.max_steps, spec.warmup_steps + UNDERTRAINED_STEPS):  # not capped
         warnings.append(
             f"the {spec.time_budget} time budget fit only {steps} steps on this machine, fewer than warmup + "
             f"{UNDERTRAINED_STEPS} ({_cause(summary)}): the model is undertrained"

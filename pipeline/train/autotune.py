@@ -117,8 +117,9 @@ def measure_precision(
 
 def _timed_rounds(model, batch, device, options: list[str], first: float, chunk_tokens, deadline: float) -> dict:
     """{precision: seconds of its timed passes}: a warm-up each, then TIMED_PASSES rounds in turns (so
-    drift in machine speed hits all alike). A candidate whose pass is ABANDON times slower than the
-    best so far is dropped, and no pass starts after `deadline`. options[0] (fp32) was timed once."""
+    drift in machine speed hits all alike). A candidate whose median is ABANDON times the best other
+    candidate's is dropped (and logged), and no pass starts after `deadline`. options[0] (fp32) was
+    timed once."""
     times = {options[0]: [first]}
     for precision in options[1:]:
         try:
@@ -129,13 +130,17 @@ def _timed_rounds(model, batch, device, options: list[str], first: float, chunk_
             continue
         if warm < 2 * ABANDON * first:  # a warm-up pays for allocations: judged leniently
             times[precision] = []
+        else:
+            log.info("precision: %s abandoned after a %.2fs warm-up pass (fp32: %.2fs)", precision, warm, first)
     for round_ in range(TIMED_PASSES):
         for precision in list(times):
             if (round_ == 0 and precision == options[0]) or time.perf_counter() > deadline:
                 continue
             times[precision].append(_timed_pass(model, batch, device, precision, chunk_tokens))
-            best = min(statistics.median(t) for t in times.values() if t)
-            if precision != options[0] and times[precision][-1] > ABANDON * best:
+            mine = statistics.median(times[precision])
+            others = min((statistics.median(t) for p, t in times.items() if t and p != precision), default=mine)
+            if precision != options[0] and mine > ABANDON * others:
+                log.info("precision: %s abandoned at %.2fs per pass (best other: %.2fs)", precision, mine, others)
                 del times[precision]
     return {p: t for p, t in times.items() if t}
 
@@ -149,17 +154,18 @@ def measure_compile(
     run_seconds: float | None,
     agree=lambda decision: decision,
     spent: float = 0.0,
+    n_layer: int = 1,
 ) -> dict:
     """{"choice": compile or not, "seconds": {eager, compiled}, ...}: forward+backward passes of
     `eager()` and `compiled()` (the same losses) timed in turns after compiling. Compiling is only
     tried when its expected cost (COMPILE_SECONDS_PER_LAYER x the model's blocks) fits in what is
     left of MEASURE_SHARE of the run (given in passes or seconds) after `spent` seconds of other
-    measurements, and chosen only if it is MARGIN faster and saves more than it cost over the run.
+    measurements (`n_layer`: the model's blocks), and chosen if it is MARGIN faster.
     `agree` makes every process take rank 0's decision (their passes must match)."""
     per_layer = COMPILE_SECONDS_PER_LAYER.get(device.type)
     if per_layer is None:
         return {"choice": False, "measured": False, "reason": f"not tried on {device.type}"}
-    prior = per_layer * max(1, getattr(getattr(model, "config", None), "num_hidden_layers", 1) or 1)
+    prior = per_layer * max(1, n_layer)
     if run_seconds is not None and not agree(prior <= MEASURE_SHARE * run_seconds - spent):  # known without a pass
         return {"choice": False, "measured": False, "reason": _too_short(run_seconds, prior)}
     times = {"eager": [], "compiled": []}
@@ -181,9 +187,9 @@ def measure_compile(
     model.train(was_training)
     seconds = {k: round(statistics.median(t), 4) for k, t in times.items()}
     saved = (seconds["eager"] - seconds["compiled"]) * total / seconds["eager"]  # over the run's passes
-    faster = seconds["compiled"] < (1 - MARGIN) * seconds["eager"]
+    # The cost was judged before compiling (the prior above); once paid, a faster graph is free to use.
     return {
-        "choice": faster and saved > compile_seconds,
+        "choice": seconds["compiled"] < (1 - MARGIN) * seconds["eager"],
         "measured": True,
         "seconds": seconds,
         "compile_seconds": round(compile_seconds, 1),
@@ -289,7 +295,7 @@ class TimeBudget:
             return None
         per_step = (now - self.decided[1]) / timed  # evaluations and checkpoints included
         left = self.seconds - (now - self.started) - self.eval_seconds
-        total = max(floor, min(cap, step + max(0, int(left // per_step))))
+        total = min(cap, max(floor, step + max(0, int(left // per_step))))
         if abs(total - self.facts["steps"]) < max(2, self.REPACE_CHANGE * self.facts["steps"]):
             return None
         self.facts.update(steps=total, repaced_at_step=step, pace_seconds=round(per_step, 4))

@@ -87,7 +87,8 @@ class LaunchChoices:
         and at read steps of a wsd run whose cooldown has not begun (moving it keeps the pace)."""
         if self.budget is None or not self.budget.decided:
             return self.budget is not None
-        return read_step and spec.decay == "wsd" and step + 1 < decay_start(spec)
+        at_log_step = read_step and step % spec.log_every == 0  # not every step under skip_nonfinite
+        return at_log_step and spec.decay == "wsd" and spec.cooldown < 1 and step + 1 < decay_start(spec)
 
     def budget_steps(self, spec: TrainSpec, step: int, cap: int, broadcast) -> int | None:
         """The run's step count once enough steps are timed, or a new one when a wsd run's pace
@@ -95,7 +96,8 @@ class LaunchChoices:
         budget = self.budget
         if budget.decided:  # wsd, still at a constant rate: the cooldown must start after this step
             floor = math.ceil((step + 2) / (1 - spec.cooldown)) + 1
-            steps = broadcast(budget.repace(step, time.time(), cap, floor))
+            steps = budget.repace(step, time.time(), cap, floor)
+            steps, budget.facts = broadcast((steps, budget.facts))  # the main process's, facts included
             if steps is not None:
                 self.budget_facts = dict(budget.facts, steps=steps)
                 log.info(
@@ -122,9 +124,10 @@ class LaunchChoices:
         )
         return steps
 
-    def budget_report(self, spec: TrainSpec, started: float) -> None:
-        """At the end of a budgeted run: how long the stage has taken against its budget."""
-        if not spec.time_budget:
+    def budget_report(self, spec: TrainSpec, started: float, resumed: bool) -> None:
+        """At the end of a budgeted run: how long the stage has taken against its budget (not for a
+        resumed run: its earlier sessions' time is not known)."""
+        if not spec.time_budget or resumed:
             return
         elapsed = time.time() - started
         over = elapsed / spec.budget_seconds - 1
@@ -175,7 +178,8 @@ def prepare_launch(job) -> Launch:
     model, optimizer = strategy.setup(model, micro, MUON_DTYPES.get(muon_dtype, torch.bfloat16))
     compile_choice, loss = measured(choose_compile, job, spec, strategy, model, kept.get("compile"), spent[0])
     choices = LaunchChoices(precision, compile_choice, budget, budget_facts, muon_dtype, round(spent[0], 2))
-    log.info("start-of-run measurements took %.1fs (at most %.0f%% of the run)", spent[0], 100 * MEASURE_SHARE)
+    if spent[0] >= 0.1:
+        log.info("start-of-run measurements took %.1fs (at most %.0f%% of the run)", spent[0], 100 * MEASURE_SHARE)
     _log_launch(job, spec, strategy, model, is_compiled(loss))
     return Launch(spec, strategy, model, optimizer, loss, choices)
 
@@ -355,6 +359,7 @@ def _measure_compile(job, spec: TrainSpec, strategy: Strategy, model, spent: flo
             spec.budget_seconds,
             strategy.broadcast,
             spent,
+            getattr(strategy.unwrap(model).config, "num_hidden_layers", 1),
         )
     if not is_compiled(compiled):  # it failed, and said so
         result = {"choice": False, "measured": True, "reason": "compiling failed"}

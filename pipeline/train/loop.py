@@ -295,15 +295,14 @@ class Trainer:
                 run.pending.append(self.step(run.step))
                 run.step += 1
                 bar.update(1)
-                read = self._read_due(run.step, stop)
-                if self.choices.budget_open(self.spec, run.step, read):
+                if self.choices.budget_open(self.spec, run.step, self._read_due(run.step, stop)):
                     self._apply_budget(run.step, bar)
-                if read:
+                if self._read_due(run.step, stop):  # after the budget: it may have made this the last step
                     self._at_read_step(run, stop, bar, summary)
         if "final" not in summary:  # resumed at the last step: nothing left to train, still report
             summary["final"] = self.evaluate()
         self.strategy.end_trackers()
-        self.choices.budget_report(self.spec, self.job.started)
+        self.choices.budget_report(self.spec, self.job.started, start > 0)
         seconds = run.train_seconds - start_seconds  # this session's; train_seconds counts since step 0
         summary.update(
             steps=run.step,

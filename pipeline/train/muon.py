@@ -5,7 +5,8 @@ torch.optim.Muon always orthogonalises in bf16. That is fast on GPUs and on CPUs
 (AVX-512-bf16, AMX), and a trap elsewhere: on an AVX2-only CPU a bf16 matmul of the quickstart's
 shapes is ~19x slower than fp32 and a Muon step took 9.7 s against 1.4 s for forward+backward. This
 subclass keeps torch's hyperparameters, state (`momentum_buffer`) and update, and runs the same
-quintic iteration in `ns_dtype`: with bf16 it gives torch's update exactly (tests/test_muon.py).
+quintic iteration in `ns_dtype`: with bf16 it gives torch's update exactly
+(tests/test_machine_kinds.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def orthogonalize(
 ) -> torch.Tensor:
     """The quintic Newton-Schulz iteration of torch.optim.Muon (~U V^T of the update's SVD), in `dtype`."""
     a, b, c = coefficients
-    x = update.to(dtype)
+    x = update.to(dtype, copy=True)  # never the momentum buffer itself (nesterov=False passes it)
     tall = update.size(0) > update.size(1)
     if tall:
         x = x.T
@@ -39,7 +40,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
     return lr * math.sqrt(max(1, rows / cols)) if adjust_lr_fn in (None, "original") else lr
 
 
-class Muon(torch.optim.Muon):
+class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):  # torch.optim.Muon: torch 2.9+
     """torch.optim.Muon whose Newton-Schulz iterations run in `ns_dtype` (the device's fast one)."""
 
     def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):

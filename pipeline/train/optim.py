@@ -59,6 +59,11 @@ def make_optimizer(
     adamw = dict(lr=spec.lr, betas=(spec.beta1, spec.beta2), fused=fused)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, spec.weight_decay), **adamw)
+    if not hasattr(torch.optim, "Muon"):
+        raise PipelineError(
+            f"train.optimizer=muon needs torch 2.9 or later (this is {torch.__version__}); "
+            "upgrade torch or set train.optimizer=adamw."
+        )
     if sharded:
         raise PipelineError(
             "train.optimizer=muon needs whole weight matrices on each process; use it with one "
