@@ -10,6 +10,9 @@ if TYPE_CHECKING:
     from pipeline.stages.context import StageContext
 
 
+TRAINING_WORK = ("checkpoints", "wandb", "tensorboard")  # a training stage's UNTRACKED: work, not artifact
+
+
 @runtime_checkable
 class Stage(Protocol):
     NAME: str  # the stage's name, as in stage=NAME

@@ -23,6 +23,7 @@ from pipeline.model.finetuned import publish_finetuned
 from pipeline.model.hf_dir import frozen_base_dtype, load_chat_base, packed_attention
 from pipeline.model.lora import apply_lora
 from pipeline.model.tokenizer import end_of_turn
+from pipeline.stages.base import TRAINING_WORK
 from pipeline.stages.context import StageContext
 from pipeline.train.assessment import training_warnings
 from pipeline.train.bpb import token_byte_strings
@@ -30,9 +31,9 @@ from pipeline.train.loop import run_training
 
 NAME = "finetune"
 DIR = "finetune"  # runs/<name>/finetune/
-DISTRIBUTED = True  # every rank trains; the runner publishes from the main process
-KEEPS_WORK = True  # checkpoints survive a crash so the next run resumes
-UNTRACKED = ("checkpoints", "wandb", "tensorboard")
+DISTRIBUTED = True  # every rank trains the adapter; the runner publishes adapter/ and merged/ from the main one
+KEEPS_WORK = True  # its checkpoints survive a crash: the next run resumes the adapter's training
+UNTRACKED = TRAINING_WORK
 log = logging.getLogger("pipeline")
 
 

@@ -10,12 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipeline.data.prompts import read_prompts
-from pipeline.model.inference import (
-    format_prompt,
-    generate_batch,
-    load_model,
-    resolve_model,
-)
+from pipeline.model import inference
 from pipeline.stages.context import StageContext
 
 NAME = "generate"
@@ -47,9 +42,9 @@ def config_slice(specs) -> dict:
 
 def run(ctx: StageContext) -> dict:
     g = ctx.specs.generate
-    choice = resolve_model(g.model or str(ctx.inputs["finetune"].path.parent), g.adapter)
+    choice = inference.resolve_model(g.model or str(ctx.inputs["finetune"].path.parent), g.adapter)
     chat = g.chat_mode(choice.chat)
-    model, tokenizer = load_model(choice, g.trust_remote_code, g.dtype)
+    model, tokenizer = inference.load_model(choice, g.trust_remote_code, g.dtype)
     prompts = read_prompts(g.prompts) if g.prompts else (CHAT_PROMPTS if chat else COMPLETION_PROMPTS)
     log.info(
         "generate: %d prompts with %s (%s, %s mode)",
@@ -61,9 +56,9 @@ def run(ctx: StageContext) -> dict:
     records = []
     for i in tqdm(range(0, len(prompts), g.batch_size), desc="generate", leave=False, disable=None):
         batch = prompts[i : i + g.batch_size]
-        texts = [format_prompt(tokenizer, p, chat) for p in batch]
+        texts = [inference.format_prompt(tokenizer, p, chat) for p in batch]
         templated = chat or any(isinstance(p, list) for p in batch)
-        for prompt, rec in zip(batch, generate_batch(model, tokenizer, texts, g.sampling(), templated)):
+        for prompt, rec in zip(batch, inference.generate_batch(model, tokenizer, texts, g.sampling(), templated)):
             records.append({"prompt": prompt, **rec})
     with open(ctx.out / "samples.jsonl", "w") as f:
         for r in records:

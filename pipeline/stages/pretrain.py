@@ -15,6 +15,7 @@ from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.model.build import build_model, count_params, flops_per_token, hf_config
 from pipeline.model.hf_dir import publish_hf_dir
 from pipeline.model.inference import stops_at_end_of_turn
+from pipeline.stages.base import TRAINING_WORK
 from pipeline.stages.context import StageContext
 from pipeline.train.assessment import training_warnings
 from pipeline.train.bpb import compressor_references, token_byte_strings
@@ -23,9 +24,9 @@ from pipeline.train.metrics_file import MetricsFile, plot_curves
 
 NAME = "pretrain"
 DIR = "pretrain"  # runs/<name>/pretrain/
-DISTRIBUTED = True  # every rank trains; the runner publishes from the main process
+DISTRIBUTED = True  # every rank trains the model; the runner publishes from the main process
 KEEPS_WORK = True  # checkpoints survive a crash so the next run resumes
-UNTRACKED = ("checkpoints", "wandb", "tensorboard")
+UNTRACKED = TRAINING_WORK
 log = logging.getLogger("pipeline")
 
 
