@@ -40,7 +40,8 @@ def _cause(summary: dict) -> str:
     per_step = summary.get("train_seconds", 0.0) / trained if summary.get("start_step", 0) == 0 else None
     pace = f"{per_step:.2f}s per step, " if per_step else ""
     precision = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(launch["mixed_precision"])
-    how = "measured" if (launch.get("precision_choice") or {}).get("measured") else "set"
+    choice = launch.get("precision_choice") or {}
+    how = "measured" if choice.get("measured") else choice.get("reason") or "as set"  # e.g. run too short to measure
     muon = f", Muon's iterations in {launch['muon_dtype']}" if launch.get("muon_dtype") else ""
     compiled = "compiled" if launch.get("compiled") else "not compiled"
     return f"{pace}{precision} ({how}){muon}, {compiled}, {launch['processes']} process(es) on {launch['device']}"

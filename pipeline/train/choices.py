@@ -344,15 +344,25 @@ def choose_compile(
     return result, loss
 
 
-def _measure_compile(job, spec: TrainSpec, strategy: Strategy, model, spent: float) -> tuple[CompiledOrEager, dict]:
+def _measure_compile(
+    job, spec: TrainSpec, strategy: Strategy, model, spent: float
+) -> tuple[CompiledOrEager | None, dict]:
+    """(the compiled loss if compiling was tried, the decision). torch.compile is only set up when
+    the measurement gets that far: importing dynamo alone takes seconds."""
     micro = strategy.layout.micro
     batch = to_device(job.train_batch(strategy.rank * micro, micro), strategy.device)
-    compiled = CompiledOrEager(token_losses)
     chunk = strategy.loss_chunk_tokens
+    tried: list[CompiledOrEager] = []
+
+    def compiled_losses():
+        if not tried:
+            tried.append(CompiledOrEager(token_losses))
+        return tried[0](model, batch, chunk)
+
     with strategy.autocast():
         result = measure_compile(
             lambda: token_losses(model, batch, chunk),
-            lambda: compiled(model, batch, chunk),
+            compiled_losses,
             model,
             strategy.device,
             spec.max_steps * strategy.layout.accum,
@@ -361,9 +371,9 @@ def _measure_compile(job, spec: TrainSpec, strategy: Strategy, model, spent: flo
             spent,
             getattr(strategy.unwrap(model).config, "num_hidden_layers", 1),
         )
-    if not is_compiled(compiled):  # it failed, and said so
+    if tried and not is_compiled(tried[0]):  # it failed, and said so
         result = {"choice": False, "measured": True, "reason": "compiling failed"}
-    return compiled, strategy.broadcast(result)
+    return (tried[0] if tried else None), strategy.broadcast(result)
 
 
 def same_budget(spec: TrainSpec, state: dict) -> bool:
