@@ -87,6 +87,8 @@ from pipeline.config.model import ModelSpec
 from pipeline.model.build import build_model, hf_config
 from pipeline.train.autotune import measure_precision
 from pipeline.train.optim import make_optimizer, hidden_matrices
+from pipeline.train.muon import iteration_shapes
+from pipeline.train.autotune import MARGIN
 from pipeline.config.train import TrainSpec
 from pipeline.device import bf16_speedup
 from pipeline.train.loss import token_losses
@@ -109,9 +111,8 @@ def step_seconds(optimizer):
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
-shapes = {tuple(sorted(p.shape)) for p in hidden_matrices(model)}
-speedup = bf16_speedup([m for r, c in shapes for m in ((r, c, r), (r, r, r), (r, r, c))], torch.device("cpu"))
-ns = torch.bfloat16 if speedup > 1 / 0.95 else torch.float32
+speedup = bf16_speedup(iteration_shapes(hidden_matrices(model)), torch.device("cpu"))
+ns = torch.bfloat16 if speedup > 1 / (1 - MARGIN) else torch.float32  # choices.choose_muon_dtype's rule
 adamw = step_seconds(make_optimizer(model, TrainSpec(optimizer="adamw"), fused=False))
 muon = step_seconds(make_optimizer(model, TrainSpec(optimizer="muon"), fused=False, muon_dtype=ns))
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "precision": result, "wall": wall,

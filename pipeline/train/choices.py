@@ -33,6 +33,7 @@ from pipeline.train.autotune import (
 )
 from pipeline.train.layout import batch_layout
 from pipeline.train.loss import CompiledOrEager, is_compiled, token_losses
+from pipeline.train.muon import iteration_shapes
 from pipeline.train.optim import decay_start, hidden_matrices
 from pipeline.train.preflight import log_preflight
 from pipeline.train.strategy import Strategy, broadcast_from_main, process_info, to_device
@@ -206,9 +207,7 @@ def choose_muon_dtype(spec: TrainSpec, model, strategy: Strategy, stored: str | 
         return None
     if stored or strategy.device.type != "cpu":
         return stored or "bf16"
-    shapes = {tuple(sorted(p.shape)) for p in hidden_matrices(model)}
-    iteration = [m for r, c in shapes for m in ((r, c, r), (r, r, r), (r, r, c))]  # X X^T, then two products
-    speedup = strategy.broadcast(bf16_speedup(iteration, strategy.device))
+    speedup = strategy.broadcast(bf16_speedup(iteration_shapes(hidden_matrices(model)), strategy.device))
     dtype = "bf16" if speedup > 1 / (1 - MARGIN) else "fp32"
     log.info(
         "muon: Newton-Schulz iterations in %s (bf16 matmuls of its shapes run %.2fx fp32's speed here)", dtype, speedup

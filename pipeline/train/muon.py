@@ -32,6 +32,13 @@ def orthogonalize(
     return x.T if tall else x
 
 
+def iteration_shapes(matrices) -> list[tuple[int, int, int]]:
+    """(m, k, n) of one Newton-Schulz iteration's matmuls for each distinct matrix shape (X X^T,
+    then the two products), oriented as orthogonalize runs them: what a dtype screen should time."""
+    shapes = {tuple(sorted(p.shape)) for p in matrices}
+    return [m for r, c in shapes for m in ((r, c, r), (r, r, r), (r, r, c))]
+
+
 def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     """torch.optim.Muon's per-matrix learning rate: "match_rms_adamw" scales the update to AdamW's RMS."""
     rows, cols = shape[:2]
