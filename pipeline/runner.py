@@ -63,7 +63,7 @@ def forced(force, name: str) -> bool:
 
 
 def _resumable_checkpoints(out: Path, fingerprint: str) -> list[Path]:
-    return [c for c in (out / "checkpoints").glob("step_*") if checkpoints.fingerprint_of(c) == fingerprint]
+    return [c for c in checkpoints.checkpoints_in(out / "checkpoints") if checkpoints.fingerprint_of(c) == fingerprint]
 
 
 def _clear(out: Path, keep: list[Path]) -> None:
@@ -207,10 +207,15 @@ class Runner:
             (out / MANIFEST).unlink(missing_ok=True)  # from here on the old artifact is untrusted
             # An interrupted run of a resumable stage keeps its work. A changed config keeps the
             # training checkpoints it can resume (same math: a raised max_steps, other intervals)
-            # and its metrics; anything else, and force=true, starts over.
+            # and its metrics, and sets the others aside; force=true starts over.
             if not (keep_work and stage.KEEPS_WORK):
-                resumable = _resumable_checkpoints(out, ctx.checkpoint_fingerprint) if keep_checkpoints else []
-                _clear(out, keep=resumable + ([out / "metrics.jsonl"] if resumable else []))
+                keep = _resumable_checkpoints(out, ctx.checkpoint_fingerprint) if keep_checkpoints else []
+                keep += [out / "metrics.jsonl"] if keep else []
+                if keep_checkpoints:
+                    others = [c for c in checkpoints.checkpoints_in(out / "checkpoints") if c not in keep]
+                    checkpoints.set_aside(others, "written under other settings, which this run cannot resume")
+                    keep.append(out / "checkpoints" / checkpoints.SET_ASIDE)
+                _clear(out, keep=[k for k in keep if k.exists()])
             out.mkdir(parents=True, exist_ok=True)
         self.state.wait_for_everyone()
         t0 = time.time()

@@ -41,16 +41,19 @@ def test_the_cooldown_checkpoint_survives_pruning_so_a_long_wsd_run_extends(tmp_
     assert names == ["step_000048", "step_000050", "step_000060"]
     extended = make_trainer(tmp_path / "run", max_steps=100, keep_checkpoints=2, **WSD)
     assert extended.fit()["start_step"] == 48
-    names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
-    assert names == ["step_000080", "step_000090", "step_000100"]  # the old cooldown's gone, the new one's kept
+    names = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*"))
+    assert names == ["step_000080", "step_000090", "step_000100"]  # the old cooldown's set aside, the new one's kept
+    aside = sorted(p.name.split(".")[0] for p in (tmp_path / "run/checkpoints/superseded").iterdir())
+    assert aside == ["step_000050", "step_000060"]  # past the resumed 48: another schedule, kept, not deleted
 
 
 def test_a_shorter_cosine_run_or_another_budget_starts_over_and_says_so(tmp_path, caplog):
     make_trainer(tmp_path / "a", max_steps=12).fit()  # checkpoints 8 and 12, both past the shorter run's decay
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         assert make_trainer(tmp_path / "a", max_steps=8).fit()["start_step"] == 0
-    assert "removing step_000008, step_000012: trained on another schedule" in caplog.text
-    assert "which starts over" in caplog.text
+    assert "kept step_000008, step_000012 (trained on another schedule" in caplog.text
+    assert "which starts over" in caplog.text and "rm -r" in caplog.text
+    assert len(list((tmp_path / "a/checkpoints/superseded").iterdir())) == 2
 
     budget = {"max_steps": 400, "warmup_steps": 3, "ckpt_every": 0, "eval_every": 0}
     first = make_trainer(tmp_path / "b", time_budget="2s", **budget)
@@ -112,3 +115,20 @@ def test_raising_max_steps_of_a_finished_wsd_pretrain_resumes_before_its_cooldow
     run_cli(*args, "train.max_steps=30", "train.log_every=3", "train.eval_every=15", cwd=tmp_path)
     facts = json.loads((tmp_path / "runs/x/pretrain/manifest.json").read_text())["facts"]
     assert facts["resumed_from_step"] == 16 and facts["steps"] == 30
+
+
+def test_checkpoints_past_step_999999_are_ordered_by_number(tmp_path):
+    """step_1000000 sorts before step_999000 as a name: pruning and resume compare numbers."""
+    from pipeline.train import checkpoints
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for step in (998_000, 999_000, 1_000_000, 1_001_000):
+        tmp = root / f".tmp-step_{step}"
+        tmp.mkdir()
+        (tmp / "weights.bin").write_bytes(str(step).encode())
+        checkpoints.seal(tmp, checkpoints.step_dir(root, step), {"step": step, "fingerprint": "f"}, keep=2)
+    assert [p.name for p in checkpoints.checkpoints_in(root)] == ["step_1000000", "step_1001000"]
+    path, state = checkpoints.latest(root, "f")
+    assert path.name == "step_1001000" and state["step"] == 1_001_000
+    assert checkpoints.peek(root, "f")["step"] == 1_001_000

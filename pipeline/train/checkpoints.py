@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from pipeline.artifacts import list_files, verify_files, write_json_atomic
@@ -19,10 +20,51 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 STATE_FILE = "trainer_state.json"
+SET_ASIDE = "superseded"  # checkpoints/superseded/: kept checkpoints a changed config cannot resume
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
+
+
+def step_of(ckpt: Path) -> int:
+    """The step a checkpoint dir holds (-1 for a name that is not step_<number>)."""
+    number = ckpt.name.removeprefix("step_")
+    return int(number) if number.isdigit() else -1
+
+
+def checkpoints_in(root: Path) -> list[Path]:
+    """The checkpoint dirs under root, oldest step first. By number, not name: past step 999,999
+    the names grow a digit and "step_1000000" sorts before "step_999000"."""
+    return sorted((c for c in root.glob("step_*") if step_of(c) >= 0), key=step_of)
+
+
+def set_aside(ckpts: list[Path], why: str) -> None:
+    """Move checkpoints this run cannot resume into checkpoints/superseded/ instead of deleting
+    them (a changed setting may be changed back), and say how to free the space."""
+    if not ckpts:
+        return
+    aside = ckpts[0].parent / SET_ASIDE
+    aside.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for c in ckpts:
+        dest = aside / f"{c.name}.{stamp}"
+        while dest.exists():
+            dest = dest.with_name(dest.name + "+")
+        os.replace(c, dest)
+    gb = sum(f.stat().st_size for f in aside.rglob("*") if f.is_file()) / 1e9
+    log.warning(
+        "kept %s (%s) in %s (%.2f GB there): `rm -r %s` frees the space; moving one back into %s "
+        "(without its .%s suffix) with the earlier settings resumes it. resume=never or force=true "
+        "delete instead.",
+        ", ".join(c.name for c in ckpts),
+        why,
+        aside,
+        gb,
+        aside,
+        aside.parent,
+        stamp,
+    )
 
 
 def seal(tmp: Path, final: Path, state: dict, keep: int) -> None:
@@ -35,7 +77,7 @@ def seal(tmp: Path, final: Path, state: dict, keep: int) -> None:
     # Only this run's own: another config's checkpoints (a run with other settings in the same
     # dir) are not this run's to prune, and must not push its fresh ones out by sorting later.
     # The newest one where a wsd cooldown began stays too: an extended run resumes there.
-    states = {c: state_of(c) for c in sorted(final.parent.glob("step_*"))}
+    states = {c: state_of(c) for c in checkpoints_in(final.parent)}
     mine = [c for c, s in states.items() if s.get("fingerprint") == state["fingerprint"]]
     pinned = [c for c in mine if states[c].get("cooldown_start")][-1:]
     prunable = [c for c in mine if c not in pinned]
@@ -81,7 +123,7 @@ def restore(strategy, root: Path, fingerprint: str, resume: str, usable=None) ->
     """Load the newest valid checkpoint of this run (that `usable(state)` accepts) into the
     strategy's objects and return its state ({"step", "tokens_seen", ...}), or None to start
     from scratch (resume="never" clears them). This run's checkpoints past the one resumed were
-    trained on another schedule (an extended run redoing its cooldown): they are removed."""
+    trained on another schedule (an extended run redoing its cooldown): they are set aside."""
     if strategy.is_main:
         root.mkdir(parents=True, exist_ok=True)
         for tmp in root.glob(".tmp-step_*"):
@@ -99,17 +141,11 @@ def restore(strategy, root: Path, fingerprint: str, resume: str, usable=None) ->
     if strategy.is_main:  # this config's checkpoints past the one resumed are on another schedule
         stale = [
             c
-            for c in sorted(root.glob("step_*"))
-            if (path is None or c.name > path.name) and fingerprint_of(c) == fingerprint
+            for c in checkpoints_in(root)
+            if (path is None or step_of(c) > step_of(path)) and fingerprint_of(c) == fingerprint
         ]
-        if stale:
-            log.warning(
-                "removing %s: trained on another schedule (step count or time budget) than this run%s",
-                ", ".join(c.name for c in stale),
-                "" if found else ", which starts over",
-            )
-        for c in stale:
-            shutil.rmtree(c, ignore_errors=True)
+        why = "trained on another schedule (step count or time budget) than this run"
+        set_aside(stale, why + ("" if found else ", which starts over"))
     strategy.wait()
     return dict(found[1], path=path) if found else None
 
@@ -135,7 +171,7 @@ def peek(root: Path, fingerprint: str, usable=None) -> dict:
     """The trainer_state of this run's newest checkpoint, files not verified, or {}: enough for
     the choices a run fixes at its start (precision, a time budget's step count), which every
     checkpoint of the run shares."""
-    for ckpt in sorted(root.glob("step_*"), reverse=True):
+    for ckpt in reversed(checkpoints_in(root)):
         state = state_of(ckpt)
         if state.get("fingerprint") == fingerprint and (usable is None or usable(state)):
             return state
@@ -145,7 +181,7 @@ def peek(root: Path, fingerprint: str, usable=None) -> dict:
 def latest(root: Path, fingerprint: str, usable=None) -> tuple[Path, dict] | None:
     """The newest intact checkpoint of this fingerprint that `usable(state)` accepts; files are
     checksummed only for a candidate (an extension may skip several multi-GB ones)."""
-    for ckpt in sorted(root.glob("step_*"), reverse=True):
+    for ckpt in reversed(checkpoints_in(root)):
         state = state_of(ckpt)
         if state.get("fingerprint") != fingerprint or (usable is not None and not usable(state)):
             continue
