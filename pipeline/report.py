@@ -7,7 +7,8 @@ Prints the table and writes report.csv, report.md and report.png (validation bit
 training time and against tokens, a line per run) to --out (default: the one DIR given, else .).
 Columns: the overrides that differ between the runs, pretraining val bits/byte with its gzip -9
 and xz -9e references, tokens/s, wall seconds per stage ("linked": reused from another run of the sweep),
-fine-tuning val loss before -> after.
+fine-tuning val loss before -> after, and the eval's shares per model and task set
+(parse/define/pass@1).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-STAGE_DIRS = ("tokenizer", "data", "pretrain", "finetune", "generate")
+STAGE_DIRS = ("tokenizer", "data", "pretrain", "finetune", "generate", "eval")
 
 
 def is_run(path: Path) -> bool:
@@ -84,12 +85,26 @@ def run_row(run: Path) -> dict:
             else None
         ),
     }
+    row |= eval_columns(_facts(run, "eval"))
     linked = _linked_stages(run)
-    for stage, name in zip(STAGE_DIRS, ("tokenizer", "prepare", "pretrain", "finetune", "generate")):
+    for stage, name in zip(STAGE_DIRS, ("tokenizer", "prepare", "pretrain", "finetune", "generate", "eval")):
         seconds = _facts(run, stage).get("wall_seconds")
         if seconds is not None:  # a stage another run of the sweep built cost this run nothing
             row[f"{stage}_s"] = "linked" if name in linked else _fmt(seconds, ".1f")
     return row
+
+
+def eval_columns(facts: dict) -> dict:
+    """The eval's shares per model and task set: "parse/define/pass@1" in percent (pass@1 "-"
+    where answers were not run)."""
+    columns = {}
+    for label in ("finetuned", "base", "model"):
+        for suite in ("stdlib", "functions"):
+            s = facts.get(label, {}).get(suite)
+            if s and s.get("prompts"):
+                passed = "-" if s.get("pass_at_1") is None else f"{s['pass_at_1']:.0%}"
+                columns[f"eval_{label}_{suite}"] = f"{s['parses']:.0%}/{s['defines']:.0%}/{passed}"
+    return columns
 
 
 def build_table(runs: list[Path]) -> tuple[list[str], list[dict]]:

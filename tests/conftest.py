@@ -48,6 +48,13 @@ def jsonl_corpus(tmp_path) -> Path:
 TINY = ["tokenizer.vocab_size=320", "prepare.shard_bytes=40000"]
 
 
+@pytest.fixture(autouse=True)
+def own_machine_record(tmp_path_factory, monkeypatch):
+    """Each test measures for itself: answers kept per machine (pipeline.machine_record) go to a
+    fresh cache, for the test and the CLI processes it starts, never to the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ARGS` in a subprocess, as a user would."""
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}

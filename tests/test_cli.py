@@ -100,7 +100,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, needles):
 def test_help_and_cfg(tmp_path):
     assert "stage" in run_cli("--help", cwd=tmp_path).stdout
     cfg = run_cli("--cfg", "tokenizer.vocab_size=999", cwd=tmp_path).stdout
-    assert "vocab_size: 999" in cfg and "name: quickstart" in cfg
+    assert "vocab_size: 999" in cfg and "name: standard" in cfg and "execute: false" in cfg
 
 
 def test_user_recipe_file(tmp_path, text_corpus):

@@ -1,4 +1,5 @@
-"""Generation's weight dtype: explicit values obeyed, `auto` on a CPU measured (fp32 or bf16)."""
+"""Generation's weight dtype: explicit values obeyed, `auto` on a CPU measured (fp32 or bf16) once
+per machine and model shape, then recalled."""
 
 import pytest
 import torch
@@ -47,3 +48,12 @@ def test_auto_measures_on_a_cpu_and_an_explicit_dtype_is_obeyed(base, monkeypatc
         GenerateSpec(dtype="fp64")
     with pytest.raises(PipelineError, match="eval.dtype"):
         EvalSpec(dtype="float")
+
+
+def test_auto_is_measured_once_per_machine_and_model_shape(base, monkeypatch):
+    model, tokenizer = load_model(resolve_model(str(base)), dtype="fp32")
+    monkeypatch.setattr(inference, "bf16_speedup", lambda shapes, device: 1.0)
+    monkeypatch.setattr(inference, "_decode_seconds", lambda m, ids, n: 0.01 if m.dtype == torch.bfloat16 else 0.02)
+    assert faster_cpu_weights(model, tokenizer).dtype == torch.bfloat16
+    monkeypatch.setattr(inference, "_decode_seconds", lambda *a: pytest.fail("measured twice"))
+    assert faster_cpu_weights(model, tokenizer).dtype == torch.bfloat16  # recalled, whatever a timer would say now

@@ -17,7 +17,7 @@ from pipeline.config.stages import STAGE_CHOICES
 from pipeline.errors import PipelineError, first_line
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPE = "quickstart"
+DEFAULT_RECIPE = "standard"  # the quickstart without its opt-in to running answers
 TRAINING_GROUPS = ("train", "finetune.train")  # where max_steps and time_budget meet
 WHERE = {0: "a config group default", 1: "the recipe", 2: "the command line"}
 

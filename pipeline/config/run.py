@@ -79,11 +79,12 @@ def check_dtype(dtype: str, key: str) -> None:
 class EvalSpec:
     model: str | None = None  # null: this run's fine-tuned model and its base; or any model/adapter/run dir
     base: bool = True  # also score the fine-tuned model's base, for comparison
-    max_prompts: int = 64
+    max_prompts: int = 64  # per task set (stdlib, functions)
     max_new_tokens: int = 256
     batch_size: int = 8
-    timeout_seconds: float = 5.0  # per answer's doctests
-    dtype: str = "auto"  # weights, as generate.dtype
+    execute: bool = False  # run model-written answers against their tests (in the sandbox): an explicit opt-in
+    timeout_seconds: float = 5.0  # per answer's run
+    dtype: str = "auto"  # weights: auto = fp32 on a CPU (no timing race), the GPU's half precision
     trust_remote_code: bool = False
 
     def __post_init__(self):

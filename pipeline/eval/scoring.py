@@ -1,16 +1,12 @@
 """Scoring an answer to a code task: does it parse as Python, define the function asked for, and
-pass the original docstring's doctests, run in a subprocess with a timeout and the network
-switched off."""
+(only when the user opted in to running model-written code) pass the task's tests in the sandbox."""
 
 from __future__ import annotations
 
 import ast
-import json
-import os
 import re
-import subprocess
-import sys
 
+from pipeline.eval.sandbox import run_answer
 from pipeline.eval.tasks import CodeTask
 
 
@@ -20,68 +16,35 @@ def extract_code(answer: str) -> str:
     return fenced.group(1) if fenced else answer
 
 
-# Run by a fresh interpreter: no network (socket creation fails), the answer's code, then the
-# reference doctests against it; prints the counts as JSON.
-_RUNNER = r"""
-import doctest, json, socket, sys
-def _no_network(*a, **k):
-    raise OSError("network disabled during evaluation")
-socket.socket = _no_network
-socket.create_connection = _no_network
-task = json.loads(sys.stdin.read())
-namespace = {"__name__": "answer"}
-exec(compile(task["code"], "answer", "exec"), namespace)
-test = doctest.DocTestParser().get_doctest(task["doctests"], namespace, task["name"], None, 0)
-runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-result = runner.run(test, out=lambda s: None)
-print(json.dumps({"failed": result.failed, "attempted": result.attempted}))
-"""
-
-
-def passes_doctests(code: str, task: CodeTask, timeout: float) -> bool:
-    payload = json.dumps({"code": code, "doctests": task.doctests, "name": task.name})
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-I", "-c", _RUNNER],
-            input=payload,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return False
-    if proc.returncode:
-        return False
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result["attempted"] > 0 and result["failed"] == 0
-
-
-def score(answer: str, task: CodeTask, timeout: float) -> dict:
-    """{parses, defines, doctests (None when the task has none)} for one answer."""
+def score(answer: str, task: CodeTask, timeout: float, execute: bool) -> dict:
+    """{parses, defines, passes, layers} for one answer. passes is None where nothing was run: the
+    task has no tests, or execution is off; layers names what confined the run."""
     code = extract_code(answer)
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError):
-        return {"parses": False, "defines": False, "doctests": False if task.doctests else None}
+        return {"parses": False, "defines": False, "passes": False if execute and task.checkable else None}
     defines = any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == task.name for n in tree.body)
-    doctests = None
-    if task.doctests:
-        doctests = defines and passes_doctests(code, task, timeout)
-    return {"parses": True, "defines": defines, "doctests": doctests}
+    if not (execute and task.checkable):
+        return {"parses": True, "defines": defines, "passes": None}
+    if not defines:
+        return {"parses": True, "defines": False, "passes": False}
+    verdict = run_answer(code, task.name, task.tests, task.doctests, timeout)
+    return {"parses": True, "defines": True, "passes": verdict.passed, "error": verdict.error, "layers": verdict.layers}
+
+
+def _share(values: list[bool]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def summarize(scores: list[dict]) -> dict:
-    """Shares of answers that parse, define the function, and pass their doctests."""
-    n = len(scores)
-    with_tests = [s for s in scores if s["doctests"] is not None]
+    """Shares of answers that parse, define the function, and pass their tests (pass@1 of greedy
+    answers, over the tasks that have tests, None when none was run)."""
+    run = [s["passes"] for s in scores if s["passes"] is not None]
     return {
-        "prompts": n,
-        "parses": round(sum(s["parses"] for s in scores) / n, 4) if n else None,
-        "defines": round(sum(s["defines"] for s in scores) / n, 4) if n else None,
-        "with_doctests": len(with_tests),
-        "passes_doctests": round(sum(bool(s["doctests"]) for s in with_tests) / len(with_tests), 4)
-        if with_tests
-        else None,
+        "prompts": len(scores),
+        "parses": _share([s["parses"] for s in scores]),
+        "defines": _share([s["defines"] for s in scores]),
+        "tested": len(run),
+        "pass_at_1": _share(run),
     }

@@ -1,31 +1,60 @@
-"""Held-out code tasks: "write function `name`" prompts from documented functions of the
-validation-split stdlib files, each with the doctests of the function's original docstring."""
+"""The eval's two task sets, both asking "Write a Python function named NAME: SUMMARY":
+
+- stdlib: documented functions of standard-library files that no training stage saw (held out by
+  pretraining's split and by fine-tuning's, with the same function they use), each with the
+  doctests of the function's original docstring where it has runnable ones;
+- functions: tasks written for this project (functional_tasks.jsonl), none from the standard
+  library, each with hidden assert tests that a working answer passes.
+"""
 
 from __future__ import annotations
 
 import ast
 import doctest
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from pipeline.data.conversations import stdlib_conversations_by_file
+from pipeline.config.data import CorpusSpec
+from pipeline.data.conversations import code_request, stdlib_conversations_by_file
 from pipeline.data.sources import is_val
 
+FUNCTION_TASKS = Path(__file__).with_name("functional_tasks.jsonl")
 
-@dataclass
+
+@dataclass(frozen=True)
 class CodeTask:
     name: str  # the function asked for
     messages: list[dict]  # the prompt (a user turn)
-    doctests: str  # the reference docstring when it holds >>> examples, else ""
+    doctests: str = ""  # stdlib: the reference docstring when it holds runnable >>> examples
+    tests: str = ""  # functions: hidden assert lines
+
+    @property
+    def checkable(self) -> bool:
+        return bool(self.doctests or self.tests)
 
 
-def held_out_tasks(val_fraction: float, max_code_chars: int, limit: int) -> list[CodeTask]:
-    """Tasks from documented functions of the validation-split stdlib files (the files neither
-    pretraining nor fine-tuning trained on), in a fixed order, each function name once."""
-    tasks, names, docs = [], set(), {}
+def held_out(text: str, corpus: CorpusSpec, chat_val_fraction: float) -> bool:
+    """Whether no training split holds any of this file: fine-tuning splits the stdlib pairs by
+    file, pretraining splits documents (the file, or its parts at data.separator), both by is_val."""
+    if not is_val(text, chat_val_fraction):
+        return False
+    parts = text.split(corpus.separator) if corpus.separator else [text]
+    return all(is_val(part, corpus.val_fraction) for part in parts if part.strip())
+
+
+def held_out_tasks(corpus: CorpusSpec, chat_val_fraction: float, max_code_chars: int, limit: int) -> list[CodeTask]:
+    """Tasks from documented functions of held-out stdlib files, in a fixed order, each name once.
+    A function copied into a file that was trained on (its prompt is a training pair's) is left
+    out too."""
+    candidates, trained, names, docs, verdicts = [], set(), set(), {}, {}
     for text, conv in stdlib_conversations_by_file(max_code_chars):
-        if not is_val(text, val_fraction):
-            continue
+        if text not in verdicts:
+            verdicts = {text: held_out(text, corpus, chat_val_fraction)}  # a file's pairs come together
         user, reference = conv
+        if not verdicts[text]:
+            trained.add(user["content"])
+            continue
         node = ast.parse(reference["content"]).body[0]
         if node.name in names:  # datetime's classes share method names: one prompt per name
             continue
@@ -34,10 +63,17 @@ def held_out_tasks(val_fraction: float, max_code_chars: int, limit: int) -> list
             docs = {text: _docstrings(text)}
         summary = ast.get_docstring(node)
         doc = next((d for d in docs[text].get(node.name, []) if " ".join(d.split()).startswith(summary)), "")
-        tasks.append(CodeTask(node.name, [user], runnable_doctests(doc)))
-        if len(tasks) >= limit:
-            break
-    return tasks
+        candidates.append(CodeTask(node.name, [user], doctests=runnable_doctests(doc)))
+    return [t for t in candidates if t.messages[0]["content"] not in trained][:limit]
+
+
+def function_tasks(limit: int) -> list[CodeTask]:
+    """The project's own tasks with hidden tests, in file order."""
+    rows = [json.loads(line) for line in FUNCTION_TASKS.read_text().splitlines() if line.strip()]
+    return [
+        CodeTask(r["name"], [{"role": "user", "content": code_request(r["name"], r["summary"])}], tests=r["tests"])
+        for r in rows[:limit]
+    ]
 
 
 def runnable_doctests(doc: str) -> str:

@@ -22,6 +22,7 @@ from pipeline.artifacts import read_manifest
 from pipeline.config.run import Sampling
 from pipeline.device import DTYPES, SCREEN_SLOWER, best_device, bf16_speedup, half_precision, model_matmul_shapes
 from pipeline.errors import PipelineError, first_line
+from pipeline.machine_record import recall, remember
 from pipeline.model.hf_dir import grow_vocab, load_causal_lm, load_tokenizer
 from pipeline.model.lora import adapter_base, check_adapter_base
 from pipeline.model.tokenizer import (
@@ -89,7 +90,8 @@ def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
 def load_model(choice: ModelChoice, trust_remote_code: bool = False, dtype: str = "auto"):
     """(model in eval mode on the best device, tokenizer with left padding). dtype: fp32, bf16,
     fp16, or auto: the GPU's half precision, and on a CPU whichever of fp32 and bf16 weights
-    decodes faster here, measured (a CPU with bf16 instructions may run either one faster)."""
+    decodes faster here, measured once per machine and model shape (a CPU with bf16 instructions
+    may run either one faster)."""
     if dtype not in WEIGHT_DTYPES:
         raise PipelineError(f"dtype={dtype!r} is unknown; use auto, fp32, bf16 or fp16.")
     device = best_device()
@@ -129,17 +131,31 @@ def _decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
 
 
 def faster_cpu_weights(model, tokenizer, new_tokens: int = 8):
-    """The model in fp32 or bf16, whichever generates faster on this CPU: a greedy batch-1
-    generation of a few tokens, timed in turns after a warm-up each (milliseconds for the
-    quickstart model). Skipped where a bf16 copy would not fit comfortably in free memory."""
+    """The model in fp32 or bf16, whichever generates faster on this CPU: measured once per
+    machine and model shape (a greedy batch-1 generation of a few tokens, timed in turns after a
+    warm-up each; milliseconds for the quickstart model), then recalled, so a second run of the same
+    model decodes with the same weights. Skipped where a bf16 copy would not fit in free memory."""
+    c = model.config
+    shape = f"{c.model_type} L{c.num_hidden_layers} d{c.hidden_size} V{c.vocab_size}"
+    known = recall(f"generation weights {shape}")
+    if known in ("fp32", "bf16"):
+        log.info("generation: %s weights, as measured before on this machine for this model shape", known)
+        return model if known == "fp32" else model.to(torch.bfloat16)
     copy_bytes = sum(p.numel() for p in model.parameters()) * 2
     if copy_bytes > psutil.virtual_memory().available / 4:
         log.info("generation: fp32 weights (a bf16 copy to time would not fit comfortably in free memory)")
         return model
+    choice, chosen = _measure_cpu_weights(model, tokenizer, new_tokens)
+    remember(f"generation weights {shape}", choice)
+    return chosen
+
+
+def _measure_cpu_weights(model, tokenizer, new_tokens: int):
+    """(fp32 or bf16, the model in it); the fp32 model given is left as it was."""
     speedup = bf16_speedup(model_matmul_shapes(model.config, tokens=8), torch.device("cpu"))
     if speedup < 1 / SCREEN_SLOWER:  # an AVX2-only CPU: a bf16 copy would decode many times slower
         log.info("generation: fp32 weights, measured on this machine (bf16 matmuls run at %.2fx fp32's speed)", speedup)
-        return model
+        return "fp32", model
     candidates = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
     ids = torch.randint(0, len(tokenizer), (1, 32), generator=torch.Generator().manual_seed(0))
     times = {name: [] for name in candidates}
@@ -152,12 +168,13 @@ def faster_cpu_weights(model, tokenizer, new_tokens: int = 8):
     ms = {name: 1000 * statistics.median(t) / new_tokens for name, t in times.items()}
     choice = "bf16" if ms["bf16"] < 0.95 * ms["fp32"] else "fp32"
     log.info(
-        "generation: %s weights, measured on this machine (fp32 %.1f ms, bf16 %.1f ms per token at batch 1)",
+        "generation: %s weights, measured on this machine and kept for this model shape "
+        "(fp32 %.1f ms, bf16 %.1f ms per token at batch 1)",
         choice,
         ms["fp32"],
         ms["bf16"],
     )
-    return candidates[choice]
+    return choice, candidates[choice]
 
 
 def stop_ids(tokenizer, model=None) -> list[int]:
