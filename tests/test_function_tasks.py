@@ -28,6 +28,18 @@ def test_there_are_enough_tasks_with_unique_names_and_real_tests():
             exec(r["tests"], stub)
 
 
+def test_each_summary_names_the_arguments_in_their_order():
+    """The prompt gives no signature: the summary must say which argument comes first."""
+    import re
+
+    for r in ROWS:
+        function = next(n for n in ast.parse(r["solution"]).body if isinstance(n, ast.FunctionDef))
+        found = [re.search(rf"\b{re.escape(a.arg)}\b", r["summary"]) for a in function.args.args]
+        assert all(found), f"{r['name']}: an argument is not named in its summary"
+        starts = [m.start() for m in found]
+        assert starts == sorted(starts), f"{r['name']}: the summary names its arguments out of order"
+
+
 @pytest.mark.slow
 def test_reference_solutions_pass_their_tests_in_the_sandbox():
     failed = [r["name"] for r in ROWS if not run_answer(r["solution"], r["name"], r["tests"], "", 5).passed]

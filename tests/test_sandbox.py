@@ -27,18 +27,20 @@ def _layers() -> tuple[str, ...]:
 LAYERS = _layers()
 HAS_FILES = any(layer.startswith("landlock") for layer in LAYERS)
 HAS_PIDS = any("pid" in layer for layer in LAYERS)
-HAS_NET = any("net" in layer for layer in LAYERS) or HAS_FILES
+HAS_NET = any("net" in layer for layer in LAYERS)
+HAS_SECCOMP = "seccomp" in LAYERS
+needs_seccomp = pytest.mark.skipif(not HAS_SECCOMP, reason=f"no seccomp filter here (layers: {LAYERS})")
 needs_files = pytest.mark.skipif(not HAS_FILES, reason=f"no landlock on this platform (layers: {LAYERS})")
 needs_pids = pytest.mark.skipif(not HAS_PIDS, reason=f"no PID namespace on this platform (layers: {LAYERS})")
 
 
 def sandbox_processes() -> list[int]:
-    """PIDs of live processes that carry the sandbox's environment marker."""
-    found = []
+    """PIDs of live processes of this test process's sandbox runs (by their environment marker)."""
+    mine, found = f"{MARKER}={os.getpid()}-".encode(), []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if MARKER.encode() in (entry / "environ").read_bytes():
+                if mine in (entry / "environ").read_bytes():
                     found.append(int(entry.name))
             except OSError:
                 continue
@@ -53,6 +55,12 @@ def world(tmp_path, monkeypatch):
     for d in (outside, home, temp_root):
         d.mkdir()
     (home / "keep.txt").write_text("precious")
+    os.chmod(home / "keep.txt", 0o600)
+    os.utime(home / "keep.txt", (1_000_000_000, 1_000_000_000))
+    unix_server = socket.socket(socket.AF_UNIX)
+    unix_server.bind(str(tmp_path / "service.sock"))  # a local service: docker, the session bus ...
+    unix_server.listen(1)
+    unix_server.settimeout(0.2)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("PIPELINE_TEST_SECRET", "s3cret-value")
     monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
@@ -60,8 +68,17 @@ def world(tmp_path, monkeypatch):
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     server.settimeout(0.2)
-    yield {"outside": outside, "home": home, "temp_root": temp_root, "server": server, "port": server.getsockname()[1]}
+    yield {
+        "outside": outside,
+        "home": home,
+        "temp_root": temp_root,
+        "server": server,
+        "port": server.getsockname()[1],
+        "unix_server": unix_server,
+        "unix_path": str(tmp_path / "service.sock"),
+    }
     server.close()
+    unix_server.close()
 
 
 def no_connection(server) -> bool:
@@ -105,6 +122,30 @@ ROWS = {
         False,
         lambda w: no_connection(w["server"]),
         [pytest.mark.skipif(not HAS_NET, reason="no network layer")],
+    ),
+    "unix_socket_to_local_service": (
+        "import _socket\ns = _socket.socket(_socket.AF_UNIX)\ns.connect({unix_path!r})\ns.send(b'x')",
+        False,
+        lambda w: no_connection(w["unix_server"]),
+        [needs_seccomp],
+    ),
+    "chmod_utime_xattr_outside": (
+        "import ctypes, os\nlibc = ctypes.CDLL(None)\npath = ({home!r} + '/keep.txt').encode()\n"
+        "libc.chmod(path, 0o777)\nlibc.utimes(path, None)\nlibc.setxattr(path, b'user.x', b'1', 1, 0)",
+        True,
+        lambda w: (
+            (w["home"] / "keep.txt").stat().st_mode & 0o777 == 0o600
+            and (w["home"] / "keep.txt").stat().st_mtime == 1_000_000_000
+        ),
+        [needs_seccomp],
+    ),
+    "forged_control_and_verdict_lines": (
+        "import os\nfor fd in range(3, 20):\n    try:\n"
+        '        os.write(fd, b\'{{"pid1": -1, "layers": 5}}\\n{{"passed": "yes"}}\\n\')\n'
+        "    except OSError:\n        pass\nos._exit(0)",
+        False,
+        None,
+        [],
     ),
     "subprocess_shell": (
         "import subprocess\nsubprocess.run(['sh', '-c', 'echo x > {outside}/sh'])",
@@ -154,12 +195,13 @@ AFTER = {
 @pytest.mark.parametrize("row", [pytest.param(k, marks=v[3]) for k, v in ROWS.items()])
 def test_hostile_answer_is_contained(row, world):
     attack, passes, untouched, _ = ROWS[row]
-    fill = {k: str(world[k]) for k in ("outside", "home")} | {"port": world["port"], "parent": os.getpid()}
+    fill = {k: str(world[k]) for k in ("outside", "home", "unix_path")} | {"port": world["port"], "parent": os.getpid()}
     code = attack.format(**fill) + "\n" + F + AFTER.get(row, "")
     started = time.monotonic()
     verdict = run_answer(code, "f", TESTS, "", timeout=3)
     assert time.monotonic() - started < 15
     assert verdict.passed is passes, verdict.error
+    assert verdict.layers == LAYERS  # from the runner, not from what an answer wrote
     if untouched:
         assert untouched(world)
     assert (world["home"] / "keep.txt").read_text() == "precious"

@@ -44,7 +44,8 @@ LIMITS = {
 class Verdict:
     passed: bool
     error: str
-    layers: tuple[str, ...]
+    layers: tuple[str, ...]  # what confined the run
+    unavailable: tuple[str, ...] = ()  # layers this platform refused, and why
 
 
 def read_paths() -> list[str]:
@@ -55,14 +56,15 @@ def read_paths() -> list[str]:
     return sorted(prefixes) + [p for p in system if os.path.exists(p)]
 
 
-def _child_env(home: str, marker: str) -> dict[str, str]:
+def _child_env(home: str) -> dict[str, str]:
     env = {k: os.environ[k] for k in ENV_ALLOWED if k in os.environ}
+    marker = f"{os.getpid()}-{uuid.uuid4().hex}"  # whose run it is: tests find their own leftovers by it
     return {**env, "HOME": home, "TMPDIR": home, "PYTHONDONTWRITEBYTECODE": "1", MARKER: marker}
 
 
-def _read_messages(fd: int) -> list[dict]:
-    """The JSON lines written to the result pipe, read without blocking (a forked survivor may
-    still hold its write end open)."""
+def _read_lines(fd: int) -> list[dict]:
+    """The JSON objects written to a pipe, read without blocking (a forked survivor may still
+    hold its write end open); lines that are not JSON objects are dropped."""
     os.set_blocking(fd, False)
     chunks = []
     while True:
@@ -73,34 +75,48 @@ def _read_messages(fd: int) -> list[dict]:
         if not chunk:
             break
         chunks.append(chunk)
-    messages = []
+    lines = []
     for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
         try:
-            messages.append(json.loads(line))
+            value = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return messages
+        if isinstance(value, dict):
+            lines.append(value)
+    return lines
 
 
-def _kill(proc: subprocess.Popen, messages: list[dict]) -> None:
-    pid1 = next((m["pid1"] for m in messages if m.get("pid1")), None)
-    for kill, pid in ((os.killpg, proc.pid), (os.kill, pid1)):
-        if pid:
-            try:
-                kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+def _kill(proc: subprocess.Popen, pid1) -> None:
+    """The answer's namespace first (its PID 1 is still the runner's unreaped child, so the pid is
+    not reused), then the runner's process group."""
+    targets = [(os.kill, pid1)] if isinstance(pid1, int) and pid1 > 1 else []
+    for kill, pid in targets + [(os.killpg, proc.pid)]:
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     proc.wait()
+
+
+def _verdict(control: dict, results: list[dict], timed_out: bool, timeout: float, code: int | None) -> Verdict:
+    layers = tuple(str(x) for x in control.get("layers", ()))
+    errors = tuple(str(x) for x in control.get("errors", ()))
+    result = next((r for r in results if "passed" in r), None)
+    if result is None:
+        reason = f"timed out after {timeout:g} s" if timed_out else f"ended with code {code}, no verdict"
+        return Verdict(False, reason, layers, errors)
+    return Verdict(result["passed"] is True, str(result.get("error", ""))[:200], layers, errors)
 
 
 def run_answer(code: str, name: str, tests: str, doctests: str, timeout: float) -> Verdict:
     """Run `code`, then its tests (assert lines, or doctests), confined; the verdict and the
     layers that confined it."""
     home = tempfile.mkdtemp(prefix="pipeline-eval-")
-    read_fd, write_fd = os.pipe()
+    control_r, control_w = os.pipe()
+    result_r, result_w = os.pipe()
     limits = {**LIMITS, "cpu_seconds": math.ceil(timeout) + 1}
     task = {"code": code, "name": name, "tests": tests, "doctests": doctests, "limits": limits}
-    task |= {"read_paths": read_paths(), "result_fd": write_fd}
+    task |= {"read_paths": read_paths(), "control_fd": control_w, "result_fd": result_w}
     try:
         proc = subprocess.Popen(
             [sys.executable, "-I", str(RUNNER)],
@@ -108,38 +124,40 @@ def run_answer(code: str, name: str, tests: str, doctests: str, timeout: float) 
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=home,
-            env=_child_env(home, uuid.uuid4().hex),
-            pass_fds=(write_fd,),
+            env=_child_env(home),
+            pass_fds=(control_w, result_w),
             start_new_session=True,
         )
-        os.close(write_fd)
+        os.close(control_w)
+        os.close(result_w)
+        control_w = result_w = None
         try:
             proc.communicate(json.dumps(task).encode(), timeout=timeout)
-            messages = _read_messages(read_fd)
             timed_out = False
         except subprocess.TimeoutExpired:
-            messages = _read_messages(read_fd)
-            _kill(proc, messages)
             timed_out = True
-        _kill(proc, messages)  # the group: forked survivors of an answer that returned
+        control = next(iter(_read_lines(control_r)), {})
+        if timed_out or not any("pid" in str(layer) for layer in control.get("layers", ())):
+            _kill(proc, control.get("pid1"))  # with a PID namespace, a clean exit took every process with it
+        results = _read_lines(result_r)
     finally:
-        os.close(read_fd)
+        for fd in (control_r, result_r, control_w, result_w):
+            if fd is not None:
+                os.close(fd)
         shutil.rmtree(home, ignore_errors=True)
-    layers = next((tuple(m["layers"]) for m in messages if "layers" in m), ())
-    result = next((m for m in messages if "passed" in m), None)
-    if result is None:
-        reason = f"timed out after {timeout:g} s" if timed_out else f"ended with code {proc.returncode}, no verdict"
-        return Verdict(False, reason, layers)
-    return Verdict(bool(result["passed"]), str(result["error"]), layers)
+    return _verdict(control, results, timed_out, timeout, proc.returncode)
 
 
-def probe(timeout: float) -> tuple[str, ...]:
-    """The layers the sandbox sets up here, from a trivial correct answer; an error if even that
-    does not pass (every answer would then be scored a failure)."""
-    verdict = run_answer("def f(x):\n    return x + 1\n", "f", "assert f(1) == 2\n", "", timeout)
-    if not verdict.passed:
+def probe(timeout: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(layers, unavailable layers) of the sandbox here, from a trivial correct answer that must
+    pass and a wrong one that must fail; an error otherwise (every score would be wrong)."""
+    right = run_answer("def f(x):\n    return x + 1\n", "f", "assert f(1) == 2\n", "", timeout)
+    wrong = run_answer("def f(x):\n    return x\n", "f", "assert f(1) == 2\n", "", timeout)
+    if not right.passed or wrong.passed:
+        problem = right.error if not right.passed else "a wrong answer passed"
         raise PipelineError(
-            f"the eval's sandbox could not run a trivial correct answer ({verdict.error}); "
+            f"the eval's sandbox does not score a trivial answer correctly ({problem}; layers "
+            f"{', '.join(right.layers) or 'none'}; unavailable: {'; '.join(right.unavailable) or 'none'}); "
             "run with eval.execute=false to score answers without running them."
         )
-    return verdict.layers
+    return right.layers, right.unavailable

@@ -36,9 +36,12 @@ class CodeTask:
 
 def held_out(text: str, corpus: CorpusSpec, chat_val_fraction: float) -> bool:
     """Whether no training split holds any of this file: fine-tuning splits the stdlib pairs by
-    file, pretraining splits documents (the file, or its parts at data.separator), both by is_val."""
+    file, pretraining (when its corpus is the stdlib) splits documents (the file, or its parts at
+    data.separator), both by is_val."""
     if not is_val(text, chat_val_fraction):
         return False
+    if corpus.source != "stdlib":
+        return True
     parts = text.split(corpus.separator) if corpus.separator else [text]
     return all(is_val(part, corpus.val_fraction) for part in parts if part.strip())
 

@@ -32,7 +32,14 @@ DIR = "eval"  # runs/<name>/eval/
 DISTRIBUTED = False  # the main process scores
 KEEPS_WORK = False  # a rebuild starts over
 UNTRACKED = ()
-ENABLE = "answers were not run: set eval.execute=true to run them against their tests in the sandbox (README: Eval)"
+ENABLE = (
+    "answers were not run: set eval.execute=true to run them against their tests in the sandbox "
+    "(README, Answer quality)"
+)
+NO_STDLIB_TASKS = (
+    "eval: no stdlib task: no stdlib file is held out by every training split (with data.separator a "
+    "file is held out only when all its parts are); the functions set is scored alone"
+)
 log = logging.getLogger("pipeline")
 
 
@@ -95,7 +102,9 @@ def run(ctx: StageContext) -> dict:
     # weights: fixed unless set (a CPU's fp32-or-bf16 timing race would make two runs score differently)
     dtype = e.dtype if e.dtype != "auto" or has_accelerator() else "fp32"
     facts = {"tasks": {k: len(v) for k, v in suites.items()}, "execute": e.execute}
-    facts["sandbox"] = list(probe(e.timeout_seconds)) if e.execute else "not run (eval.execute=false)"
+    facts["sandbox"] = _sandbox(e) if e.execute else "not run (eval.execute=false)"
+    if not suites["stdlib"]:
+        log.warning(NO_STDLIB_TASKS)
     for label, choice in _targets(ctx).items():
         model, tokenizer = load_model(choice, e.trust_remote_code, dtype)
         facts[label] = {"model": choice.describe(), "dtype": str(model.dtype).removeprefix("torch.")}
@@ -107,9 +116,19 @@ def run(ctx: StageContext) -> dict:
         log.info("eval: %s: %s", label, describe_shares(facts[label]))
     if not e.execute:
         log.info("eval: %s", ENABLE)
-    else:
-        log.info("eval: answers that define the function ran in the sandbox (%s)", ", ".join(facts["sandbox"]))
     return facts
+
+
+def _sandbox(e) -> dict:
+    """The sandbox's layers here, checked on a right and a wrong answer before any is scored."""
+    layers, unavailable = probe(e.timeout_seconds)
+    log.info("eval: answers that define the function run in the sandbox: %s", ", ".join(layers))
+    if unavailable:
+        log.warning(
+            "eval: sandbox layers unavailable on this machine: %s (README, Answer quality, says what that leaves open)",
+            "; ".join(unavailable),
+        )
+    return {"layers": list(layers), "unavailable": list(unavailable)}
 
 
 def _targets_in(facts: dict) -> list[str]:
@@ -121,7 +140,7 @@ def describe_shares(model_facts: dict) -> str:
     parts = []
     for suite in ("stdlib", "functions"):
         s = model_facts.get(suite)
-        if not s:
+        if not s or not s["prompts"]:
             continue
         text = f"{suite} {s['prompts']} prompts: {s['parses']:.0%} parse, {s['defines']:.0%} define"
         if s["pass_at_1"] is not None:
