@@ -31,8 +31,8 @@ from pipeline.model.inference import (  # noqa: E402
     format_prompt,
     load_model,
     resolve_model,
-    stop_ids,
 )
+from pipeline.model.tokenizer import stop_ids  # noqa: E402
 from pipeline.requirements import check_versions  # noqa: E402
 
 

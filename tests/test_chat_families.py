@@ -14,9 +14,9 @@ from pipeline.config.run import FinetuneSpec
 from pipeline.data.chat import IGNORE, build_examples, render
 from pipeline.errors import PipelineError
 from pipeline.model.hf_dir import load_chat_base
-from pipeline.model.inference import format_prompt, load_model, resolve_model, stop_ids
+from pipeline.model.inference import format_prompt, load_model, resolve_model
 from pipeline.model.lora import apply_lora
-from pipeline.model.tokenizer import end_of_turn, use_chat_template
+from pipeline.model.tokenizer import end_of_turn, stop_ids, use_chat_template
 from tests.chat_families import (
     FAMILIES,
     TEMPLATES,

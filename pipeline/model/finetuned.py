@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pipeline.config.run import FinetuneSpec
 from pipeline.model.hf_dir import grow_vocab, load_causal_lm, publish_hf_dir
-from pipeline.model.inference import stops_at_end_of_turn
 from pipeline.model.lora import merge_adapter
+from pipeline.model.tokenizer import stops_at_end_of_turn
 
 
 def publish_finetuned(trained, state_dict: dict, tokenizer, out_dir: Path, spec: FinetuneSpec, base: str) -> None:

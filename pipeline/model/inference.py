@@ -9,6 +9,7 @@ Resolution of a target path:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import statistics
 import time
@@ -23,13 +24,14 @@ from pipeline.config.run import Sampling
 from pipeline.device import DTYPES, SCREEN_SLOWER, best_device, bf16_speedup, half_precision, model_matmul_shapes
 from pipeline.errors import PipelineError, first_line
 from pipeline.machine_record import recall, remember
+from pipeline.model.gguf_import import local_model_dir
 from pipeline.model.hf_dir import grow_vocab, load_causal_lm, load_tokenizer
 from pipeline.model.lora import adapter_base, check_adapter_base
 from pipeline.model.tokenizer import (
     TEMPLATE_VARS,
     adds_bos,
-    end_of_turn,
     ensure_pad_token,
+    stop_ids,
 )
 
 log = logging.getLogger("pipeline")
@@ -59,7 +61,25 @@ def _complete(stage_dir: Path) -> bool:
     return bool(m) and m.get("status") == "complete"
 
 
+def has_chat_template(model_dir: Path) -> bool:
+    config = model_dir / "tokenizer_config.json"
+    try:
+        in_config = "chat_template" in json.loads(config.read_text()) if config.is_file() else False
+    except ValueError:
+        in_config = False
+    return in_config or (model_dir / "chat_template.jinja").is_file()
+
+
+def pretrained_here(model_dir: Path) -> bool:
+    """A base this project pretrained (runs/NAME/pretrain/model): its template is untrained."""
+    try:
+        return (read_manifest(model_dir.parent) or {}).get("stage") == "pretrain"
+    except PipelineError:
+        return False
+
+
 def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
+    target = local_model_dir(target)  # a .gguf file: its imported HF dir
     p = Path(target).expanduser()
     if adapter:
         if not (Path(adapter) / "adapter_config.json").is_file():
@@ -70,8 +90,8 @@ def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
         return ModelChoice(str(p), adapter, "adapter", chat=True)
     if (p / "adapter_config.json").is_file():
         return ModelChoice(adapter_base(p), str(p), "adapter", chat=True)
-    if (p / "config.json").is_file():
-        return ModelChoice(str(p), None, "model", chat=False)
+    if (p / "config.json").is_file():  # a chat model (its own template) is chatted with; a base completes
+        return ModelChoice(str(p), None, "model", chat=has_chat_template(p) and not pretrained_here(p))
     if p.is_dir():
         ft, pre = p / "finetune", p / "pretrain"
         if _complete(ft) and (ft / "merged").is_dir():
@@ -175,27 +195,6 @@ def _measure_cpu_weights(model, tokenizer, new_tokens: int):
         ms["bf16"],
     )
     return choice, candidates[choice]
-
-
-def stop_ids(tokenizer, model=None) -> list[int]:
-    """Token ids that end an answer: EOS, the chat template's end-of-turn token, and the model's own."""
-    ids = {tokenizer.eos_token_id}
-    eot = end_of_turn(tokenizer)
-    if eot:
-        ids.add(tokenizer.convert_tokens_to_ids(eot))
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None)
-    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-    return sorted(i for i in ids if i is not None)
-
-
-def stops_at_end_of_turn(model, tokenizer):
-    """The model with its generation config stopping at the end-of-turn token too, so any HF tool
-    that loads it (pipeline, transformers' generate, TGI, vLLM) ends answers where they end."""
-    model.generation_config.eos_token_id = stop_ids(tokenizer, model)
-    if tokenizer.pad_token_id is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 def format_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> str:

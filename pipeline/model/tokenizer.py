@@ -123,3 +123,24 @@ def end_of_turn(tokenizer) -> str | None:
     special.update(tokenizer.all_special_tokens)
     found = [(after.find(t), t) for t in special if t and t in after]
     return min(found)[1] if found else None
+
+
+def stop_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an answer: EOS, the chat template's end-of-turn token, and the model's own."""
+    ids = {tokenizer.eos_token_id}
+    eot = end_of_turn(tokenizer)
+    if eot:
+        ids.add(tokenizer.convert_tokens_to_ids(eot))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+def stops_at_end_of_turn(model, tokenizer):
+    """The model with its generation config stopping at the end-of-turn token too, so any HF tool
+    that loads it (pipeline, transformers' generate, TGI, vLLM) ends answers where they end."""
+    model.generation_config.eos_token_id = stop_ids(tokenizer, model)
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

@@ -14,7 +14,7 @@ from pipeline.data.shards import open_split
 from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.model.build import build_model, count_params, flops_per_token, hf_config
 from pipeline.model.hf_dir import publish_hf_dir
-from pipeline.model.inference import stops_at_end_of_turn
+from pipeline.model.tokenizer import stops_at_end_of_turn
 from pipeline.stages.base import TRAINING_WORK
 from pipeline.stages.context import StageContext
 from pipeline.train.assessment import training_warnings

@@ -1,0 +1,133 @@
+"""GGUF in: a `.gguf` file (llama.cpp, Ollama, LM Studio) as a Hugging Face model directory.
+
+transformers reads GGUF files (`from_pretrained(dir, gguf_file=...)`, with the `gguf` package)
+and dequantizes them, but marks such a model as quantized and will not `save_pretrained` it; the
+model is rebuilt from its config and given the dequantized weights instead. The directory is
+written once into the user's cache ($XDG_CACHE_HOME/pipeline/gguf/<name>-<sha256>/: fp32 weights,
+tokenizer, chat template, a generation config that stops at the template's end-of-turn, and a
+manifest), atomically, and reused while the file's content hash is unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.artifacts import MANIFEST, build_manifest, read_manifest, write_json_atomic
+from pipeline.errors import PipelineError, first_line
+from pipeline.machine_record import record_path
+
+log = logging.getLogger("pipeline")
+
+
+def is_gguf(path: str | None) -> bool:
+    return bool(path) and str(path).endswith(".gguf")
+
+
+def local_model_dir(path_or_name: str) -> str:
+    """An HF model dir for a `.gguf` file (imported once), else the argument as given."""
+    return str(import_gguf(Path(path_or_name).expanduser())) if is_gguf(path_or_name) else path_or_name
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime): a multi-GB file is hashed once."""
+    stat = path.stat()
+    memo_path = record_path().with_name("gguf_digests.json")
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key not in memo:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        memo[key] = h.hexdigest()
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(memo_path, memo)
+        except OSError:
+            pass
+    return memo[key]
+
+
+def _describe(path: Path) -> tuple[str, set[str]]:
+    """(architecture, tensor types) from the file's header, refusing what transformers cannot read."""
+    try:
+        import gguf
+    except ImportError:
+        raise PipelineError(f"reading {path} needs the gguf package: pip install 'gguf>=0.10'.") from None
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        arch = str(reader.fields["general.architecture"].contents())
+    except (ValueError, KeyError, OSError) as e:
+        raise PipelineError(f"{path} is not a readable GGUF file ({first_line(e)}).") from None
+    types = {t.tensor_type.name for t in reader.tensors}
+    if arch not in GGUF_CONFIG_MAPPING:
+        known = ", ".join(sorted(k for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer")))
+        raise PipelineError(f"{path}: GGUF architecture {arch!r} is not one transformers can load ({known}).")
+    return arch, types
+
+
+def import_gguf(path: Path) -> Path:
+    """The cached HF directory for a GGUF file, built on first use."""
+    if not path.is_file():
+        raise PipelineError(f"GGUF file {path} does not exist; check the path.")
+    digest = file_digest(path)
+    out = record_path().parent / "gguf" / f"{path.stem}-{digest[:16]}"
+    if (out / MANIFEST).is_file() and ((read_manifest(out) or {}).get("facts") or {}).get("sha256") == digest:
+        return out
+    arch, types = _describe(path)
+    log.info("gguf: importing %s (%s, %s) into %s, once", path, arch, ", ".join(sorted(types)), out)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            facts = _write_hf_dir(path, tmp)
+        except (NotImplementedError, ValueError, KeyError, RuntimeError) as e:
+            raise PipelineError(
+                f"{path} could not be dequantized ({first_line(e)}; its tensor types: {', '.join(sorted(types))}); "
+                "convert it from a supported quantization (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, K-quants)."
+            ) from None
+        facts |= {"source": str(path.resolve()), "sha256": digest, "architecture": arch, "tensor_types": sorted(types)}
+        write_json_atomic(tmp / MANIFEST, build_manifest("gguf_import", {"source": str(path)}, {}, facts, tmp))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_hf_dir(path: Path, out: Path) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.model.tokenizer import end_of_turn, stops_at_end_of_turn
+
+    where = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    config = AutoConfig.from_pretrained(**where)
+    tokenizer = AutoTokenizer.from_pretrained(**where)
+    loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # not flagged quantized: saves
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"weights do not match the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    del loaded
+    stops_at_end_of_turn(model, tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "dtype": "float32",
+        "chat_template": bool(tokenizer.chat_template),
+        "end_of_turn": end_of_turn(tokenizer),
+    }
