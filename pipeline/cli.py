@@ -50,7 +50,8 @@ def print_help() -> None:
     print(__doc__.strip().split("\n\n")[0])
     print("\nUsage: pipeline [recipe=NAME|path.yaml] [stage=STAGE] [key=value ...] [--cfg] [--help]")
     print("       pipeline -m|--multirun key=a,b other=x,y ...   (Hydra sweep grammar: a,b  range()  glob())")
-    print("       pipeline report DIR... [--out DIR]\n")
+    print("       pipeline report DIR... [--out DIR]")
+    print("       pipeline export TARGET [--type f16,q8_0] [--out DIR]   (GGUF + Ollama Modelfile)\n")
     print(f"  stage     {' | '.join(STAGE_CHOICES)}  (default all; upstream stages are built as needed)")
     print(f"  recipe    {recipes}  (default {DEFAULT_RECIPE})")
     for name, choices in groups.items():
@@ -98,6 +99,10 @@ def _read(path: Path) -> str:
 
 
 def run(argv: list[str]) -> None:
+    if argv[:1] == ["export"]:
+        from pipeline.export import main as export
+
+        raise SystemExit(export(argv[1:]))
     if argv[:1] == ["report"]:
         from pipeline.report import main as report
 

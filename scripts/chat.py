@@ -8,7 +8,8 @@ In a terminal: tokens stream as they are generated; /reset clears the conversati
 /system TEXT sets the system prompt, /exit (or Ctrl-D) quits, Ctrl-C stops the answer being
 written. When stdin is not a terminal, every line is one user message and the answers go to
 stdout, so the script can be scripted.
-A base (not fine-tuned) model gets plain completion mode: each message is continued as text.
+A base model (no chat template of its own, or one this project pretrained) gets plain completion
+mode: each message is continued as text.
 """
 
 from __future__ import annotations

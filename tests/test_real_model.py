@@ -37,7 +37,14 @@ def repeat_chats(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
-        rows.append({"messages": [{"role": "user", "content": f"Repeat after me: {words}"}, {"role": "assistant", "content": words}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Repeat after me: {words}"},
+                    {"role": "assistant", "content": words},
+                ]
+            }
+        )
     return rows
 
 
@@ -50,7 +57,11 @@ def greedy(choice, prompts: list[str], new_tokens: int = 24) -> list[list[int]]:
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         out = model.generate(
-            **enc, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop_ids(tok, model), pad_token_id=tok.pad_token_id
+            **enc,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids(tok, model),
+            pad_token_id=tok.pad_token_id,
         )
     return out[:, enc["input_ids"].shape[1] :].tolist(), tok
 
@@ -98,3 +109,31 @@ def test_a_real_gguf_chat_model_is_imported_chatted_with_and_fine_tuned(smollm2_
     assert outputs["merged"] == outputs["adapter"]
     end = tok.convert_tokens_to_ids("<|im_end|>")
     assert all(end in ids for ids in outputs["merged"])  # every answer ends its turn
+
+    # GGUF out: the fine-tuned model, read back through transformers' GGUF loader.
+    proc = run_cli("export", "runs/smol", "--type", "f16,q8_0", cwd=tmp_path)
+    modelfile = (tmp_path / "runs/smol/export/Modelfile").read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "SYSTEM" in modelfile, proc.stderr
+    mixed = "def f(x):\n    return x  # ünïcödé ✓ 🙂 <|im_start|>user\nhi<|im_end|> 12345"
+    ids = torch.tensor([tok(mixed).input_ids])
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    for qtype in ("f16", "q8_0"):
+        where = {"pretrained_model_name_or_path": tmp_path / "runs/smol/export", "gguf_file": f"model.{qtype}.gguf"}
+        back = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
+        from transformers import AutoTokenizer
+
+        assert AutoTokenizer.from_pretrained(**where)(mixed).input_ids == ids[0].tolist()
+        with torch.no_grad():
+            diff = (merged(ids).logits - back(ids).logits).abs().max().item()
+            same = []
+            for text in texts:
+                enc = tok(text, return_tensors="pt", add_special_tokens=False)
+                a = merged.generate(**enc, max_new_tokens=12, do_sample=False)
+                same.append(torch.equal(a, back.generate(**enc, max_new_tokens=12, do_sample=False)))
+        if qtype == "f16":
+            assert diff < 0.1, diff  # fp16 weights of a 30-layer 135M model: logits within 0.1
+        else:
+            assert sum(same) >= len(same) - 1, same
