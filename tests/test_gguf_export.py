@@ -50,7 +50,7 @@ def test_export_round_trips_through_transformers_gguf_loader(exported):
         back = AutoModelForCausalLM.from_pretrained(**where, **config, dtype=torch.float32).eval()
         back_tok = AutoTokenizer.from_pretrained(**where)
         assert back_tok(MIXED).input_ids == ids[0].tolist()  # code, unicode and special tokens
-        assert back_tok.chat_template == tok.chat_template and back_tok.eos_token == tok.eos_token
+        assert back_tok.eos_token == tok.eos_token and back_tok.chat_template is None  # a base: no template
         with torch.no_grad():
             diff = (hf(ids).logits - back(ids).logits).abs().max().item()
             same = [
@@ -62,13 +62,43 @@ def test_export_round_trips_through_transformers_gguf_loader(exported):
             ]
         if qtype == "f16":
             assert diff < 1e-2, diff
-            if hf.config.model_type == "qwen3":
-                import gguf
+            import gguf
 
-                fields = gguf.GGUFReader(str(run / "export/model.f16.gguf")).fields
+            fields = gguf.GGUFReader(str(run / "export/model.f16.gguf")).fields
+            assert fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # llama.cpp's name for GPT-2's split
+            if hf.config.model_type == "qwen3":
                 assert fields["qwen3.attention.key_length"].contents() == hf.config.head_dim
         else:
             assert sum(same) >= len(same) - 1, same  # quantized: the greedy tokens of most prompts
+
+
+def test_an_exported_file_imports_back_as_a_model_dir(exported):
+    """GGUF in of GGUF out: the importer reads qwen3's head size, which transformers' reader does not."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model.gguf_import import import_gguf
+
+    run, _ = exported
+    hf = AutoModelForCausalLM.from_pretrained(run / "pretrain/model").eval()
+    back = AutoModelForCausalLM.from_pretrained(import_gguf(run / "export/model.f16.gguf")).eval()
+    ids = torch.arange(40).unsqueeze(0)
+    with torch.no_grad():
+        assert (hf(ids).logits - back(ids).logits).abs().max().item() < 1e-2
+
+
+def test_llama_cpp_names_for_pre_tokenizers():
+    from pipeline.model.gguf_export import pre_tokenizer_name
+
+    bpe = {"type": "BPE", "merges": []}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert pre_tokenizer_name({"model": bpe, "pre_tokenizer": byte_level}) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    both = {"type": "Sequence", "pretokenizers": [digits, byte_level]}
+    assert pre_tokenizer_name({"model": bpe, "pre_tokenizer": both}) == "smollm"
+    with pytest.raises(PipelineError, match="byte-level BPE"):
+        pre_tokenizer_name({"model": {**bpe, "byte_fallback": True}, "pre_tokenizer": {"type": "Metaspace"}})
+    with pytest.raises(PipelineError, match="pre-tokenizer"):
+        pre_tokenizer_name({"model": bpe, "pre_tokenizer": {"type": "Split", "pattern": "x"}})
 
 
 def test_the_modelfile_carries_the_chat_template_and_its_stop_token(exported):

@@ -48,7 +48,9 @@ def arch_of(model) -> str:
 
 def _hyperparameters(writer, config, arch: str, qtype: str, gguf) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise PipelineError(f"GGUF export writes plain RoPE only, not {rope.get('rope_type') or rope.get('type')}.")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -66,19 +68,39 @@ def _hyperparameters(writer, config, arch: str, qtype: str, gguf) -> None:
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
 
 
-def _tokenizer(writer, tokenizer, vocab_size: int, gguf) -> None:
-    """Byte-level BPE as llama.cpp's "gpt2" model with the GPT-2 pre-tokenizer split."""
+def pre_tokenizer_name(data: dict) -> str:
+    """llama.cpp's name for the tokenizer's split (llama-vocab.cpp): plain byte-level with the
+    GPT-2 regex is "gpt-2", digits split one by one before it (SmolLM) "smollm"; anything else
+    (a normalizer, byte fallback, another regex) is refused rather than written wrong."""
+    pre, model = data.get("pre_tokenizer") or {}, data["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer"):
+        raise PipelineError("GGUF export writes byte-level BPE tokenizers (no normalizer, no byte fallback) only.")
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex", True)) for s in steps]
+    if kinds == [("ByteLevel", None, True)]:
+        return "gpt-2"
+    if kinds == [("Digits", True, True), ("ByteLevel", None, True)]:
+        return "smollm"
+    raise PipelineError(f"GGUF export does not know llama.cpp's name for this pre-tokenizer ({pre}).")
+
+
+def _tokenizer(writer, tokenizer, vocab_size: int, gguf, chat: bool) -> None:
+    """Byte-level BPE as llama.cpp's "gpt2" tokenizer model, with its pre-tokenizer's name."""
     data = json.loads(tokenizer.backend_tokenizer.to_str())
-    if data["model"]["type"] != "BPE":
-        raise PipelineError(f"GGUF export writes byte-level BPE tokenizers, not {data['model']['type']}.")
+    pre = pre_tokenizer_name(data)
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    special = set(tokenizer.all_special_ids) | {a["id"] for a in data.get("added_tokens", []) if a.get("special")}
+    added = {a["id"]: a.get("special", False) for a in data.get("added_tokens", [])}
+    special = set(tokenizer.all_special_ids) | {i for i, is_special in added.items() if is_special}
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]  # rows past the tokenizer: padding
     kinds = gguf.TokenType
-    types = [kinds.CONTROL if i in special else kinds.NORMAL if i in by_id else kinds.UNUSED for i in range(vocab_size)]
+
+    def kind(i: int):  # added words (Qwen3's <think>) stay whole in llama.cpp as user-defined
+        return kinds.CONTROL if i in special else kinds.USER_DEFINED if i in added else kinds.NORMAL
+
+    types = [kind(i) if i in by_id else kinds.UNUSED for i in range(vocab_size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -94,7 +116,7 @@ def _tokenizer(writer, tokenizer, vocab_size: int, gguf) -> None:
     eot = end_of_turn(tokenizer)
     if eot:
         writer.add_eot_token_id(tokenizer.convert_tokens_to_ids(eot))
-    if tokenizer.chat_template:
+    if tokenizer.chat_template and chat:  # a base's template is untrained: llama-server would use it
         writer.add_chat_template(tokenizer.chat_template)
 
 
@@ -114,7 +136,7 @@ def _tensors(writer, model, arch: str, qtype: str, gguf) -> int:
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise PipelineError(f"GGUF export has no name for the tensor {hf_name}: not {arch}'s layout.")
-        data = tensor.detach().to(torch.float32).numpy()
+        data = tensor.detach().to("cpu", torch.float32).numpy()
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
             data = _permute(data, heads)
@@ -129,18 +151,18 @@ def _tensors(writer, model, arch: str, qtype: str, gguf) -> int:
     return count
 
 
-def write_gguf(model, tokenizer, out: Path, qtype: str, name: str) -> dict:
+def write_gguf(model, tokenizer, out: Path, qtype: str, name: str, chat: bool = True) -> dict:
     """Write `model` and `tokenizer` to `out` (via a temp file: never a half-written .gguf)."""
     if qtype not in TYPES:
         raise PipelineError(f"GGUF type {qtype!r} is not offered; use one of {', '.join(TYPES)}.")
     gguf = _gguf()
     arch = arch_of(model)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)  # tensors spill to disk, not RAM
     try:
         writer.add_name(name)
         _hyperparameters(writer, model.config, arch, qtype, gguf)
-        _tokenizer(writer, tokenizer, model.config.vocab_size, gguf)
+        _tokenizer(writer, tokenizer, model.config.vocab_size, gguf, chat)
         tensors = _tensors(writer, model, arch, qtype, gguf)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -159,10 +181,15 @@ def _turn_parts(tokenizer, eot: str) -> dict[str, tuple[str, str]] | None:
     markers = {"system": "\x01", "user": "\x02", "assistant": "\x03"}
     messages = [{"role": r, "content": m} for r, m in markers.items()]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        prompt = tokenizer.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+        text, prompt, alone = (
+            tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=g)
+            for m, g in ((messages, False), (messages[:2], True), (messages[1:2], False))
+        )
     except Exception:  # noqa: BLE001 - a template that refuses a system turn, for one
         return None
+    bos = tokenizer.bos_token or ""
+    if bos and text.startswith(bos):  # GGUF's add_bos puts it there: not in the template too
+        text, prompt, alone = (t.removeprefix(bos) for t in (text, prompt, alone))
     parts, start = {}, 0
     for role, marker in markers.items():
         at = text.find(marker, start)
@@ -174,7 +201,6 @@ def _turn_parts(tokenizer, eot: str) -> dict[str, tuple[str, str]] | None:
         start = end
     user_end = prompt.find("\x02") + 1 + len(parts["user"][1])
     parts["generation"] = (prompt[user_end:], "")
-    alone = tokenizer.apply_chat_template(messages[1:2], tokenize=False)  # a default system turn?
     before = alone[: alone.find(parts["user"][0] + "\x02")]
     system_pre, system_post = parts["system"]
     if before.startswith(system_pre) and before.endswith(system_post) and len(before) > len(system_pre + system_post):
@@ -188,6 +214,8 @@ def ollama_modelfile(tokenizer, gguf_name: str, chat: bool) -> str:
     eot = end_of_turn(tokenizer) if chat else None
     parts = _turn_parts(tokenizer, eot) if eot and tokenizer.chat_template else None
     if parts is None:
+        if chat:
+            log.warning("export: the chat template could not be turned into Ollama's; the Modelfile completes text")
         return "\n".join(lines + ['TEMPLATE """{{ .Prompt }}"""', ""])  # a base model: plain completion
     # No "{{-" after a turn: it would trim the newline that ends the turn.
     body = "".join(

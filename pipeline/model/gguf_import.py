@@ -10,6 +10,7 @@ manifest), atomically, and reused while the file's content hash is unchanged.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -17,11 +18,13 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, build_manifest, read_manifest, write_json_atomic
+from pipeline.artifacts import MANIFEST, build_manifest, read_manifest, replace_dir, verify_files, write_json_atomic
 from pipeline.errors import PipelineError, first_line
 from pipeline.machine_record import record_path
 
 log = logging.getLogger("pipeline")
+IMPORT_VERSION = 2  # raised when the import writes something else: older cached imports are redone
+ARCH_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
 
 
 def is_gguf(path: str | None) -> bool:
@@ -34,10 +37,11 @@ def local_model_dir(path_or_name: str) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file, remembered by (path, size, mtime): a multi-GB file is hashed once."""
+    """sha256 of a file, remembered by path, size, times and inode: a multi-GB file is hashed once
+    (a copy that keeps the size and mtime still has a new ctime and inode)."""
     stat = path.stat()
     memo_path = record_path().with_name("gguf_digests.json")
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
@@ -56,8 +60,9 @@ def file_digest(path: Path) -> str:
     return memo[key]
 
 
-def _describe(path: Path) -> tuple[str, set[str]]:
-    """(architecture, tensor types) from the file's header, refusing what transformers cannot read."""
+def _describe(path: Path) -> tuple[str, set[str], int | None]:
+    """(architecture, tensor types, qwen3's head size) from the file's header, refusing what
+    transformers cannot read."""
     try:
         import gguf
     except ImportError:
@@ -70,42 +75,62 @@ def _describe(path: Path) -> tuple[str, set[str]]:
     except (ValueError, KeyError, OSError) as e:
         raise PipelineError(f"{path} is not a readable GGUF file ({first_line(e)}).") from None
     types = {t.tensor_type.name for t in reader.tensors}
-    if arch not in GGUF_CONFIG_MAPPING:
+    if ARCH_NAMES.get(arch, arch) not in GGUF_CONFIG_MAPPING:
         known = ", ".join(sorted(k for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer")))
         raise PipelineError(f"{path}: GGUF architecture {arch!r} is not one transformers can load ({known}).")
-    return arch, types
+    key_length = reader.fields.get(f"{arch}.attention.key_length")
+    head_dim = int(key_length.contents()) if arch == "qwen3" and key_length is not None else None
+    return arch, types, head_dim
+
+
+def _usable(out: Path, digest: str) -> bool:
+    """A finished import of this file by this version of the import, its files intact."""
+    try:
+        manifest = read_manifest(out) or {}
+    except PipelineError:
+        return False
+    facts = manifest.get("facts") or {}
+    fresh = facts.get("sha256") == digest and facts.get("import_version") == IMPORT_VERSION
+    return fresh and verify_files(out, manifest.get("files", {})) is None
 
 
 def import_gguf(path: Path) -> Path:
-    """The cached HF directory for a GGUF file, built on first use."""
+    """The cached HF directory for a GGUF file, built on first use. Every process of a launch
+    may ask at once: one imports under a lock, the others wait and reuse it."""
     if not path.is_file():
         raise PipelineError(f"GGUF file {path} does not exist; check the path.")
     digest = file_digest(path)
     out = record_path().parent / "gguf" / f"{path.stem}-{digest[:16]}"
-    if (out / MANIFEST).is_file() and ((read_manifest(out) or {}).get("facts") or {}).get("sha256") == digest:
+    if _usable(out, digest):
         return out
-    arch, types = _describe(path)
-    log.info("gguf: importing %s (%s, %s) into %s, once", path, arch, ", ".join(sorted(types)), out)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _usable(out, digest):  # another process imported it while this one waited
+            return out
+        arch, types, head_dim = _describe(path)
+        log.info("gguf: importing %s (%s, %s) into %s, once", path, arch, ", ".join(sorted(types)), out)
+        for stale in out.parent.glob(f".tmp-{out.name}-*"):  # left by a killed import (the lock is ours)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
         try:
-            facts = _write_hf_dir(path, tmp)
+            facts = _write_hf_dir(path, tmp, head_dim)
+            facts |= {"source": str(path.resolve()), "sha256": digest, "architecture": arch}
+            facts |= {"tensor_types": sorted(types), "import_version": IMPORT_VERSION}
+            write_json_atomic(tmp / MANIFEST, build_manifest("gguf_import", {"source": str(path)}, {}, facts, tmp))
+            replace_dir(tmp, out)
         except (NotImplementedError, ValueError, KeyError, RuntimeError) as e:
             raise PipelineError(
-                f"{path} could not be dequantized ({first_line(e)}; its tensor types: {', '.join(sorted(types))}); "
-                "convert it from a supported quantization (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, K-quants)."
+                f"{path} could not be imported ({first_line(e)}; architecture {arch}, tensor types "
+                f"{', '.join(sorted(types))}); a type the gguf package cannot dequantize, or weights that do not "
+                "fit the architecture's shapes."
             ) from None
-        facts |= {"source": str(path.resolve()), "sha256": digest, "architecture": arch, "tensor_types": sorted(types)}
-        write_json_atomic(tmp / MANIFEST, build_manifest("gguf_import", {"source": str(path)}, {}, facts, tmp))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def _write_hf_dir(path: Path, out: Path) -> dict:
+def _write_hf_dir(path: Path, out: Path, head_dim: int | None) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -113,10 +138,13 @@ def _write_hf_dir(path: Path, out: Path) -> dict:
 
     where = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
     config = AutoConfig.from_pretrained(**where)
+    if head_dim:  # transformers' reader leaves qwen3's attention.key_length out (and assumes 128)
+        config.head_dim = head_dim
     tokenizer = AutoTokenizer.from_pretrained(**where)
-    loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # not flagged quantized: saves
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    loaded = AutoModelForCausalLM.from_pretrained(**where, config=config, dtype=torch.float32)
+    with torch.device("meta"):  # no second, randomly initialised copy: the loaded tensors are taken
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # not flagged quantized: saves
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False, assign=True)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"weights do not match the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -18,6 +18,7 @@ from pipeline.device import has_accelerator
 from pipeline.eval.sandbox import probe
 from pipeline.eval.scoring import score, summarize
 from pipeline.eval.tasks import CodeTask, function_tasks, held_out_tasks
+from pipeline.model.gguf_import import local_model_dir
 from pipeline.model.inference import (
     ModelChoice,
     format_prompt,
@@ -67,7 +68,7 @@ def _targets(ctx: StageContext) -> dict[str, ModelChoice]:
     run_dir = ctx.inputs["finetune"].path.parent
     targets = {"finetuned": resolve_model(str(run_dir))}
     if e.base:
-        base = ctx.specs.finetune.base or str(run_dir / "pretrain" / "model")
+        base = local_model_dir(ctx.specs.finetune.base) if ctx.specs.finetune.base else str(run_dir / "pretrain/model")
         targets["base"] = ModelChoice(base, None, "base", chat=False)
     return targets
 
