@@ -102,6 +102,7 @@ def run(argv: list[str]) -> None:
     if argv[:1] == ["export"]:
         from pipeline.export import main as export
 
+        setup_logging(is_main=True)  # a first GGUF import or a large model takes a while: say so
         raise SystemExit(export(argv[1:]))
     if argv[:1] == ["report"]:
         from pipeline.report import main as report

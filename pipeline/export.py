@@ -26,9 +26,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--type", default="q8_0", help="comma-separated: f16, q8_0 (default q8_0)")
     p.add_argument("--out", help="output folder (default: TARGET/export for a run dir, else ./export)")
     args = p.parse_args(argv)
-    from pipeline.cli import setup_logging
-
-    setup_logging(is_main=True)  # a first GGUF import or a large model takes a while: say so
     from pipeline.model.gguf_export import TYPES, ollama_modelfile, write_gguf
     from pipeline.model.inference import resolve_model
 

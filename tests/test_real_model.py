@@ -68,7 +68,7 @@ def greedy(choice, prompts: list[str], new_tokens: int = 24) -> list[list[int]]:
 
 def test_a_real_gguf_chat_model_is_imported_chatted_with_and_fine_tuned(smollm2_gguf, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.model.inference import resolve_model
 
@@ -111,7 +111,7 @@ def test_a_real_gguf_chat_model_is_imported_chatted_with_and_fine_tuned(smollm2_
     assert all(end in ids for ids in outputs["merged"])  # every answer ends its turn
 
     # GGUF out: the fine-tuned model, read back through transformers' GGUF loader.
-    proc = run_cli("export", "runs/smol", "--type", "f16,q8_0", cwd=tmp_path)
+    proc = run_cli("export", "runs/smol", "--type", "f16", cwd=tmp_path)  # q8_0: tests/test_gguf_export.py
     modelfile = (tmp_path / "runs/smol/export/Modelfile").read_text()
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "SYSTEM" in modelfile, proc.stderr
     mixed = "def f(x):\n    return x  # ünïcödé ✓ 🙂 <|im_start|>user\nhi<|im_end|> 12345"
@@ -120,20 +120,13 @@ def test_a_real_gguf_chat_model_is_imported_chatted_with_and_fine_tuned(smollm2_
         tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
-    for qtype in ("f16", "q8_0"):
-        where = {"pretrained_model_name_or_path": tmp_path / "runs/smol/export", "gguf_file": f"model.{qtype}.gguf"}
-        back = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
-        from transformers import AutoTokenizer
-
-        assert AutoTokenizer.from_pretrained(**where)(mixed).input_ids == ids[0].tolist()
-        with torch.no_grad():
-            diff = (merged(ids).logits - back(ids).logits).abs().max().item()
-            same = []
-            for text in texts:
-                enc = tok(text, return_tensors="pt", add_special_tokens=False)
-                a = merged.generate(**enc, max_new_tokens=12, do_sample=False)
-                same.append(torch.equal(a, back.generate(**enc, max_new_tokens=12, do_sample=False)))
-        if qtype == "f16":
-            assert diff < 0.1, diff  # fp16 weights of a 30-layer 135M model: logits within 0.1
-        else:
-            assert sum(same) >= len(same) - 1, same
+    where = {"pretrained_model_name_or_path": tmp_path / "runs/smol/export", "gguf_file": "model.f16.gguf"}
+    back = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
+    assert AutoTokenizer.from_pretrained(**where)(mixed).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        diff = (merged(ids).logits - back(ids).logits).abs().max().item()
+        for text in texts:
+            enc = tok(text, return_tensors="pt", add_special_tokens=False)
+            a, b = (m.generate(**enc, max_new_tokens=12, do_sample=False) for m in (merged, back))
+            assert torch.equal(a, b), text
+    assert diff < 0.1, diff  # fp16 weights of a 30-layer 135M model: logits within 0.1
