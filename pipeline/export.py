@@ -26,8 +26,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--type", default="q8_0", help="comma-separated: f16, q8_0 (default q8_0)")
     p.add_argument("--out", help="output folder (default: TARGET/export for a run dir, else ./export)")
     args = p.parse_args(argv)
+    import torch
+
     from pipeline.model.gguf_export import TYPES, ollama_modelfile, write_gguf
-    from pipeline.model.inference import resolve_model
+    from pipeline.model.inference import load_model, resolve_model
 
     types = [t.strip() for t in args.type.split(",") if t.strip()]
     unknown = [t for t in types if t not in TYPES]
@@ -38,7 +40,9 @@ def main(argv: list[str]) -> int:
     default = run_dir / "export" if (run_dir / "history.jsonl").exists() else Path("export")
     out = Path(args.out) if args.out else default
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = _load_on_cpu(choice)
+    model, tokenizer = load_model(choice, dtype="fp32", device=torch.device("cpu"))  # the writer reads numpy
+    if choice.adapter_dir:
+        model = model.merge_and_unload()
     name = Path(choice.describe().split(" + ")[0]).name
     written = []
     for qtype in types:
@@ -49,17 +53,3 @@ def main(argv: list[str]) -> int:
     modelfile.write_text(ollama_modelfile(tokenizer, Path(written[-1]["file"]).name, choice.chat))
     print(f"exported {choice.describe()} -> {', '.join(w['file'] for w in written)}, {modelfile}", file=sys.stderr)
     return 0
-
-
-def _load_on_cpu(choice):
-    """The model in fp32 on the CPU (the writer reads numpy arrays), an adapter merged into it."""
-    from pipeline.model.hf_dir import grow_vocab, load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(choice.tokenizer_dir)
-    model = load_causal_lm(choice.model_dir)
-    if choice.adapter_dir:
-        from peft import PeftModel
-
-        grow_vocab(model, tokenizer)  # tokens added for the chat template when the base had none
-        model = PeftModel.from_pretrained(model, choice.adapter_dir).merge_and_unload()
-    return model.eval(), tokenizer

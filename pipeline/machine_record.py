@@ -33,25 +33,29 @@ def machine_key() -> str:
     return f"{model} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__}"
 
 
-def _read() -> dict:
+def read_cache(path: Path) -> dict:
+    """A JSON cache file ({} when it is missing or unreadable)."""
     try:
-        return json.loads(record_path().read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
-def recall(what: str):
-    """The answer kept for `what` on this machine, or None."""
-    return _read().get(machine_key(), {}).get(what)
-
-
-def remember(what: str, answer) -> None:
-    """Keep an answer; a cache that cannot be written only costs a measurement next time."""
-    record = _read()
-    record.setdefault(machine_key(), {})[what] = answer
+def write_cache(path: Path, record: dict) -> None:
+    """Write a JSON cache file atomically; one that cannot be written only costs a recomputation."""
     try:
-        path = record_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, record)
     except OSError:
         pass
+
+
+def recall(what: str):
+    """The answer kept for `what` on this machine, or None."""
+    return read_cache(record_path()).get(machine_key(), {}).get(what)
+
+
+def remember(what: str, answer) -> None:
+    record = read_cache(record_path())
+    record.setdefault(machine_key(), {})[what] = answer
+    write_cache(record_path(), record)

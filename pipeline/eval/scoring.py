@@ -17,8 +17,8 @@ def extract_code(answer: str) -> str:
 
 
 def score(answer: str, task: CodeTask, timeout: float, execute: bool) -> dict:
-    """{parses, defines, passes, layers} for one answer. passes is None where nothing was run: the
-    task has no tests, or execution is off; layers names what confined the run."""
+    """{parses, defines, passes[, error]} for one answer. passes is None where nothing was run: the
+    task has no tests, or execution is off (what confines a run is probed once per eval)."""
     code = extract_code(answer)
     try:
         tree = ast.parse(code)
@@ -30,7 +30,7 @@ def score(answer: str, task: CodeTask, timeout: float, execute: bool) -> dict:
     if not defines:
         return {"parses": True, "defines": False, "passes": False}
     verdict = run_answer(code, task.name, task.tests, task.doctests, timeout)
-    return {"parses": True, "defines": True, "passes": verdict.passed, "error": verdict.error, "layers": verdict.layers}
+    return {"parses": True, "defines": True, "passes": verdict.passed, "error": verdict.error}
 
 
 def _share(values: list[bool]) -> float | None:

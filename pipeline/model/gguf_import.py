@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from pipeline.artifacts import MANIFEST, build_manifest, read_manifest, replace_dir, verify_files, write_json_atomic
 from pipeline.errors import PipelineError, first_line
-from pipeline.machine_record import record_path
+from pipeline.machine_record import read_cache, record_path, write_cache
 
 log = logging.getLogger("pipeline")
 IMPORT_VERSION = 2  # raised when the import writes something else: older cached imports are redone
@@ -42,21 +41,14 @@ def file_digest(path: Path) -> str:
     stat = path.stat()
     memo_path = record_path().with_name("gguf_digests.json")
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    memo = read_cache(memo_path)
     if key not in memo:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
         memo[key] = h.hexdigest()
-        try:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(memo_path, memo)
-        except OSError:
-            pass
+        write_cache(memo_path, memo)
     return memo[key]
 
 

@@ -107,14 +107,14 @@ def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
     raise PipelineError(f"{target} does not exist; give a run dir (runs/NAME), an HF model dir or an adapter dir.")
 
 
-def load_model(choice: ModelChoice, trust_remote_code: bool = False, dtype: str = "auto"):
+def load_model(choice: ModelChoice, trust_remote_code: bool = False, dtype: str = "auto", device=None):
     """(model in eval mode on the best device, tokenizer with left padding). dtype: fp32, bf16,
     fp16, or auto: the GPU's half precision, and on a CPU whichever of fp32 and bf16 weights
     decodes faster here, measured once per machine and model shape (a CPU with bf16 instructions
-    may run either one faster)."""
+    may run either one faster). `device`: another than the best one (export writes from the CPU)."""
     if dtype not in WEIGHT_DTYPES:
         raise PipelineError(f"dtype={dtype!r} is unknown; use auto, fp32, bf16 or fp16.")
-    device = best_device()
+    device = device or best_device()
     tokenizer = load_tokenizer(choice.tokenizer_dir, trust_remote_code)
     tokenizer.padding_side = "left"
     ensure_pad_token(tokenizer)

@@ -89,7 +89,6 @@ def _score_suite(ctx, label: str, suite: str, tasks: list[CodeTask], answers: li
     scores = [score(a, t, e.timeout_seconds, e.execute) for a, t in zip(answers, tasks)]
     with open(ctx.out / f"answers_{label}_{suite}.jsonl", "w") as f:
         for t, a, s in zip(tasks, answers, scores):
-            s.pop("layers", None)  # the same for every answer: in the manifest once
             f.write(json.dumps({"function": t.name, "prompt": t.messages[0]["content"], "answer": a, **s}) + "\n")
     return summarize(scores)
 
