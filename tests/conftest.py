@@ -55,6 +55,13 @@ def own_machine_record(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
+@pytest.fixture(autouse=True)
+def gloo_on_loopback(monkeypatch):
+    """Every process group of a test is on this machine: gloo binds the loopback interface instead of
+    resolving the host's name, which a machine with a misconfigured resolver can stall on."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ARGS` in a subprocess, as a user would."""
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}

@@ -3,6 +3,8 @@ for every allow-listed architecture, through DDP, under PEFT's wrappers of the h
 (fp32, packed rows, untrained labels, a chunk size that does not divide the positions); the plain
 path where logits are modified after the head; and no full-vocabulary logits kept for backward."""
 
+from datetime import timedelta
+
 import numpy as np
 import pytest
 import torch
@@ -99,7 +101,9 @@ def test_chunked_losses_and_gradients_equal_the_plain_ones(model_type):
 def test_chunked_equals_plain_through_ddp(tmp_path, find_unused_parameters):
     # The forward goes through DDP's wrapper, the head is called outside it: the gradient hooks of a
     # one-process gloo group must see every parameter's gradient exactly once.
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=timedelta(seconds=120)
+    )
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(tiny("llama"), find_unused_parameters=find_unused_parameters)
         assert_chunked_equals_plain(ddp, packed_batch())
