@@ -1,5 +1,7 @@
-"""Machine-dependent choices made by measurement: mixed_precision=auto, compile=auto and train.time_budget."""
+"""Machine-dependent choices made by measurement: activation_checkpointing=auto, mixed_precision=auto,
+compile=auto and train.time_budget."""
 
+import contextlib
 import json
 import time
 
@@ -40,7 +42,8 @@ def test_precision_measurement_leaves_weights_gradients_and_rng_as_they_were(mon
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
     short = measure_precision(model, batch, torch.device("cpu"), run_passes=20, run_seconds=None)
-    assert short == {"choice": "no", "measured": False, "reason": short["reason"]} and "too short" in short["reason"]
+    assert short["choice"] == "no" and not short["measured"] and "too short" in short["reason"]
+    assert short["pass_seconds"] > 0  # the pass it timed: compile=auto decides from it without another
 
 
 def test_a_candidate_much_slower_at_full_size_is_abandoned_and_the_measurement_keeps_its_share(monkeypatch):
@@ -176,6 +179,78 @@ def test_compile_is_not_tried_in_a_run_too_short_to_repay_it():
         _losses_taking(0.0, model), never, model, torch.device("cpu"), run_passes=10**6, run_seconds=240.0, n_layer=4
     )  # the quickstart's 4 minutes: 5% is 12 s, a cold compile of its 4 blocks ~40 s
     assert short["choice"] is False and "too short" in short["reason"]
+
+
+def test_an_eager_pass_already_timed_rules_compiling_out_without_another():
+    model = torch.nn.Linear(4, 1)
+
+    def never():
+        raise AssertionError("a pass ran although the timed one showed the run too short")
+
+    short = measure_compile(
+        never, never, model, torch.device("cpu"), run_passes=8, run_seconds=None, n_layer=30, pass_seconds=30.0
+    )  # 8 passes of 30 s (SmolLM2-135M at 8 x 512 on 2 cores): 5% is 12 s, a compile ~300 s
+    assert short["choice"] is False and not short["measured"] and "too short" in short["reason"]
+
+
+def _saved_bytes_kept_by_autograd(model, batch) -> int:
+    """The reference: storages autograd really holds after a forward, parameters aside."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = token_losses(model, batch, 0)
+    losses.sum().backward()
+    return sum(kept.values())
+
+
+def test_saved_activations_are_counted_and_scale_with_the_rows_and_the_rng_is_left_alone():
+    model = tiny_model()
+    ids = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(0))
+    one = {"input_ids": ids[:1, :-1], "labels": ids[:1, 1:]}
+    four = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    rng = torch.get_rng_state()
+    counted = autotune.saved_activation_bytes(model, one, 0, 32)
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
+    assert counted == _saved_bytes_kept_by_autograd(model, one)
+    assert autotune.saved_activation_bytes(model, four, 0, 128) == pytest.approx(4 * counted, rel=0.05)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert autotune.saved_activation_bytes(model, one, 0, 32) < counted / 2  # layer inputs only
+
+
+@pytest.mark.parametrize("free_gb, on", [(0.001, True), (1000.0, False)])
+def test_auto_activation_checkpointing_follows_the_memory_free(tmp_path, monkeypatch, free_gb, on):
+    monkeypatch.setattr(choices, "free_memory", lambda device: int(free_gb * 1e9))
+    trainer = make_trainer(tmp_path, activation_checkpointing="auto")
+    facts = trainer.choices.checkpointing
+    assert facts["measured"] and facts["choice"] is on and facts["activations_gb"] > 0
+    assert trainer.model.is_gradient_checkpointing is on
+    assert trainer.spec.activation_checkpointing is on  # the pre-flight estimate and the manifest see the choice
+    trainer.fit()
+    explicit = make_trainer(tmp_path / "explicit", activation_checkpointing=False)
+    assert explicit.choices.checkpointing == {"choice": False, "measured": False}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_freed_buffers_are_kept_only_where_activations_are_not_recomputed(tmp_path, monkeypatch, checkpointing):
+    entered = []
+
+    @contextlib.contextmanager
+    def kept():
+        entered.append("in")
+        yield
+        entered.append("out")
+
+    monkeypatch.setattr(choices, "freed_memory_kept", kept)
+    with contextlib.ExitStack() as allocator:
+        make_trainer(tmp_path, allocator=allocator, activation_checkpointing=checkpointing)
+        assert entered == ([] if checkpointing else ["in"])
+    assert entered == ([] if checkpointing else ["in", "out"])
 
 
 def test_auto_compile_is_measured_once_and_a_resume_keeps_it(tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def make_trainer(out, batch_fn=None, seed: int = 0, **spec_overrides) -> Trainer:
+def make_trainer(out, batch_fn=None, seed: int = 0, allocator=None, **spec_overrides) -> Trainer:
     reset_accelerate()
     spec = TrainSpec(
         **{
@@ -61,7 +61,7 @@ def make_trainer(out, batch_fn=None, seed: int = 0, **spec_overrides) -> Trainer
     )
     evals = [{"input_ids": val[:, :-1], "labels": val[:, 1:]}]
     job = TrainingJob(tiny_model(seed), spec, out, "test", batch_fn or windows.batch, lambda micro: evals)
-    return Trainer(job, prepare_launch(job))
+    return Trainer(job, prepare_launch(job, allocator))
 
 
 def restored_step(trainer: Trainer) -> int:

@@ -60,7 +60,9 @@ class TrainSpec:
     # torch.compile of model and loss together: true | false | auto (timed against eager at the start
     # where the run is long enough to repay trying). Falls back to eager, with a log line, if it fails.
     compile: Any = "auto"
-    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # Recompute activations in backward: less memory, ~20-30% slower. true | false | auto (on where a
+    # micro-batch's activations, measured at the start, would take much of the memory free).
+    activation_checkpointing: Any = "auto"
     # Loss over chunks of this many positions, their logits recomputed in backward: the full-vocabulary
     # logits are never kept. auto: where a micro batch's fp32 logits would pass 256 MiB; 0 = off.
     loss_chunk_tokens: Any = "auto"
@@ -78,8 +80,9 @@ class TrainSpec:
         micro = self.micro_batch_size
         if micro != "auto" and not (isinstance(micro, int) and not isinstance(micro, bool) and micro > 0):
             raise PipelineError(f"{key}.micro_batch_size={micro} must be a positive number or auto.")
-        if self.compile not in (True, False, "auto"):
-            raise PipelineError(f"{key}.compile={self.compile!r} must be true, false or auto.")
+        for name in ("compile", "activation_checkpointing"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise PipelineError(f"{key}.{name}={getattr(self, name)!r} must be true, false or auto.")
         chunk = self.loss_chunk_tokens
         if chunk != "auto" and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0):
             raise PipelineError(f"{key}.loss_chunk_tokens={chunk} must be auto, 0 (off) or a number of positions.")

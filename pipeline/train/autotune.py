@@ -1,6 +1,9 @@
 """Measurements of the machine that start-of-run choices are made from (train/choices.py):
-`mixed_precision=auto`, `compile=auto`, `micro_batch_size=auto` and the step count of
-`train.time_budget`.
+`activation_checkpointing=auto`, `mixed_precision=auto`, `compile=auto`, `micro_batch_size=auto`
+and the step count of `train.time_budget`.
+
+Activations: what autograd saves over one row's forward (the loss as training computes it),
+counted, times the rows of a micro-batch, against the memory free to this process.
 
 Precision: on a CPU, bf16 autocast is 1.5x faster than fp32 on one x86 CPU, slower on another and
 19x slower on an AVX2-only one, so the model's own matmul shapes are screened first (milliseconds),
@@ -14,6 +17,7 @@ explicit choice. A run too short to repay the measurement uses fp32 without meas
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -22,7 +26,7 @@ import psutil
 import torch
 
 from pipeline.device import SCREEN_SLOWER, bf16_speedup, half_precision, model_matmul_shapes
-from pipeline.train.loss import token_losses
+from pipeline.train.loss import auto_chunk_tokens, token_losses
 from pipeline.train.preflight import activation_bytes, divisors_desc, find_micro_batch
 
 log = logging.getLogger("pipeline")
@@ -34,6 +38,45 @@ ABANDON = 1.5  # a full pass this much slower than the best candidate's ends tha
 # compile (empty inductor cache) took 23-28 s for the 4-layer quickstart model and 308 s for the
 # 30-layer SmolLM2-135M on 2-core EPYCs. Trying is only worth a run 20x longer.
 COMPILE_SECONDS_PER_LAYER = {"cpu": 10.0, "cuda": 5.0}
+# Activations may take this share of the memory free at the start, gradients and optimizer states
+# aside: past it a micro-batch recomputes them in backward (activation_checkpointing=auto), or a CPU
+# micro-batch is smaller (micro_batch_size=auto). A CPU keeps room for the allocator's caching, the
+# evaluation and the machine's other work; a GPU's memory is the job's own.
+ACTIVATION_SHARE = {"cpu": 0.25, "cuda": 0.75}
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free to this process: the GPU's free memory, or the machine's available RAM shared by
+    the launch's processes on this machine."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def saved_activation_bytes(model, batch: dict, chunk_tokens, micro_positions: int) -> int:
+    """Bytes autograd keeps for backward over one forward of `batch` (each storage once, parameters
+    aside), the losses computed as training computes them for a micro-batch of `micro_positions`
+    (train.loss_chunk_tokens=auto decides on the micro-batch's logits, not this batch's). The graph
+    is dropped unused; dropout draws from a forked RNG, so training's random stream is unchanged."""
+    if chunk_tokens == "auto":
+        chunk_tokens = auto_chunk_tokens(micro_positions, model.config.vocab_size)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t  # kept until the graph is dropped: no address is reused while counting
+
+    was_training = model.training
+    model.train()
+    cuda = [batch["input_ids"].device] if batch["input_ids"].is_cuda else []
+    with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = token_losses(model, batch, chunk_tokens)
+    del losses
+    model.train(was_training)
+    return sum(saved.values())
 
 
 def _autocast(device: torch.device, precision: str):
@@ -99,7 +142,8 @@ def measure_precision(
             cost = first * (len(kept) * (TIMED_PASSES + 1) - 1)  # what measuring the rest at full size would add
             if cost > MEASURE_SHARE * total:
                 model.train(was_training)
-                return {"choice": "no", "measured": False, "reason": f"run too short to measure (~{cost:.1f}s)"}
+                reason = f"run too short to measure (~{cost:.1f}s)"
+                return {"choice": "no", "measured": False, "reason": reason, "pass_seconds": round(first, 4)}
             times = _timed_rounds(model, batch, device, kept, first, loss_chunk_tokens, started + MEASURE_SHARE * total)
         model.train(was_training)
     seconds = {p: round(statistics.median(t), 4) for p, t in times.items()}
@@ -155,19 +199,22 @@ def measure_compile(
     agree=lambda decision: decision,
     spent: float = 0.0,
     n_layer: int = 1,
+    pass_seconds: float | None = None,
 ) -> dict:
     """{"choice": compile or not, "seconds": {eager, compiled}, ...}: forward+backward passes of
     `eager()` and `compiled()` (the same losses) timed in turns after compiling. Compiling is only
     tried when its expected cost (COMPILE_SECONDS_PER_LAYER x the model's blocks) fits in what is
     left of MEASURE_SHARE of the run (given in passes or seconds) after `spent` seconds of other
-    measurements (`n_layer`: the model's blocks), and chosen if it is MARGIN faster.
+    measurements (`n_layer`: the model's blocks; `pass_seconds`: an eager pass already timed, which
+    can rule compiling out without another), and chosen if it is MARGIN faster.
     `agree` makes every process take rank 0's decision (their passes must match)."""
     per_layer = COMPILE_SECONDS_PER_LAYER.get(device.type)
     if per_layer is None:
         return {"choice": False, "measured": False, "reason": f"not tried on {device.type}"}
     prior = per_layer * max(1, n_layer)
-    if run_seconds is not None and not agree(prior <= MEASURE_SHARE * run_seconds - spent):  # known without a pass
-        return {"choice": False, "measured": False, "reason": _too_short(run_seconds, prior)}
+    known = run_seconds if run_seconds is not None else pass_seconds and pass_seconds * run_passes
+    if known and not agree(prior <= MEASURE_SHARE * known - spent):  # known without a pass
+        return {"choice": False, "measured": False, "reason": _too_short(known, prior)}
     times = {"eager": [], "compiled": []}
     was_training = model.training
     model.train()  # as training calls it: dropout on, and the graph compiled is the one training uses
@@ -217,8 +264,8 @@ def measure_micro_batch(
 
     cap = None
     if device.type == "cpu":
-        free = psutil.virtual_memory().available
-        cap = max([d for d in divisors_desc(per_rank) if act(d) <= free / 4] or [1])
+        free = free_memory(device)
+        cap = max([d for d in divisors_desc(per_rank) if act(d) <= ACTIVATION_SHARE["cpu"] * free] or [1])
     if not getattr(model, "hf_device_map", None):  # a quantized base is placed when loaded
         model.to(device)
     gen = torch.Generator().manual_seed(0)

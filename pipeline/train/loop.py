@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,11 +32,11 @@ from pipeline.train import checkpoints
 from pipeline.train.bpb import bits_per_byte
 from pipeline.train.choices import Launch, on_schedule, prepare_launch, with_max_steps
 from pipeline.train.loss import IGNORE, is_compiled, token_losses
-from pipeline.train.memory import freed_memory_kept, peak_memory_gb
+from pipeline.train.memory import peak_memory_gb
 from pipeline.train.metrics_file import MetricsFile
 from pipeline.train.optim import decay_start, lr_at
 from pipeline.train.signals import StopSignal
-from pipeline.train.strategy import process_info, to_device
+from pipeline.train.strategy import to_device
 from pipeline.train.throughput import mfu, peak_flops
 
 log = logging.getLogger("pipeline")
@@ -72,8 +73,8 @@ class TrainingJob:
 def run_training(job: TrainingJob, publish: Callable[[torch.nn.Module, dict], None]) -> dict:
     """Train, then call publish(model, consolidated state dict) on the main process; returns the
     summary (initial/final evaluation, steps, tokens, speed, and the launch's facts)."""
-    with freed_memory_kept(process_info().device.type == "cpu"):  # before measuring: it changes timings
-        trainer = Trainer(job, prepare_launch(job))
+    with ExitStack() as allocator:  # glibc's settings for the run (prepare_launch decides), undone after it
+        trainer = Trainer(job, prepare_launch(job, allocator))
         summary = trainer.fit()
     state_dict = trainer.strategy.consolidated_state_dict(trainer.model)
     if trainer.strategy.is_main:

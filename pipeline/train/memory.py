@@ -22,7 +22,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 @contextmanager
-def freed_memory_kept(enabled: bool = True):
+def freed_memory_kept():
     """Inside: glibc serves every allocation from its heap and does not trim it (up to 2 GB free
     at its top); afterwards its default thresholds are back and the heap is trimmed.
 
@@ -31,7 +31,7 @@ def freed_memory_kept(enabled: bool = True):
     (scripts/bench/pretrain.py, model=small, fp32): minor faults 3.3M -> 0.4M, system time 5.5 s ->
     1.0 s, +9-15% tokens/s, peak RSS +0.1-0.35 GB. For CPU training only: a GPU job's freed host
     memory (weights after loading) would stay resident. Linux/glibc only."""
-    libc = _glibc() if enabled else None
+    libc = _glibc()
     if libc is None or not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
         yield
         return

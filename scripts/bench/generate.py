@@ -1,7 +1,10 @@
-"""Generation speed: prefill and decode tokens/s at batch 1 and batch 8, as JSON.
+"""Generation speed: prefill and decode tokens/s at batch 1 and batch 8, as JSON: the model as
+pipeline loads it (`load_model`: on a CPU fp32 or bf16 weights, whichever it measured faster),
+and with --plain the same model as plain transformers loads it (fp32, then `model.generate`).
 
     python scripts/bench/generate.py runs/quickstart            # the run's newest model
     python scripts/bench/generate.py path/to/hf_model --prompt-tokens 512 --new-tokens 128
+    python scripts/bench/generate.py SmolLM2-135M-Instruct.Q4_1.gguf --plain
 
 Prefill = one forward over the prompts; decode = the rest of generate() with the KV cache
 (greedy, EOS ignored so every sequence decodes exactly --new-tokens tokens).
@@ -19,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from pipeline.model.hf_dir import load_causal_lm  # noqa: E402
 from pipeline.model.inference import load_model, resolve_model  # noqa: E402
 
 
@@ -64,22 +68,32 @@ def main() -> None:
     a.add_argument("--prompt-tokens", type=int, default=128)
     a.add_argument("--new-tokens", type=int, default=64)
     a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--plain", action="store_true", help="also plain transformers: fp32 weights, model.generate")
     args = a.parse_args()
     choice = resolve_model(args.target)
     model, tokenizer = load_model(choice)
-    results = [measure(model, len(tokenizer), b, args.prompt_tokens, args.new_tokens, args.repeats) for b in (1, 8)]
-    print(
-        json.dumps(
-            {
-                "model": choice.describe(),
-                "device": str(model.device),
-                "dtype": str(model.dtype),
-                "prompt_tokens": args.prompt_tokens,
-                "new_tokens": args.new_tokens,
-                "results": results,
-            }
-        )
-    )
+
+    def both_batches(m) -> list[dict]:
+        return [measure(m, len(tokenizer), b, args.prompt_tokens, args.new_tokens, args.repeats) for b in (1, 8)]
+
+    report = {
+        "model": choice.describe(),
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "results": both_batches(model),
+    }
+    if args.plain:
+        del model
+        plain = load_causal_lm(choice.model_dir, dtype=torch.float32)
+        if choice.adapter_dir:
+            from peft import PeftModel
+
+            plain = PeftModel.from_pretrained(plain, choice.adapter_dir)
+        plain = plain.to(report["device"]).eval()
+        report["plain_fp32"] = both_batches(plain)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
 """LoRA SFT side by side, one after the other on this machine: pipeline's finetune stage and TRL's
-SFTTrainer + PEFT, on the same random base (a conf/model/ shape with pipeline's tokenizer and
-chat template), the same chat JSONL (the quickstart's docstring -> function pairs), the same
-batch shape, LoRA rank, precision and steps, both padding each batch to its longest example and
-training only the assistant's tokens. Prints JSON: non-padding input tokens/s of training after
-the warm-up steps, and each process's peak RSS.
+SFTTrainer + PEFT, on the same base, the same chat JSONL (the quickstart's docstring -> function
+pairs), the same batch shape, LoRA rank, precision and steps, training only the assistant's tokens:
+both padding each batch to its longest example, or both packing (--packing). The base is a random
+one (a conf/model/ shape with pipeline's tokenizer and chat template), or --base: a local HF model
+directory or a .gguf file (imported as `pipeline` imports it). TRL runs with its own defaults but
+for these settings (so it recomputes activations, its default; pipeline decides by memory). Prints
+JSON: non-padding input tokens/s of training after the warm-up steps, each process's peak RSS and
+wall time, and the loss of the first step.
 
-    /tmp/trlenv/bin/pip install torch==2.13.0 trl peft   # TRL in an environment of its own
-    python scripts/bench/trl_compare.py --trl-python /tmp/trlenv/bin/python --precision bf16
+    pip install trl                                          # TRL is not a dependency of pipeline
+    python scripts/bench/trl_compare.py --trl-python "$(which python)" --precision no
+    python scripts/bench/trl_compare.py --trl-python "$(which python)" --base SmolLM2-135M-Instruct.Q4_1.gguf \
+        --seq-len 512 --micro-batch 8 --rank 32 --steps 12 --warmup 3 --packing
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from common import (  # also puts the repo on sys.path
 from pipeline.data.conversations import stdlib_conversations
 from pipeline.data.sources import read_text, stdlib_files
 from pipeline.model.build import build_model, count_params, hf_config
+from pipeline.model.gguf_import import local_model_dir
 from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
 
 
@@ -40,10 +46,19 @@ def make_base(path: Path, model: str, vocab: int, seq_len: int) -> int:
     return count_params(net)
 
 
-def pipeline_tokens_per_s(metrics: Path, warmup: int) -> float:
+def pipeline_figures(metrics: Path, warmup: int) -> dict:
     rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "tokens_per_s" in r and "step" in r]
     first, last = rows[warmup - 1], rows[-1]
-    return (last["tokens_seen"] - first["tokens_seen"]) / (last["train_seconds"] - first["train_seconds"])
+    seen = (last["tokens_seen"] - first["tokens_seen"]) / (last["train_seconds"] - first["train_seconds"])
+    return {"tokens_per_s": round(seen, 1), "first_loss": round(rows[0]["loss"], 4)}
+
+
+def existing_base(path: str) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return count_params(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
 
 
 def main() -> None:
@@ -53,7 +68,9 @@ def main() -> None:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument("--trl-python", required=True, help="python of an environment with trl, peft, transformers")
-    p.add_argument("--model", default="small", help="a conf/model/*.yaml name")
+    p.add_argument("--model", default="small", help="a conf/model/*.yaml name for a random base")
+    p.add_argument("--base", help="instead: a local HF causal-LM directory or a .gguf file")
+    p.add_argument("--packing", action="store_true", help="both pack conversations into full rows")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=16)
@@ -66,7 +83,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        params = make_base(work / "base", args.model, args.vocab, args.seq_len)
+        base = local_model_dir(args.base) if args.base else str(work / "base")
+        params = existing_base(base) if args.base else make_base(work / "base", args.model, args.vocab, args.seq_len)
         data = work / "chat.jsonl"
         convs = islice(stdlib_conversations(800), args.conversations)
         data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
@@ -76,6 +94,7 @@ def main() -> None:
             micro_batch=args.micro_batch,
             rank=args.rank,
             precision=args.precision,
+            packing=args.packing,
         )
 
         _, wall, rss = run_child(
@@ -86,7 +105,8 @@ def main() -> None:
                 "stage=finetune",
                 f"run.root={work}",
                 "run.name=bench",
-                f"finetune.base={work / 'base'}",
+                f"finetune.base={base}",
+                f"finetune.packing={str(args.packing).lower()}",
                 "finetune.data.source=jsonl",
                 f"finetune.data.paths=[{data}]",
                 "finetune.data.val_fraction=0.01",
@@ -110,7 +130,7 @@ def main() -> None:
             stderr=sys.stderr,
         )
         ours = {
-            "tokens_per_s": round(pipeline_tokens_per_s(work / "bench/finetune/metrics.jsonl", args.warmup), 1),
+            **pipeline_figures(work / "bench/finetune/metrics.jsonl", args.warmup),
             "wall_s": round(wall, 1),
             "peak_rss_gb": round(rss, 3),
         }
@@ -120,7 +140,7 @@ def main() -> None:
                 args.trl_python,
                 str(REPO / "scripts/bench/trl_sft.py"),
                 "--base",
-                str(work / "base"),
+                base,
                 "--data",
                 str(data),
                 "--out",
@@ -137,6 +157,7 @@ def main() -> None:
                 str(args.micro_batch),
                 "--rank",
                 str(args.rank),
+                *(["--packing"] if args.packing else []),
             ],
             "TRL SFTTrainer",
             stderr=sys.stderr,
@@ -149,7 +170,7 @@ def main() -> None:
         json.dumps(
             {
                 "device": device_name(torch.device("cpu")),
-                "model": args.model,
+                "model": args.base or args.model,
                 "params": params,
                 **shape,
                 "pipeline": ours,

@@ -1,6 +1,9 @@
 """TRL's SFTTrainer + PEFT LoRA on a chat JSONL, timed the way pipeline's finetune is: non-padding
 input tokens per second of training after the warm-up steps. Run by trl_compare.py with the
-python of an environment that has TRL (TRL is not a dependency of pipeline)."""
+python of an environment that has TRL (TRL is not a dependency of pipeline). Each conversation
+becomes a prompt (every turn before the last) and a completion (the last, the assistant's), so
+only the answer is trained whatever the template (`assistant_only_loss` needs a template with
+generation markers, which most models' own lack)."""
 
 from __future__ import annotations
 
@@ -22,11 +25,14 @@ def main() -> None:
     for flag in ("--steps", "--warmup", "--seq-len", "--micro-batch", "--rank"):
         p.add_argument(flag, type=int, required=True)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--packing", action="store_true")
     args = p.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
-    data = load_dataset("json", data_files=args.data, split="train")
+    data = load_dataset("json", data_files=args.data, split="train").map(
+        lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}, remove_columns=["messages"]
+    )
     config = SFTConfig(
         output_dir=args.out,
         max_steps=args.steps,
@@ -36,28 +42,30 @@ def main() -> None:
         lr_scheduler_type="cosine",
         warmup_steps=2,
         max_length=args.seq_len,
-        packing=False,
-        assistant_only_loss=True,
+        packing=args.packing,
+        completion_only_loss=True,
         bf16=args.precision == "bf16",
         logging_steps=10,
         save_strategy="no",
         report_to=[],
         seed=1337,
         dataloader_num_workers=0,
-        gradient_checkpointing=False,  # TRL's default recomputes activations; pipeline's does not
         use_cpu=not torch.cuda.is_available(),  # bf16 autocast on a CPU needs it said
     )
     lora = LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
     )
     seen = {"tokens": 0}
-    marks = []
+    marks, first_loss = [], []
 
     class Counting(SFTTrainer):
         def compute_loss(self, model, inputs, *a, **kw):
             mask = inputs.get("attention_mask")
             seen["tokens"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            return super().compute_loss(model, inputs, *a, **kw)
+            loss = super().compute_loss(model, inputs, *a, **kw)
+            if not first_loss:
+                first_loss.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
+            return loss
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **kw):
@@ -73,6 +81,8 @@ def main() -> None:
             {
                 "tokens_per_s": round((n1 - n0) / (t1 - t0), 1),
                 "steps": len(marks),
+                "first_loss": round(first_loss[0], 4),
+                "activation_checkpointing": config.gradient_checkpointing,
                 "threads": torch.get_num_threads(),
                 "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             }
