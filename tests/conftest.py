@@ -59,7 +59,9 @@ def own_machine_record(tmp_path_factory, monkeypatch):
 def gloo_on_loopback(monkeypatch):
     """Every process group of a test is on this machine: gloo binds the loopback interface instead of
     resolving the host's name, which a machine with a misconfigured resolver can stall on."""
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    loopback = next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), None)
+    if loopback:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", loopback)
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

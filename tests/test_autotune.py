@@ -226,7 +226,8 @@ def test_saved_activations_are_counted_and_scale_with_the_rows_and_the_rng_is_le
 @pytest.mark.parametrize("free_gb, on", [(0.001, True), (1000.0, False)])
 def test_auto_activation_checkpointing_follows_the_memory_free(tmp_path, monkeypatch, free_gb, on):
     monkeypatch.setattr(choices, "free_memory", lambda device: int(free_gb * 1e9))
-    trainer = make_trainer(tmp_path, activation_checkpointing="auto")
+    trainer = make_trainer(tmp_path, activation_checkpointing="auto", key="finetune.train")
+    assert trainer.spec._key == "finetune.train"  # the decided spec's errors still name the stage's keys
     facts = trainer.choices.checkpointing
     assert facts["measured"] and facts["choice"] is on and facts["activations_gb"] > 0
     assert trainer.model.is_gradient_checkpointing is on

@@ -72,14 +72,15 @@ def saved_activation_bytes(model, batch: dict, chunk_tokens, micro_positions: in
     was_training = model.training
     model.train()
     cuda = [batch["input_ids"].device] if batch["input_ids"].is_cuda else []
-    with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        losses = token_losses(model, batch, chunk_tokens)
-    del losses
-    model.train(was_training)
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            token_losses(model, batch, chunk_tokens)  # the graph, unused, is dropped with the losses
+    finally:
+        model.train(was_training)
     return sum(saved.values())
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_for(device: torch.device, precision: str):
     if precision == "no":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -96,7 +97,7 @@ def _timed(losses, device: torch.device) -> float:
 
 def _timed_pass(model, batch: dict, device: torch.device, precision: str, chunk_tokens) -> float:
     def losses():
-        with _autocast(device, precision):
+        with autocast_for(device, precision):
             return token_losses(model, batch, chunk_tokens)
 
     seconds = _timed(losses, device)

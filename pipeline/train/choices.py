@@ -20,16 +20,16 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import DistributedType
 
 from pipeline.config.train import TrainSpec
 from pipeline.device import bf16_speedup
+from pipeline.model.hf_dir import sharded_launch
 from pipeline.train import checkpoints
 from pipeline.train.autotune import (
     ACTIVATION_SHARE,
     MARGIN,
     TimeBudget,
+    autocast_for,
     candidates,
     free_memory,
     measure_compile,
@@ -181,7 +181,7 @@ def prepare_launch(job, allocator: ExitStack | None = None) -> Launch:
         return result
 
     checkpointing = measured(choose_checkpointing, job)
-    spec = replace(spec, activation_checkpointing=checkpointing["choice"])
+    spec = replace(spec, activation_checkpointing=checkpointing["choice"], key=spec._key)
     if spec.activation_checkpointing:  # first: the measurements below then run as training will
         job.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif allocator is not None and process_info().device.type == "cpu":
@@ -247,25 +247,14 @@ def choose_checkpointing(job) -> dict:
         result = {"choice": False, "measured": False, "reason": f"{type(model).__name__} cannot recompute them"}
     elif spec.micro_batch_size == "auto":
         result = {"choice": False, "measured": False, "reason": "micro_batch_size=auto sizes the batch to memory"}
-    elif PartialState().distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    elif sharded_launch():  # the model is not sharded yet: a whole copy per device would be measured
         result = {"choice": False, "measured": False, "reason": "not measured in a sharded launch"}
     else:
-        micro = min(spec.micro_batch_size, batch_layout(spec, world, 1).global_seqs // world)
-        row = to_device(job.train_batch(rank * micro, 1), device)
-        if not getattr(model, "hf_device_map", None):  # a quantized base is placed when loaded
-            model.to(device)
-        per_row = saved_activation_bytes(model, row, spec.loss_chunk_tokens, micro * spec.seq_len)
-        activations = per_row * micro * spec.seq_len / row["input_ids"].numel()
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        room = ACTIVATION_SHARE.get(device.type, 0.75) * (free_memory(device) - 12 * trainable)  # grads + AdamW
-        result = {
-            "choice": activations > room,
-            "measured": True,
-            "activations_gb": round(activations / 1e9, 3),
-            "room_gb": round(room / 1e9, 3),
-        }
+        result = _measure_checkpointing(job, device, world, rank)
     result = broadcast_from_main(result)
-    if result["measured"]:
+    if "reason" in result:
+        log.info("activation checkpointing: %s (%s)", "on" if result["choice"] else "off", result["reason"])
+    else:
         log.info(
             "activation checkpointing: %s (a micro-batch's activations measure %.2f GB, %s the %.2f GB they may "
             "take here); set train.activation_checkpointing to choose",
@@ -274,9 +263,34 @@ def choose_checkpointing(job) -> dict:
             "over" if result["choice"] else "within",
             result["room_gb"],
         )
-    else:
-        log.info("activation checkpointing: off (%s)", result["reason"])
     return result
+
+
+def _measure_checkpointing(job, device: torch.device, world: int, rank: int) -> dict:
+    """The decision of activation_checkpointing=auto from one row's saved activations (in the GPU's
+    half precision where it has one; a CPU's is chosen later, so fp32 there, the larger)."""
+    spec, model = job.spec, job.model
+    micro = min(spec.micro_batch_size, batch_layout(spec, world, 1).global_seqs // world)
+    row = to_device(job.train_batch(rank * micro, 1), device)
+    if not getattr(model, "hf_device_map", None):  # a quantized base is placed when loaded
+        model.to(device)
+    precision = spec.mixed_precision if spec.mixed_precision != "auto" else candidates(device)[0]
+    try:
+        with autocast_for(device, precision):
+            per_row = saved_activation_bytes(model, row, spec.loss_chunk_tokens, micro * spec.seq_len)
+    except torch.cuda.OutOfMemoryError:  # one row without recomputation does not fit: the answer is known
+        return {"choice": True, "measured": True, "reason": "one row's activations did not fit"}
+    activations = per_row * micro * spec.seq_len / row["input_ids"].numel()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the measurement's cached blocks are free for training
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    room = max(0.0, ACTIVATION_SHARE.get(device.type, 0.75) * (free_memory(device) - 12 * trainable))  # grads, AdamW
+    return {
+        "choice": activations > room,
+        "measured": True,
+        "activations_gb": round(activations / 1e9, 3),
+        "room_gb": round(room / 1e9, 3),
+    }
 
 
 def choose_precision(job, stored: str | None) -> dict:

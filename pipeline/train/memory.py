@@ -30,7 +30,10 @@ def freed_memory_kept():
     so every CPU training step page-faults all of them in again. Measured on cpu-2c-amd
     (scripts/bench/pretrain.py, model=small, fp32): minor faults 3.3M -> 0.4M, system time 5.5 s ->
     1.0 s, +9-15% tokens/s, peak RSS +0.1-0.35 GB. For CPU training only: a GPU job's freed host
-    memory (weights after loading) would stay resident. Linux/glibc only."""
+    memory (weights after loading) would stay resident. Linux/glibc only. Setting these turns off
+    glibc's dynamic mmap threshold for the rest of the process: a later training in the same
+    process that does not keep buffers maps every buffer above 128 KiB afresh (more page faults,
+    less memory)."""
     libc = _glibc()
     if libc is None or not (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
         yield
