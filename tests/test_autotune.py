@@ -14,7 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.train import autotune, checkpoints, choices
 from pipeline.train.autotune import TimeBudget, measure_compile, measure_precision
 from pipeline.train.loss import CompiledOrEager, token_losses
-from tests.trainer_helpers import losses, make_trainer, tiny_model
+from tests.trainer_helpers import autograd_saved_bytes, losses, make_trainer, tiny_model
 
 
 def test_durations_parse_and_bad_ones_name_the_key():
@@ -193,22 +193,6 @@ def test_an_eager_pass_already_timed_rules_compiling_out_without_another():
     assert short["choice"] is False and not short["measured"] and "too short" in short["reason"]
 
 
-def _saved_bytes_kept_by_autograd(model, batch) -> int:
-    """The reference: storages autograd really holds after a forward, parameters aside."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        losses = token_losses(model, batch, 0)
-    losses.sum().backward()
-    return sum(kept.values())
-
-
 def test_saved_activations_are_counted_and_scale_with_the_rows_and_the_rng_is_left_alone():
     model = tiny_model()
     ids = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(0))
@@ -217,7 +201,7 @@ def test_saved_activations_are_counted_and_scale_with_the_rows_and_the_rng_is_le
     rng = torch.get_rng_state()
     counted = autotune.saved_activation_bytes(model, one, 0, 32)
     assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
-    assert counted == _saved_bytes_kept_by_autograd(model, one)
+    assert counted == autograd_saved_bytes(model, lambda: token_losses(model, one, 0))  # the test's own count
     assert autotune.saved_activation_bytes(model, four, 0, 128) == pytest.approx(4 * counted, rel=0.05)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert autotune.saved_activation_bytes(model, one, 0, 32) < counted / 2  # layer inputs only

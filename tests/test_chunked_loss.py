@@ -21,7 +21,7 @@ from pipeline.train.loss import (
     auto_chunk_tokens,
     token_losses,
 )
-from tests.trainer_helpers import losses, make_trainer
+from tests.trainer_helpers import autograd_saved_bytes, losses, make_trainer
 
 VOCAB, HIDDEN, CHUNK = 97, 32, 7  # 2 x 13 = 26 positions: chunks of 7, 7, 7 and 5
 DECODER = dict(
@@ -148,28 +148,13 @@ def test_models_that_modify_their_logits_take_the_plain_path(make):
     torch.testing.assert_close(asked_chunked, plain, rtol=0, atol=0)
 
 
-def saved_activation_bytes(model, fn) -> int:
-    """Bytes of the distinct storages, parameters aside, that autograd saves for backward while fn runs."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_the_chunked_path_keeps_no_full_vocabulary_logits_for_backward():
     vocab, rows, seq = 16384, 2, 32
     model = tiny("llama", vocab=vocab).train()
     batch = {"input_ids": torch.randint(0, vocab, (rows, seq)), "labels": torch.randint(0, vocab, (rows, seq))}
     logits_bytes = rows * seq * vocab * 4
-    assert saved_activation_bytes(model, lambda: token_losses(model, batch, 0)) > logits_bytes
-    assert saved_activation_bytes(model, lambda: token_losses(model, batch, 16)) < logits_bytes / 4
+    assert autograd_saved_bytes(model, lambda: token_losses(model, batch, 0)) > logits_bytes
+    assert autograd_saved_bytes(model, lambda: token_losses(model, batch, 16)) < logits_bytes / 4
 
 
 def test_auto_chunks_only_micro_batches_with_large_logits():

@@ -93,3 +93,18 @@ def nan_at(trainer, steps):
         return output
 
     trainer.unwrapped_model.register_forward_hook(hook)
+
+
+def autograd_saved_bytes(model, fn) -> int:
+    """Bytes of the distinct storages, parameters aside, that autograd saves for backward while fn runs."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
