@@ -33,7 +33,7 @@ from pipeline.config.compose import (
     config_yaml,
     save_run_config,
 )
-from pipeline.config.stages import STAGE_CHOICES, STAGE_NAMES
+from pipeline.config.stages import STAGE_CHOICES, chain
 from pipeline.errors import PipelineError, TrainingStopped, first_line
 from pipeline.requirements import check_versions
 
@@ -139,7 +139,7 @@ def run(argv: list[str]) -> None:
     with RunLock(run_dir) if state.is_main_process else nullcontext():
         if state.is_main_process:
             save_run_config(run_dir, cfg, overrides)
-        targets = STAGE_NAMES if cfg.stage == "all" else [cfg.stage]
+        targets = chain(specs) if cfg.stage == "all" else [cfg.stage]
         runner = Runner(specs, run_dir, specs.force, cfg.run.shared_upstream)
         for name in targets:
             runner.ensure(name)

@@ -36,7 +36,7 @@ from pipeline.artifacts import (
     write_json_atomic,
 )
 from pipeline.config.run import RunSpecs
-from pipeline.config.stages import STAGE_MODULES, STAGE_NAMES
+from pipeline.config.stages import STAGE_MODULES, chain
 from pipeline.config.train import math_only
 from pipeline.errors import PipelineError
 from pipeline.stages.base import Stage
@@ -123,7 +123,7 @@ class Runner:
 
     def up_to_date(self, stage: str) -> bool:
         """Whether `pipeline stage=STAGE` would only reuse this run's artifacts."""
-        return all(self.current(name) for name in (STAGE_NAMES if stage == "all" else [stage]))
+        return all(self.current(name) for name in (chain(self.specs) if stage == "all" else [stage]))
 
     def ensure(self, name: str) -> Artifact:
         """The up-to-date artifact of stage `name`, building it (and its upstream) if needed."""

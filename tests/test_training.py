@@ -200,7 +200,7 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, spy)
     pending = [t.step(0), t.step(1)]
     assert reads == []
-    loss, grad_norm, tokens = t.read_back(pending, 2, None)
+    loss, grad_norm, tokens, _ = t.read_back(pending, 2, None)
     assert reads and math.isfinite(loss) and grad_norm > 0 and tokens == 2 * 256
 
 

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError, first_line
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = "standard"  # the quickstart without its opt-in to running answers
-TRAINING_GROUPS = ("train", "finetune.train")  # where max_steps and time_budget meet
+TRAINING_GROUPS = ("train", "finetune.train", "preference.train")  # where max_steps and time_budget meet
 WHERE = {0: "a config group default", 1: "the recipe", 2: "the command line"}
 
 
@@ -53,6 +53,7 @@ def _register_schemas() -> None:
         ("model", "model_schema", model.ModelSpec),
         ("train", "train_schema", train.TrainSpec),
         ("finetune", "finetune_schema", run.FinetuneSpec),
+        ("preference", "preference_schema", run.PreferenceSpec),
         ("generate", "generate_schema", run.GenerateSpec),
         ("eval", "eval_schema", run.EvalSpec),
         ("logger", "logger_schema", run.LoggerSpec),

@@ -70,6 +70,71 @@ class FinetuneSpec:
             )
 
 
+@dataclass
+class PreferenceDataSpec:
+    source: str = "self"  # self: pairs the chain makes (see PairsSpec) | jsonl | hf
+    paths: list[str] = field(default_factory=list)  # jsonl: prompt/chosen/rejected lines
+    name: str | None = None  # hf dataset name
+    config: str | None = None
+    split: str = "train"
+    val_fraction: float = 0.1
+    max_val_pairs: int = 64
+    skip_bad: bool = False  # true: skip (and count) malformed lines instead of stopping
+
+    def __post_init__(self):
+        if self.source not in ("self", "jsonl", "hf"):
+            raise PipelineError(f"preference.data.source={self.source!r} is unknown; use self, jsonl or hf.")
+        if not 0 < self.val_fraction < 1 or self.max_val_pairs <= 0:
+            raise PipelineError("preference.data.val_fraction must be in (0, 1) and max_val_pairs positive.")
+
+
+@dataclass
+class PairsSpec:
+    """preference.data.source=self: prompts of the fine-tuning training split answered greedily by
+    the fine-tuned model; each answer that fails the eval's checks is a pair's rejected side, the
+    reference solution its chosen side."""
+
+    prompts: int = 256
+    max_new_tokens: int = 160
+    batch_size: int = 16
+
+    def __post_init__(self):
+        for name in ("prompts", "max_new_tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise PipelineError(f"preference.pairs.{name}={getattr(self, name)} must be a positive number.")
+
+
+@dataclass
+class PreferenceSpec:
+    in_chain: bool = False  # true: stage=all runs it after finetune, and generate and eval use its model
+    base: str | None = None  # null: this run's finetune/merged; else a local HF model dir
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid: the share of pairs assumed mislabelled (conservative DPO)
+    sft_weight: float = 0.0  # + this x the chosen answer's mean NLL per token (RPO): keeps chosen answers likely
+    packing: bool = True  # pack the pairs' sequences into rows of train.seq_len (attention stays per sequence)
+    merge: bool = True  # also write preference/merged/
+    chat_template: str | None = None
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    data: PreferenceDataSpec = field(default_factory=PreferenceDataSpec)
+    pairs: PairsSpec = field(default_factory=PairsSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+
+    method = "lora"  # what it trains (a class attribute: not config); its reference is the base without it
+    quantize = None
+
+    def __post_init__(self):
+        if self.loss not in ("sigmoid", "ipo"):
+            raise PipelineError(f"preference.loss={self.loss!r} is unknown; use sigmoid (DPO) or ipo.")
+        if not self.beta > 0 or not 0 <= self.label_smoothing < 0.5 or self.sft_weight < 0:
+            raise PipelineError(
+                f"preference.beta={self.beta} must be positive, preference.label_smoothing="
+                f"{self.label_smoothing} in [0, 0.5) and preference.sft_weight={self.sft_weight} 0 or more."
+            )
+
+
 def check_dtype(dtype: str, key: str) -> None:
     if dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise PipelineError(f"{key}={dtype!r} is unknown; use auto, fp32, bf16 or fp16.")
@@ -139,6 +204,7 @@ class RunSpecs:
     model: ModelSpec
     train: TrainSpec
     finetune: FinetuneSpec
+    preference: PreferenceSpec
     generate: GenerateSpec
     eval: EvalSpec
     logger: LoggerSpec
@@ -159,6 +225,16 @@ def build_specs(cfg: dict) -> RunSpecs:
             "train": TrainSpec(**ft["train"], key="finetune.train"),
         }
     )
+    pf = dict(cfg["preference"])
+    preference = PreferenceSpec(
+        **{
+            **pf,
+            "data": PreferenceDataSpec(**pf["data"]),
+            "pairs": PairsSpec(**pf["pairs"]),
+            "lora": LoraSpec(**pf["lora"]),
+            "train": TrainSpec(**pf["train"], key="preference.train"),
+        }
+    )
     specs = RunSpecs(
         data=CorpusSpec(**cfg["data"]),
         tokenizer=TokenizerSpec(**cfg["tokenizer"]),
@@ -166,6 +242,7 @@ def build_specs(cfg: dict) -> RunSpecs:
         model=ModelSpec(**cfg["model"]),
         train=TrainSpec(**cfg["train"]),
         finetune=finetune,
+        preference=preference,
         generate=GenerateSpec(**cfg["generate"]),
         eval=EvalSpec(**cfg["eval"]),
         logger=LoggerSpec(**cfg["logger"]),

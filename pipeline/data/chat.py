@@ -66,17 +66,18 @@ def _answer_end(text: str, at: int, content: str, end_of_turn: str | None) -> in
     return end + len(end_of_turn)
 
 
-def _labelled(tokenizer, text: str, spans: list[tuple[int, int]]) -> Example:
+def _labelled(tokenizer, text: str, spans: list[tuple[int, int]], cut_at_spans: bool = False) -> Example:
     """`text` tokenized, labels = ids on tokens inside a trained character span. Where a token
     would straddle a span's start (a prompt ending in a space merged with the answer's first word),
-    the text is cut there and each side tokenized alone, as generation sees the prompt."""
+    the text is cut there and each side tokenized alone, as generation sees the prompt.
+    `cut_at_spans`: cut at every span's start (the prompt's tokens then never depend on the answer)."""
     if not tokenizer.is_fast:
         raise PipelineError(
             f"fine-tuning needs a fast (Rust) tokenizer for its loss masks; {tokenizer.name_or_path} "
             f"loads a slow one: convert it (AutoTokenizer.from_pretrained(..., use_fast=True))."
         )
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    cuts = sorted({s for s, _ in spans if any(b < s < f for b, f in offsets)})
+    cuts = sorted({s for s, _ in spans if 0 < s < len(text) and (cut_at_spans or any(b < s < f for b, f in offsets))})
     ids, labels = [], []
     for lo, hi in zip([0, *cuts], [*cuts, len(text)]):
         enc = tokenizer(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)

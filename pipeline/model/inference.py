@@ -1,7 +1,9 @@
 """Find, load and sample from a model: shared by the `generate` stage and `scripts/chat.py`.
 
 Resolution of a target path:
-  run dir     -> finetune/merged, else finetune/adapter on its base, else pretrain/model
+  run dir     -> preference/ when it was trained from the run's current finetune/ (or the run has
+                 none), else finetune/,
+                 each merged/ else adapter/ on its base; else pretrain/model
   model dir   -> itself (any HF causal-LM directory)
   adapter dir -> the adapter on the base recorded in its adapter_config.json
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from pipeline.artifacts import read_manifest
+from pipeline.artifacts import manifest_hash, read_manifest
 from pipeline.config.run import Sampling
 from pipeline.device import DTYPES, SCREEN_SLOWER, best_device, bf16_speedup, half_precision, model_matmul_shapes
 from pipeline.errors import PipelineError, first_line
@@ -61,6 +63,27 @@ def _complete(stage_dir: Path) -> bool:
     return bool(m) and m.get("status") == "complete"
 
 
+def _follows(stage_dir: Path, upstream_dir: Path) -> bool:
+    """Whether stage_dir's artifact was built from upstream_dir's current one."""
+    try:
+        mine, theirs = read_manifest(stage_dir), read_manifest(upstream_dir)
+    except PipelineError:
+        return False
+    if not mine or not theirs:
+        return False
+    recorded = mine.get("inputs", {}).get(upstream_dir.name, {}).get("manifest_hash")
+    return recorded == manifest_hash(theirs)
+
+
+def trained_model(stage_dir: Path) -> ModelChoice | None:
+    """The chat model a fine-tuning stage published: merged/, else adapter/ on its base."""
+    if (stage_dir / "merged").is_dir():
+        return ModelChoice(str(stage_dir / "merged"), None, "merged", chat=True)
+    if (stage_dir / "adapter").is_dir():
+        return ModelChoice(adapter_base(stage_dir / "adapter"), str(stage_dir / "adapter"), "adapter", chat=True)
+    return None
+
+
 def has_chat_template(model_dir: Path) -> bool:
     config = model_dir / "tokenizer_config.json"
     try:
@@ -93,11 +116,10 @@ def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
     if (p / "config.json").is_file():  # a chat model (its own template) is chatted with; a base completes
         return ModelChoice(str(p), None, "model", chat=has_chat_template(p) and not pretrained_here(p))
     if p.is_dir():
-        ft, pre = p / "finetune", p / "pretrain"
-        if _complete(ft) and (ft / "merged").is_dir():
-            return ModelChoice(str(ft / "merged"), None, "merged", chat=True)
-        if _complete(ft) and (ft / "adapter").is_dir():
-            return ModelChoice(adapter_base(ft / "adapter"), str(ft / "adapter"), "adapter", chat=True)
+        ft, pref, pre = p / "finetune", p / "preference", p / "pretrain"
+        for stage_dir in (pref, ft) if _follows(pref, ft) or not _complete(ft) else (ft,):
+            if _complete(stage_dir) and (choice := trained_model(stage_dir)):
+                return choice
         if _complete(pre) and (pre / "model").is_dir():
             return ModelChoice(str(pre / "model"), None, "pretrain", chat=False)
         raise PipelineError(

@@ -14,9 +14,10 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline")
 
 
-def apply_lora(model, spec: LoraSpec, new_token_ids: list[int] | None = None):
+def apply_lora(model, spec: LoraSpec, new_token_ids: list[int] | None = None, seed: int = 0):
     """The model wrapped by PEFT with trainable LoRA weights; everything else is frozen, except the
-    embedding (and untied output) rows of tokens added for the chat template, which must learn."""
+    embedding (and untied output) rows of tokens added for the chat template, which must learn.
+    The adapter's random start is drawn from `seed` (the same on every rank and at any process count)."""
     from peft import LoraConfig, get_peft_model
 
     targets = spec.target_modules
@@ -29,7 +30,9 @@ def apply_lora(model, spec: LoraSpec, new_token_ids: list[int] | None = None):
         modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
         trainable_token_indices=_token_rows(model, new_token_ids) if new_token_ids else None,
     )
-    model = get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(model, config)
     for p in model.parameters():  # PEFT upcasts its adapters, not modules_to_save copies of a bf16 base
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

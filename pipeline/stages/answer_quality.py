@@ -14,6 +14,7 @@ from dataclasses import asdict
 from tqdm.auto import tqdm
 
 from pipeline.config.run import Sampling
+from pipeline.config.stages import chat_model_stage
 from pipeline.device import has_accelerator
 from pipeline.eval.sandbox import probe
 from pipeline.eval.scoring import score, summarize
@@ -25,6 +26,7 @@ from pipeline.model.inference import (
     generate_batch,
     load_model,
     resolve_model,
+    trained_model,
 )
 from pipeline.stages.context import StageContext
 
@@ -45,7 +47,7 @@ log = logging.getLogger("pipeline")
 
 
 def upstream(specs) -> list[str]:
-    return [] if specs.eval.model else ["finetune"]
+    return [] if specs.eval.model else [chat_model_stage(specs)]
 
 
 def config_slice(specs) -> dict:
@@ -65,8 +67,9 @@ def _targets(ctx: StageContext) -> dict[str, ModelChoice]:
     e = ctx.specs.eval
     if e.model:
         return {"model": resolve_model(e.model)}
-    run_dir = ctx.inputs["finetune"].path.parent
-    targets = {"finetuned": resolve_model(str(run_dir))}
+    trained = ctx.inputs[chat_model_stage(ctx.specs)].path
+    run_dir = ctx.out.parent
+    targets = {"finetuned": trained_model(trained)}
     if e.base:
         base = local_model_dir(ctx.specs.finetune.base) if ctx.specs.finetune.base else str(run_dir / "pretrain/model")
         targets["base"] = ModelChoice(base, None, "base", chat=False)

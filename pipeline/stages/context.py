@@ -23,14 +23,16 @@ class StageContext:
         self,
         model,
         spec,
-        token_pieces: list[bytes],
+        token_pieces: list[bytes] | None,
         batch,
         eval_batches,
         flops_per_token=None,
         fixed_shapes: bool = True,
+        objective=None,
     ):
-        """The TrainingJob both training stages hand to run_training, from this context;
-        token_pieces (bpb.token_byte_strings) give each token's bytes, for bits per byte."""
+        """The TrainingJob the training stages hand to run_training, from this context;
+        token_pieces (bpb.token_byte_strings) give each token's bytes, for bits per byte;
+        objective: what a step minimises instead of next-token loss (TrainingJob.objective)."""
         import torch
 
         from pipeline.train.loop import Tracking, TrainingJob
@@ -44,9 +46,11 @@ class StageContext:
             train_batch=batch,
             eval_batches=eval_batches,
             flops_per_token=flops_per_token,
-            token_bytes=torch.tensor([len(p) for p in token_pieces], dtype=torch.float32),  # exact; no float64 on MPS
+            # exact; no float64 on MPS
+            token_bytes=torch.tensor([len(p) for p in token_pieces], dtype=torch.float32) if token_pieces else None,
             resume=self.specs.resume,
             tracking=Tracking(tuple(logger.trackers), logger.project, asdict(spec)),
             fixed_shapes=fixed_shapes,
             started=self.started,
+            objective=objective,
         )

@@ -111,7 +111,7 @@ def _chat_data(tokenizer, spec, eot: int | None, base: str) -> ChatData:
     )
 
 
-def _trainable(model, spec, added: list[int]):
+def _trainable(model, spec, added: list[int], seed: int):
     """The base ready to train: prepared for 4-bit training when quantized, wrapped by LoRA for method=lora."""
     if spec.quantize:
         from peft import prepare_model_for_kbit_training
@@ -119,7 +119,7 @@ def _trainable(model, spec, added: list[int]):
         # fp32 norms and input grads; activation checkpointing stays train.activation_checkpointing's
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if spec.method == "lora":
-        model = apply_lora(model, spec.lora, added)
+        model = apply_lora(model, spec.lora, added, seed)
     return model
 
 
@@ -204,7 +204,7 @@ def run(ctx: StageContext) -> dict:
     samples = ChatSamples(data.train, ctx.specs.seed, pad_id, data.packed, flatten=flatten)
     if added:
         _log_added_tokens(tokenizer, added)
-    model = _trainable(model, spec, added)
+    model = _trainable(model, spec, added, ctx.specs.seed)
     fpt = flops_per_token(model, tspec.seq_len) if hasattr(model.config, "num_hidden_layers") else None  # after
     trainable, total = count_params(model, trainable_only=True), count_params(model)
     _log_plan(spec, base, trainable, total, data)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pipeline.config.stages import chat_model_stage
 from pipeline.data.prompts import read_prompts
 from pipeline.model import inference
 from pipeline.stages.context import StageContext
@@ -29,7 +30,7 @@ COMPLETION_PROMPTS = ["def ", "import os\n\n\ndef ", 'class Stack:\n    """', " 
 
 
 def upstream(specs) -> list[str]:
-    return [] if specs.generate.model else ["finetune"]
+    return [] if specs.generate.model else [chat_model_stage(specs)]
 
 
 def config_slice(specs) -> dict:
@@ -42,7 +43,10 @@ def config_slice(specs) -> dict:
 
 def run(ctx: StageContext) -> dict:
     g = ctx.specs.generate
-    choice = inference.resolve_model(g.model or str(ctx.inputs["finetune"].path.parent), g.adapter)
+    if g.model:
+        choice = inference.resolve_model(g.model, g.adapter)
+    else:
+        choice = inference.trained_model(ctx.inputs[chat_model_stage(ctx.specs)].path)
     chat = g.chat_mode(choice.chat)
     model, tokenizer = inference.load_model(choice, g.trust_remote_code, g.dtype)
     prompts = read_prompts(g.prompts) if g.prompts else (CHAT_PROMPTS if chat else COMPLETION_PROMPTS)

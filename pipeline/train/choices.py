@@ -152,7 +152,7 @@ class Launch(NamedTuple):
     strategy: Strategy
     model: torch.nn.Module  # prepared for the launch
     optimizer: torch.optim.Optimizer
-    loss: Callable  # training's per-token losses: token_losses, or it compiled with the model
+    loss: Callable  # training's per-token losses (token_losses) or the job's objective, maybe compiled with the model
     choices: LaunchChoices
 
 
@@ -384,8 +384,9 @@ def choose_compile(
     checkpoints, else measured on this machine: the loss eager against compiled with the model, on
     a real micro-batch, where the run is long enough to repay trying (rank 0 decides for all;
     `timed`: seconds of an eager pass of this micro-batch that the precision's choice measured)."""
+    target = job.objective or token_losses  # what a step calls: compiled with the model, or eager
     if spec.compile != "auto":
-        loss = CompiledOrEager(token_losses) if spec.compile else token_losses
+        loss = CompiledOrEager(target) if spec.compile else target
         return {"choice": bool(spec.compile), "measured": False}, loss
     compiled = None
     if stored is not None:
@@ -394,8 +395,8 @@ def choose_compile(
         result = {
             "choice": False,
             "measured": False,
-            "reason": "batches vary in width (unpacked chat rows), and "
-            "each new width would compile again; finetune.packing=true gives fixed rows",
+            "reason": "batches vary in shape (unpacked chat rows, preference pairs), and each new "
+            "shape would compile again; finetune.packing=true gives fixed rows",
         }
     elif strategy.sharded:  # DeepSpeed's backward is the engine's, not the loss's: no timed passes
         on = strategy.device.type == "cuda"
@@ -406,7 +407,8 @@ def choose_compile(
         }
     else:
         compiled, result = _measure_compile(job, spec, strategy, model, spent, timed)
-    loss = (compiled or CompiledOrEager(token_losses)) if result["choice"] else token_losses
+    compiled = compiled if job.objective is None else None  # the timed passes compiled token_losses
+    loss = (compiled or CompiledOrEager(target)) if result["choice"] else target
     if result["measured"] and "seconds" in result:
         t = result["seconds"]
         log.info(

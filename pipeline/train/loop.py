@@ -68,6 +68,10 @@ class TrainingJob:
     tracking: Tracking = field(default_factory=Tracking)
     fixed_shapes: bool = True  # every training batch has the same shape (not so for unpacked chat rows)
     started: float = field(default_factory=time.time)  # when the stage began: a time budget counts from here
+    # None: next-token prediction, the loss a mean over trained tokens. Else what a step minimises
+    # instead (preference.PreferenceObjective): objective(model, batch, chunk) -> (unit losses, unit
+    # metrics), the loss a mean over objective.units(batch), and objective.metrics logged beside it.
+    objective: Callable | None = None
 
 
 def run_training(job: TrainingJob, publish: Callable[[torch.nn.Module, dict], None]) -> dict:
@@ -86,11 +90,12 @@ def run_training(job: TrainingJob, publish: Callable[[torch.nn.Module, dict], No
 class StepStats(NamedTuple):
     """One optimizer step's results, as device tensors until read back (then floats)."""
 
-    loss: torch.Tensor  # mean loss per trained token
+    loss: torch.Tensor  # mean loss per trained unit (token, or pair for a preference objective)
     grad_norm: torch.Tensor
-    trained_tokens: torch.Tensor
+    trained_tokens: torch.Tensor  # trained units
     input_tokens: torch.Tensor
     overflow: torch.Tensor  # 1 if fp16 loss scaling skipped the update
+    metrics: torch.Tensor | tuple = ()  # the objective's metrics, means per unit
 
 
 class ReadBack(NamedTuple):
@@ -99,6 +104,7 @@ class ReadBack(NamedTuple):
     loss: float
     grad_norm: float
     input_tokens: int
+    metrics: dict  # the last step's objective metrics, by name
 
 
 class StepGuard:
@@ -111,7 +117,7 @@ class StepGuard:
         self.skipped = self.overflows = self.overflows_in_a_row = 0
 
     def check(self, stats: StepStats, s: int, last_ckpt: Path | None) -> None:
-        loss, grad_norm, trained, _, overflow = stats
+        loss, grad_norm, trained, overflow = stats.loss, stats.grad_norm, stats.trained_tokens, stats.overflow
         if trained == 0:
             raise PipelineError(f"step {s} has no trained tokens (every label is masked); check the data.")
         if math.isfinite(loss) and overflow:  # fp16 gradients overflowed: the scaler lowered its scale
@@ -182,48 +188,36 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean validation loss per token and bits per byte (text tokens only) over all ranks."""
+        """Mean validation loss per token and bits per byte (text tokens only) over all ranks; for
+        an objective, its mean loss and metrics per unit."""
         device, world = self.strategy.device, self.strategy.world
         t0 = time.time()
         self.model.eval()
-        acc = self.strategy.acc_dtype
-        sums = torch.zeros(4, dtype=acc, device=device)  # loss, tokens, text loss, bytes
-        n = len(self.eval_data)
+        sums, n = 0.0, len(self.eval_data)
         for index in range(self.strategy.rank, -(-n // world) * world, world):
             # Every rank runs the same number of forwards: a sharded model's forward is collective.
             batch = {k: v.to(device) for k, v in self.eval_data[min(index, n - 1)].items()}
             with self.strategy.autocast():  # eager: a no-grad graph would be a second compilation
-                losses = token_losses(self.model, batch, self.strategy.loss_chunk_tokens).to(acc)
-            if index >= n:
-                continue  # a padding pass, only to keep the ranks in step
-            mask = batch["labels"] != IGNORE
-            sums[0] += losses[mask].sum()
-            sums[1] += mask.sum()
-            if self.token_bytes is not None:
-                nbytes = self.token_bytes[batch["labels"].clamp(min=0)] * mask
-                sums[2] += losses[nbytes > 0].sum()
-                sums[3] += nbytes.sum()
+                batch_sums = eval_sums(self.job.objective, self.model, batch, self.strategy, self.token_bytes)
+            sums = sums + batch_sums * float(index < n)  # a padding pass only keeps the ranks in step
         sums = self.strategy.sum_over_ranks(sums)
         self.model.train()
-        out = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
-        if self.token_bytes is not None:
-            out["val_bpb"] = bits_per_byte(sums[2].item(), int(sums[3].item()))
         if self.choices.budget is not None:
             self.choices.budget.eval_seconds = time.time() - t0
-        return out
+        return eval_result(self.job.objective, sums, self.token_bytes is not None)
 
     # -- one step ------------------------------------------------------------------------------
     def _step_batches(self, step: int) -> tuple[list[dict], torch.Tensor]:
         """This rank's micro-batches of global step `step`, on device, and their [trained, input]
-        token counts as a device tensor (counted there, so nothing waits for the GPU)."""
+        token counts (trained units for an objective) as a device tensor (counted there, so
+        nothing waits for the GPU)."""
         micro, accum = self.layout.micro, self.layout.accum
         first = step * self.layout.global_seqs + self.strategy.rank * micro * accum
         device = self.strategy.device
         batches, counts = [], torch.zeros(2, dtype=torch.int64, device=device)
         for m in range(accum):
             b = to_device(self.job.train_batch(first + m * micro, micro), device)
-            counts[0] += (b["labels"] != IGNORE).sum()
-            counts[1] += b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+            counts += self.job.objective.units(b) if self.job.objective else token_units(b)
             batches.append(b)
         return batches, counts
 
@@ -238,14 +232,16 @@ class Trainer:
         scale = (strategy.world / total.clamp(min=1)).float()
         for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside it
             group["lr"] = lr_at(step, self.spec)
-        loss_sum = torch.zeros((), dtype=acc, device=strategy.device)
+        sums = 0.0  # [loss, the objective's metrics...], summed over this rank's units
         for m, batch in enumerate(batches):
             with strategy.micro_step(self.model, last=m == len(batches) - 1):
-                micro_sum = self.loss(self.model, batch, strategy.loss_chunk_tokens).sum()
+                losses, metrics = with_metrics(self.loss(self.model, batch, strategy.loss_chunk_tokens))
+                micro_sum = losses.sum()
                 strategy.backward(micro_sum * scale)
-            loss_sum += micro_sum.detach().to(acc)
+            sums = sums + torch.cat([micro_sum.detach()[None], metrics.detach().sum(0)]).to(acc)
         grad_norm = strategy.clip_grad_norm(self.model)
-        loss = strategy.sum_over_ranks(loss_sum) / total
+        sums = strategy.sum_over_ranks(sums) / total
+        loss, metrics = sums[0], sums[1:]
         # With fp16 loss scaling the scaler skips a non-finite update itself, and must see every
         # step to adjust its scale; otherwise a skip is ours to make.
         if (
@@ -254,18 +250,21 @@ class Trainer:
             and not torch.isfinite(torch.stack([loss, grad_norm])).all()
         ):
             self.optimizer.zero_grad(set_to_none=True)  # skipping: never apply a NaN/inf update
-            return StepStats(loss, grad_norm, total, counts[1].to(acc), torch.zeros_like(total))
+            return StepStats(loss, grad_norm, total, counts[1].to(acc), torch.zeros_like(total), metrics)
         overflow = strategy.optimizer_step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(loss, grad_norm, total, counts[1].to(acc), overflow)
+        return StepStats(loss, grad_norm, total, counts[1].to(acc), overflow, metrics)
 
     def read_back(self, pending: list[StepStats], step: int, last_ckpt: Path | None) -> ReadBack:
         """Read the steps since the last read (the last one is `step`) in one host sync and check
         each of them, so a NaN is reported at the step it happened."""
-        rows = [StepStats(*row) for row in torch.stack([torch.stack(stats) for stats in pending]).tolist()]
+        flat = torch.stack([torch.cat([torch.stack(stats[:5]), stats.metrics]) for stats in pending]).tolist()
+        rows = [StepStats(*row[:5], row[5:]) for row in flat]
         for s, row in enumerate(rows, start=step - len(rows) + 1):
             self.guard.check(row, s, last_ckpt)
-        return ReadBack(rows[-1].loss, rows[-1].grad_norm, int(sum(r.input_tokens for r in rows)))
+        names = self.job.objective.metrics if self.job.objective else ()
+        metrics = dict(zip(names, rows[-1].metrics))
+        return ReadBack(rows[-1].loss, rows[-1].grad_norm, int(sum(r.input_tokens for r in rows)), metrics)
 
     # -- the run -------------------------------------------------------------------------------
     def _every(self, step: int, interval: int) -> bool:
@@ -352,11 +351,12 @@ class Trainer:
     def _at_read_step(self, run: _Progress, stop: StopSignal, bar, summary: dict) -> None:
         """Check and log the pending steps, evaluate, checkpoint, and stop on a signal."""
         spec, step = self.spec, run.step
-        loss, grad_norm, tokens = self.read_back(run.pending, step, run.last_ckpt)
-        run.tokens_seen += tokens
+        back = self.read_back(run.pending, step, run.last_ckpt)
+        loss = back.loss
+        run.tokens_seen += back.input_tokens
         run.pending = []
         if self._every(step, spec.log_every):
-            self._log_train(run, loss, grad_norm, bar)
+            self._log_train(run, back, bar)
         if self._every(step, spec.eval_every):
             summary["final"] = ev = self.evaluate()
             self._record(ev, step)
@@ -377,15 +377,16 @@ class Trainer:
         if stopping:
             raise TrainingStopped(step, run.last_ckpt)
 
-    def _log_train(self, run: _Progress, loss: float, grad_norm: float, bar) -> None:
+    def _log_train(self, run: _Progress, back: ReadBack, bar) -> None:
         now = time.time()
         seconds = now - run.t_last
         run.train_seconds += seconds
         tps = (run.tokens_seen - run.tokens_at_last) / max(seconds, 1e-9)
         row = {
-            "loss": loss,
+            "loss": back.loss,
+            **back.metrics,
             "lr": lr_at(run.step - 1, self.spec),
-            "grad_norm": grad_norm,
+            "grad_norm": back.grad_norm,
             "tokens_per_s": tps,
             "tokens_seen": run.tokens_seen,
             "train_seconds": round(run.train_seconds, 3),
@@ -395,7 +396,8 @@ class Trainer:
         if used is not None:
             row["mfu"] = used
         self._record(row, run.step)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+        shown = {"acc": f"{back.metrics['reward_accuracy']:.2f}"} if "reward_accuracy" in back.metrics else {}
+        bar.set_postfix(loss=f"{back.loss:.3f}", **shown, tok_s=f"{tps:,.0f}")
         run.t_last, run.tokens_at_last = time.time(), run.tokens_seen
 
     def _record(self, row: dict, step: int) -> None:
@@ -403,9 +405,55 @@ class Trainer:
         self.strategy.log_to_trackers(row, step)
 
 
+def with_metrics(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit losses, unit metrics) of what a step's loss function returned: an objective's pair,
+    or next-token losses (no metrics)."""
+    return out if isinstance(out, tuple) else (out, out.new_zeros((1, 0)))
+
+
+def token_units(batch: dict) -> torch.Tensor:
+    """[trained tokens, input tokens] of a next-token batch, on its device."""
+    trained = (batch["labels"] != IGNORE).sum()
+    inputs = (
+        batch["attention_mask"].sum() if "attention_mask" in batch else trained.new_tensor(batch["input_ids"].numel())
+    )
+    return torch.stack([trained, inputs])
+
+
+def eval_sums(objective, model, batch: dict, strategy, token_bytes: torch.Tensor | None) -> torch.Tensor:
+    """One validation batch's sums: [loss, tokens, text loss, bytes] of next-token prediction, or
+    [loss, units, metrics...] of an objective."""
+    acc, chunk = strategy.acc_dtype, strategy.loss_chunk_tokens
+    if objective is not None:
+        losses, metrics = objective(model, batch, chunk)
+        return torch.cat([losses.sum()[None], losses.new_tensor([len(losses)]), metrics.sum(0)]).to(acc)
+    losses = token_losses(model, batch, chunk).to(acc)
+    mask = batch["labels"] != IGNORE
+    zero = losses.new_zeros(())
+    sums = [losses[mask].sum(), mask.sum().to(acc), zero, zero]
+    if token_bytes is not None:
+        nbytes = token_bytes[batch["labels"].clamp(min=0)] * mask
+        sums[2:] = losses[nbytes > 0].sum(), nbytes.sum().to(acc)
+    return torch.stack(sums)
+
+
+def eval_result(objective, sums: torch.Tensor, bpb: bool) -> dict:
+    """The validation figures from eval_sums summed over batches and ranks."""
+    units = sums[1].clamp(min=1)
+    out = {"val_loss": (sums[0] / units).item()}
+    if objective is not None:
+        out |= {f"val_{name}": v for name, v in zip(objective.metrics, (sums[2:] / units).tolist())}
+    elif bpb:
+        out["val_bpb"] = bits_per_byte(sums[2].item(), int(sums[3].item()))
+    return out
+
+
 def _progress_bar(total: int, initial: int, is_main: bool) -> tqdm:
     return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=None if is_main else True)
 
 
 def _bpb(ev: dict) -> str:
+    """What the log line adds to the validation loss: bits per byte, or the preference metrics."""
+    if "val_reward_accuracy" in ev:
+        return f", reward accuracy {ev['val_reward_accuracy']:.3f}, margin {ev['val_reward_margin']:.4f}"
     return f", val bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""

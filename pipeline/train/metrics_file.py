@@ -59,3 +59,33 @@ def plot_curves(rows: list[dict], out: Path, references: dict[str, float]) -> No
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_preference_curves(rows: list[dict], out: Path) -> None:
+    """A preference run's loss, rewards (beta x log-ratio to the reference) and reward accuracy
+    against steps: lines for training steps, markers for validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        return [(r["step"], r[key]) for r in rows if key in r]
+
+    panels = (
+        ("loss", ("loss",), "loss per pair"),
+        ("rewards", ("chosen_reward", "rejected_reward", "reward_margin"), "reward (beta x log-ratio)"),
+        ("reward accuracy", ("reward_accuracy",), "share of pairs with chosen > rejected"),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (title, keys, ylabel) in zip(axes, panels):
+        for key in keys:
+            for prefix, style in (("", "-"), ("val_", "o--")):
+                points = series(prefix + key)
+                if points:
+                    ax.plot(*zip(*points), style, label=f"{'val ' if prefix else ''}{key.replace('_', ' ')}")
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

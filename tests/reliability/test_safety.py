@@ -28,7 +28,7 @@ def test_wandb_is_offline_unless_chosen_or_logged_in(tmp_path, monkeypatch):
 
 def test_remote_code_is_off_by_default(tmp_path):
     cfg = run_cli("--cfg", cwd=tmp_path).stdout
-    assert cfg.count("trust_remote_code: false") == 3  # finetune, generate and eval
+    assert cfg.count("trust_remote_code: false") == 4  # finetune, preference, generate and eval
 
 
 @pytest.mark.slow

@@ -1,0 +1,101 @@
+"""TRL's DPOTrainer + PEFT LoRA on preference pairs, timed the way pipeline's preference stage is:
+non-padding tokens (chosen + rejected sequences) per second of training after the warm-up steps.
+Run by trl_dpo.py with the python of an environment that has TRL (not a dependency of pipeline).
+With --first-loss TOKENS --adapter DIR it only scores one batch: the given token ids (pipeline's
+rendering of the same pairs) through TRL's own collator and loss, under that adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from datasets import load_dataset
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for flag in ("--base", "--data", "--out", "--precision"):
+        p.add_argument(flag, required=True)
+    for flag in ("--steps", "--warmup", "--seq-len", "--micro-batch", "--rank"):
+        p.add_argument(flag, type=int, required=True)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--first-loss", help="JSON of [{prompt_ids, chosen_ids, rejected_ids}]: score it and stop")
+    p.add_argument("--adapter", help="with --first-loss: the LoRA adapter to score under")
+    args = p.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    data = load_dataset("json", data_files=args.data, split="train")
+    config = DPOConfig(
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        max_length=args.seq_len,
+        beta=args.beta,
+        bf16=args.precision == "bf16",
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=1337,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    if args.first_loss:
+        model = PeftModel.from_pretrained(model, args.adapter)
+        trainer = DPOTrainer(model=model, args=config, train_dataset=data.select(range(4)), processing_class=tokenizer)
+        batch = trainer.data_collator(json.loads(open(args.first_loss).read()))
+        trainer.model.eval()
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, batch)
+        print(json.dumps({"loss": float(loss)}))
+        return
+
+    lora = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    seen = {"tokens": 0}
+    marks, first_loss = [], []
+
+    class Counting(DPOTrainer):
+        def compute_loss(self, model, inputs, *a, **kw):
+            seen["tokens"] += int(inputs["attention_mask"].sum())
+            loss = super().compute_loss(model, inputs, *a, **kw)
+            if not first_loss:
+                first_loss.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
+            return loss
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            marks.append((time.perf_counter(), seen["tokens"]))
+
+    trainer = Counting(
+        model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora, callbacks=[Clock()]
+    )
+    trainer.train()
+    (t0, n0), (t1, n1) = marks[args.warmup - 1], marks[-1]
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": round((n1 - n0) / (t1 - t0), 1),
+                "steps": len(marks),
+                "first_loss": round(first_loss[0], 4),
+                "activation_checkpointing": config.gradient_checkpointing,
+                "threads": torch.get_num_threads(),
+                "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
