@@ -7,7 +7,8 @@ Prints the table and writes report.csv, report.md and report.png (validation bit
 training time and against tokens, a line per run) to --out (default: the one DIR given, else .).
 Columns: the overrides that differ between the runs, pretraining val bits/byte with its gzip -9
 and xz -9e references, tokens/s, wall seconds per stage ("linked": reused from another run of the sweep),
-fine-tuning val loss before -> after, and the eval's shares per model and task set
+fine-tuning val loss before -> after, preference tuning's held-out reward accuracy, and the eval's
+shares per model and task set
 (parse/define/pass@1).
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-STAGE_DIRS = ("tokenizer", "data", "pretrain", "finetune", "generate", "eval")
+STAGE_DIRS = ("tokenizer", "data", "pretrain", "finetune", "pairs", "preference", "generate", "eval")
 
 
 def is_run(path: Path) -> bool:
@@ -85,9 +86,13 @@ def run_row(run: Path) -> dict:
             else None
         ),
     }
+    pref = _facts(run, "preference").get("final", {})
+    if "val_reward_accuracy" in pref:
+        row["preference_reward_accuracy"] = _fmt(pref["val_reward_accuracy"], ".3f")
     row |= eval_columns(_facts(run, "eval"))
     linked = _linked_stages(run)
-    for stage, name in zip(STAGE_DIRS, ("tokenizer", "prepare", "pretrain", "finetune", "generate", "eval")):
+    names = ("tokenizer", "prepare", "pretrain", "finetune", "pairs", "preference", "generate", "eval")
+    for stage, name in zip(STAGE_DIRS, names):
         seconds = _facts(run, stage).get("wall_seconds")
         if seconds is not None:  # a stage another run of the sweep built cost this run nothing
             row[f"{stage}_s"] = "linked" if name in linked else _fmt(seconds, ".1f")

@@ -260,3 +260,57 @@ def test_self_made_pairs_never_hold_an_eval_task():
     assert len(tasks) > 1000 and len(prompts) > 50 and len(names) > 50
     assert not {t.messages[0]["content"] for t, _ in tasks} & prompts
     assert not {t.name for t, _ in tasks} & names  # so no chosen solution is an eval function's
+
+
+def test_the_chain_runs_preference_tuning_only_when_asked():
+    from pipeline.config.compose import compose_config
+    from pipeline.config.stages import chain
+    from pipeline.stages import answer_quality, generate
+
+    _, plain = compose_config([])
+    _, dpo = compose_config(["recipe=quickstart_dpo"])
+    assert "preference" not in chain(plain) and "pairs" not in chain(plain)
+    assert chain(dpo).index("finetune") < chain(dpo).index("pairs") < chain(dpo).index("preference")
+    assert chain(dpo).index("preference") < chain(dpo).index("generate")
+    assert generate.upstream(plain) == answer_quality.upstream(plain) == ["finetune"]
+    assert generate.upstream(dpo) == answer_quality.upstream(dpo) == ["preference"]
+
+
+def test_a_preference_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    import sys
+
+    import pipeline
+
+    t = preference_trainer(tmp_path)
+    package, reads = os.path.dirname(pipeline.__file__), []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+
+        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):  # noqa: B008 (bound now)
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    pending = [t.step(0), t.step(1)]
+    assert reads == []
+    back = t.read_back(pending, 2, None)
+    assert math.isfinite(back.loss) and set(back.metrics) == set(PreferenceObjective.metrics)
+
+
+def test_the_run_dir_resolves_to_preference_only_when_it_follows_the_current_finetune(tmp_path):
+    from pipeline.artifacts import manifest_hash, write_json_atomic
+    from pipeline.model.inference import resolve_model
+
+    def stage(name, inputs):
+        d = tmp_path / name
+        (d / "merged").mkdir(parents=True, exist_ok=True)
+        (d / "merged/config.json").write_text("{}")
+        manifest = {"stage": name, "status": "complete", "config_hash": name, "inputs": inputs, "files": {}}
+        write_json_atomic(d / "manifest.json", manifest)
+        return manifest
+
+    finetune = stage("finetune", {})
+    stage("preference", {"finetune": {"path": str(tmp_path / "finetune"), "manifest_hash": manifest_hash(finetune)}})
+    assert resolve_model(str(tmp_path)).model_dir == str(tmp_path / "preference/merged")
+    stage("finetune", {"pretrain": {"manifest_hash": "rebuilt"}})  # a newer fine-tune: preference/ is stale
+    assert resolve_model(str(tmp_path)).model_dir == str(tmp_path / "finetune/merged")

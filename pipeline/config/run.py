@@ -95,7 +95,7 @@ class PairsSpec:
     reference solution its chosen side."""
 
     prompts: int = 256
-    max_new_tokens: int = 160
+    max_new_tokens: int = 256  # as the eval's: an answer fails here as it would there
     batch_size: int = 16
 
     def __post_init__(self):
@@ -111,7 +111,7 @@ class PreferenceSpec:
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo
     beta: float = 0.1
     label_smoothing: float = 0.0  # sigmoid: the share of pairs assumed mislabelled (conservative DPO)
-    sft_weight: float = 0.0  # + this x the chosen answer's mean NLL per token (RPO): keeps chosen answers likely
+    sft_weight: float = 1.0  # + this x the chosen answer's mean NLL per token (RPO): keeps chosen answers likely
     packing: bool = True  # pack the pairs' sequences into rows of train.seq_len (attention stays per sequence)
     merge: bool = True  # also write preference/merged/
     chat_template: str | None = None

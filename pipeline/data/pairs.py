@@ -106,10 +106,10 @@ def read_pairs(spec, counts: dict) -> Iterator[Pair]:
 
 
 def split_pairs(pairs: Iterator[Pair], val_fraction: float, max_val: int, where: str) -> tuple[list, list]:
-    """(train, val): a deterministic split by a hash of each pair."""
+    """(train, val): a deterministic split by a hash of each pair's prompt."""
     train, val = [], []
-    for pair in pairs:
-        key = json.dumps([pair.prompt, pair.chosen, pair.rejected], sort_keys=True)
+    for pair in pairs:  # by prompt: the pairs of one prompt stay on one side
+        key = json.dumps(pair.prompt, sort_keys=True)
         (val if is_val(key, val_fraction) and len(val) < max_val else train).append(pair)
     if not train:
         raise PipelineError(f"no training pairs in {where}; check preference.data.paths.")
@@ -151,8 +151,9 @@ def render_pairs(tokenizer, pairs: list[Pair], seq_len: int, end_of_turn: str | 
             )
         except TemplateMismatch:
             raise PipelineError(
-                f"the chat template does not render the answer of preference pair {n} right after its prompt; "
-                f"give a template with {{% generation %}} markers in preference.chat_template=path/to/template.jinja."
+                f"the chat template does not render the answer of preference pair {n} after its prompt and "
+                f"close it with its end-of-turn token; give one that does in "
+                f"preference.chat_template=path/to/template.jinja."
             ) from None
         if c.input_ids[:pc] != r.input_ids[:pr]:  # cannot happen: the prompt is tokenized on its own
             raise PipelineError(f"preference pair {n}: the prompt's tokens differ between its answers.")
@@ -207,15 +208,20 @@ def collate_pairs(pairs: list[RenderedPair], pair_ids: list[int], pad_id: int, p
 
 
 class PairSamples:
-    """Sample g of the run -> a pair, in an order shuffled per epoch by (seed, epoch)."""
+    """Sample g of the run -> a pair, in an order shuffled per epoch by (seed, epoch). `flatten`:
+    a packed micro-batch comes as one row, for flash-attention's varlen kernel, which transformers
+    only uses on a single row (its sequences found from the position ids)."""
 
-    def __init__(self, pairs: list[RenderedPair], seed: int, pad_id: int, pack_width: int = 0):
-        self.pairs, self.pad_id, self.pack_width = pairs, pad_id, pack_width
+    def __init__(self, pairs: list[RenderedPair], seed: int, pad_id: int, pack_width: int = 0, flatten: bool = False):
+        self.pairs, self.pad_id, self.pack_width, self.flatten = pairs, pad_id, pack_width, flatten
         self.order = EpochShuffle(len(pairs), seed)
 
     def batch(self, first_sample: int, size: int) -> dict:
         items = [self.order(first_sample + j) for j in range(size)]
-        return collate_pairs([self.pairs[i] for i in items], items, self.pad_id, self.pack_width)
+        batch = collate_pairs([self.pairs[i] for i in items], items, self.pad_id, self.pack_width)
+        if self.flatten and self.pack_width:
+            batch = {k: v.reshape(1, -1) if k != "pair_ids" else v for k, v in batch.items()}
+        return batch
 
 
 def eval_pair_batches(pairs: list[RenderedPair], pad_id: int, size: int, pack_width: int = 0) -> list[dict]:

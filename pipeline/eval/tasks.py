@@ -70,6 +70,27 @@ def held_out_tasks(corpus: CorpusSpec, chat_val_fraction: float, max_code_chars:
     return [t for t in candidates if t.messages[0]["content"] not in trained][:limit]
 
 
+def eval_suites(specs, limit: int | None = None) -> dict[str, list[CodeTask]]:
+    """The eval's task sets for a run's specs, at most `limit` (eval.max_prompts) tasks each."""
+    chat, limit = specs.finetune.data, specs.eval.max_prompts if limit is None else limit
+    return {
+        "stdlib": held_out_tasks(specs.data, chat.val_fraction, chat.max_code_chars, limit),
+        "functions": function_tasks(limit),
+    }
+
+
+def held_out_config(specs) -> dict:
+    """What decides which stdlib files the eval holds out (for the config hash of stages that read them)."""
+    chat, corpus = specs.finetune.data, specs.data
+    return {
+        "chat_val_fraction": chat.val_fraction,
+        "max_code_chars": chat.max_code_chars,
+        "corpus_source": corpus.source,
+        "corpus_val_fraction": corpus.val_fraction,
+        "separator": corpus.separator,
+    }
+
+
 def function_tasks(limit: int) -> list[CodeTask]:
     """The project's own tasks with hidden tests, in file order."""
     rows = [json.loads(line) for line in FUNCTION_TASKS.read_text().splitlines() if line.strip()]

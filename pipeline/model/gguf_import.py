@@ -30,6 +30,23 @@ def is_gguf(path: str | None) -> bool:
     return bool(path) and str(path).endswith(".gguf")
 
 
+def external_inputs(spec) -> dict:
+    """What a fine-tuning spec reads besides its config, for its config hash: an external base (a
+    GGUF file's content hash, a directory's file names and sizes) and an edited chat template."""
+    out = {}
+    if spec.base:
+        p = Path(spec.base).expanduser()
+        if is_gguf(spec.base) and p.is_file():  # one file: its content hash (remembered)
+            out["base"] = {"path": str(p.resolve()), "sha256": file_digest(p)}
+        else:
+            files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()} if p.is_dir() else {}
+            out["base"] = {"path": str(p.resolve()) if p.is_dir() else spec.base, "files": files}
+    template = Path(spec.chat_template or "").expanduser()
+    if template.is_file():  # an edited template renders different examples
+        out["chat_template_text"] = template.read_text()
+    return out
+
+
 def local_model_dir(path_or_name: str) -> str:
     """An HF model dir for a `.gguf` file (imported once), else the argument as given."""
     return str(import_gguf(Path(path_or_name).expanduser())) if is_gguf(path_or_name) else path_or_name

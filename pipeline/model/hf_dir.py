@@ -163,7 +163,7 @@ def load_chat_base(base: str, spec, dtype=torch.float32, attn_implementation: st
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and spec.train.seq_len > max_pos:
         raise PipelineError(
-            f"finetune.train.seq_len={spec.train.seq_len} exceeds the model's {max_pos} positions; lower it."
+            f"{spec.train._key}.seq_len={spec.train.seq_len} exceeds the model's {max_pos} positions; lower it."
         )
     return model, tokenizer, template, added
 

@@ -18,7 +18,7 @@ from pipeline.config.stages import chat_model_stage
 from pipeline.device import has_accelerator
 from pipeline.eval.sandbox import probe
 from pipeline.eval.scoring import score, summarize
-from pipeline.eval.tasks import CodeTask, function_tasks, held_out_tasks
+from pipeline.eval.tasks import CodeTask, eval_suites, held_out_config
 from pipeline.model.gguf_import import local_model_dir
 from pipeline.model.inference import (
     ModelChoice,
@@ -51,16 +51,7 @@ def upstream(specs) -> list[str]:
 
 
 def config_slice(specs) -> dict:
-    chat, corpus = specs.finetune.data, specs.data
-    return {
-        "eval": asdict(specs.eval),
-        "held_out": {
-            "chat_val_fraction": chat.val_fraction,
-            "max_code_chars": chat.max_code_chars,
-            "corpus_val_fraction": corpus.val_fraction,
-            "separator": corpus.separator,
-        },
-    }
+    return {"eval": asdict(specs.eval), "held_out": held_out_config(specs)}
 
 
 def _targets(ctx: StageContext) -> dict[str, ModelChoice]:
@@ -97,11 +88,8 @@ def _score_suite(ctx, label: str, suite: str, tasks: list[CodeTask], answers: li
 
 
 def run(ctx: StageContext) -> dict:
-    e, chat_data = ctx.specs.eval, ctx.specs.finetune.data
-    suites = {
-        "stdlib": held_out_tasks(ctx.specs.data, chat_data.val_fraction, chat_data.max_code_chars, e.max_prompts),
-        "functions": function_tasks(e.max_prompts),
-    }
+    e = ctx.specs.eval
+    suites = eval_suites(ctx.specs)
     # weights: fixed unless set (a CPU's fp32-or-bf16 timing race would make two runs score differently)
     dtype = e.dtype if e.dtype != "auto" or has_accelerator() else "fp32"
     facts = {"tasks": {k: len(v) for k, v in suites.items()}, "execute": e.execute}

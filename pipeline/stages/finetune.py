@@ -20,7 +20,7 @@ from pipeline.data.chat import (
 from pipeline.data.conversations import load_conversations
 from pipeline.model.build import count_params, flops_per_token
 from pipeline.model.finetuned import publish_finetuned
-from pipeline.model.gguf_import import file_digest, is_gguf, local_model_dir
+from pipeline.model.gguf_import import external_inputs, local_model_dir
 from pipeline.model.hf_dir import frozen_base_dtype, load_chat_base, packed_attention
 from pipeline.model.lora import apply_lora
 from pipeline.model.tokenizer import end_of_turn
@@ -43,18 +43,7 @@ def upstream(specs) -> list[str]:
 
 
 def config_slice(specs) -> dict:
-    out = {"finetune": asdict(specs.finetune), "seed": specs.seed}
-    if specs.finetune.base:  # an external base is an input too: its file names and sizes stand for it
-        p = Path(specs.finetune.base).expanduser()
-        if is_gguf(specs.finetune.base) and p.is_file():  # one file: its content hash (remembered)
-            out["base"] = {"path": str(p.resolve()), "sha256": file_digest(p)}
-        else:
-            files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()} if p.is_dir() else {}
-            out["base"] = {"path": str(p.resolve()) if p.is_dir() else specs.finetune.base, "files": files}
-    template = Path(specs.finetune.chat_template or "").expanduser()
-    if template.is_file():  # an edited template renders different examples
-        out["chat_template_text"] = template.read_text()
-    return out
+    return {"finetune": asdict(specs.finetune), "seed": specs.seed, **external_inputs(specs.finetune)}
 
 
 class ChatData(NamedTuple):

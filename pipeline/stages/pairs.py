@@ -18,7 +18,7 @@ from pipeline.data.conversations import load_conversations
 from pipeline.device import has_accelerator
 from pipeline.errors import PipelineError
 from pipeline.eval.scoring import score
-from pipeline.eval.tasks import CodeTask, function_tasks, held_out_tasks
+from pipeline.eval.tasks import CodeTask, eval_suites, held_out_config
 from pipeline.model.inference import format_prompt, generate_batch, load_model, trained_model
 from pipeline.stages.context import StageContext
 
@@ -36,24 +36,13 @@ def upstream(specs) -> list[str]:
 
 
 def config_slice(specs) -> dict:
-    chat, corpus = specs.finetune.data, specs.data
-    return {
-        "pairs": {**vars(specs.preference.pairs)},
-        "seed": specs.seed,
-        "held_out": {
-            "chat_val_fraction": chat.val_fraction,
-            "max_code_chars": chat.max_code_chars,
-            "corpus_val_fraction": corpus.val_fraction,
-            "separator": corpus.separator,
-        },
-    }
+    return {"pairs": {**vars(specs.preference.pairs)}, "seed": specs.seed, "held_out": held_out_config(specs)}
 
 
 def eval_exclusions(specs) -> tuple[set[str], set[str]]:
-    """(prompts, function names) of every eval task: none may enter a pair."""
-    chat = specs.finetune.data
-    tasks = held_out_tasks(specs.data, chat.val_fraction, chat.max_code_chars, EVAL_PROMPTS)
-    tasks += function_tasks(EVAL_PROMPTS)
+    """(prompts, function names) of every task the eval could ask (any eval.max_prompts): none
+    may enter a pair."""
+    tasks = [t for suite in eval_suites(specs, EVAL_PROMPTS).values() for t in suite]
     return {t.messages[0]["content"] for t in tasks}, {t.name for t in tasks}
 
 

@@ -8,12 +8,14 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.pairs import PairSamples, eval_pair_batches, read_pairs, render_pairs, split_pairs, to_pair
 from pipeline.errors import PipelineError
 from pipeline.model.build import count_params, flops_per_token
 from pipeline.model.finetuned import publish_finetuned
-from pipeline.model.gguf_import import local_model_dir
+from pipeline.model.gguf_import import external_inputs, local_model_dir
 from pipeline.model.hf_dir import frozen_base_dtype, load_chat_base
 from pipeline.model.lora import apply_lora
 from pipeline.model.tokenizer import end_of_turn
@@ -38,11 +40,11 @@ def upstream(specs) -> list[str]:
 
 
 def config_slice(specs) -> dict:
-    out = {"preference": asdict(specs.preference), "seed": specs.seed}
-    if specs.preference.base:
-        p = Path(specs.preference.base).expanduser()
-        out["base"] = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()} if p.is_dir() else p.name
-    return out
+    spec = asdict(specs.preference)
+    del spec["in_chain"]  # where it runs, not what it trains
+    if specs.preference.data.source != "self":
+        del spec["pairs"]
+    return {"preference": spec, "seed": specs.seed, **external_inputs(specs.preference)}
 
 
 def _base(ctx: StageContext) -> str:
@@ -79,6 +81,17 @@ def _pairs(ctx: StageContext, tokenizer) -> tuple[list, list, int, int]:
     return train, val, too_long, counts["bad"]
 
 
+def _without_dropout(model) -> None:
+    """The base's dropout off (GPT-2's resid/attn/embd 0.1, for one): with it the policy would differ
+    from its reference at step 0 and the margins would be noise (TRL's disable_dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):  # rates that attention modules apply themselves
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def _publish(trained, state_dict: dict, **kwargs) -> None:
     """adapter/ and merged/ as the finetune stage writes them, and curves.png of the run."""
     publish_finetuned(trained, state_dict, **kwargs)
@@ -92,7 +105,8 @@ def run(ctx: StageContext) -> dict:
     model, tokenizer, _, added = load_chat_base(base, spec, frozen_base_dtype(spec), spec.attn_implementation)
     train, val, too_long, bad = _pairs(ctx, tokenizer)
     pad_id, width = tokenizer.pad_token_id, tspec.seq_len if spec.packing else 0
-    samples = PairSamples(train, ctx.specs.seed, pad_id, width)
+    samples = PairSamples(train, ctx.specs.seed, pad_id, width, flatten=spec.attn_implementation == "flash_attention_2")
+    _without_dropout(model)
     model = apply_lora(model, spec.lora, added, ctx.specs.seed)
     trainable = count_params(model, trainable_only=True)
     log.info(

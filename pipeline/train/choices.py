@@ -190,7 +190,8 @@ def prepare_launch(job, allocator: ExitStack | None = None) -> Launch:
     strategy = Strategy(spec, job.out_dir, job.tracking.trackers, precision["choice"])
     spec, budget, budget_facts = choose_step_count(spec, stored, job.started)
     model = job.model
-    micro = measured(choose_micro_batch, model, spec, strategy) if spec.micro_batch_size == "auto" else None
+    auto_micro = spec.micro_batch_size == "auto"
+    micro = measured(choose_micro_batch, model, spec, strategy, job.objective) if auto_micro else None
     muon_dtype = measured(choose_muon_dtype, spec, model, strategy, kept.get("muon_dtype"))
     model, optimizer = strategy.setup(model, micro, MUON_DTYPES.get(muon_dtype, torch.bfloat16))
     timed = precision.get("seconds", {}).get(precision["choice"], precision.get("pass_seconds"))
@@ -208,10 +209,12 @@ def prepare_launch(job, allocator: ExitStack | None = None) -> Launch:
 def _log_launch(job, spec: TrainSpec, strategy: Strategy, model, compiled: bool) -> None:
     """The batch layout and the pre-flight estimates of the prepared launch."""
     layout = strategy.layout
+    unit = getattr(job.objective, "unit", None)  # an objective's unit (pairs), else sequences of seq_len tokens
+    what = f"{unit} of sequences up to {spec.seq_len} tokens" if unit else f"sequences x {spec.seq_len} tokens = "
     log.info(
-        "batch: %d sequences x %d tokens = %d tokens/step = %d processes x %d micro-batch x %d accumulation; "
-        "precision %s%s on %s, strategy %s",
-        layout.global_seqs, spec.seq_len, spec.batch_tokens, strategy.world, layout.micro, layout.accum,
+        "batch: %d %s%s = %d processes x %d micro-batch x %d accumulation; precision %s%s on %s, strategy %s",
+        layout.global_seqs, what, "" if unit else f"{spec.batch_tokens} tokens/step", strategy.world, layout.micro,
+        layout.accum,
         strategy.precision, ", compiled" if compiled else "", strategy.device, strategy.name,
     )  # fmt: skip
     peak = peak_flops(strategy.device, strategy.precision)
@@ -272,15 +275,16 @@ def _measure_checkpointing(job, device: torch.device, world: int, rank: int) -> 
     spec, model = job.spec, job.model
     micro = min(spec.micro_batch_size, batch_layout(spec, world, 1).global_seqs // world)
     row = to_device(job.train_batch(rank * micro, 1), device)
+    positions = micro * spec.seq_len * getattr(job.objective, "sequences_per_unit", 1)  # at most, in a micro-batch
     if not getattr(model, "hf_device_map", None):  # a quantized base is placed when loaded
         model.to(device)
     precision = spec.mixed_precision if spec.mixed_precision != "auto" else candidates(device)[0]
     try:
         with autocast_for(device, precision):
-            per_row = saved_activation_bytes(model, row, spec.loss_chunk_tokens, micro * spec.seq_len)
+            per_row = saved_activation_bytes(model, row, spec.loss_chunk_tokens, positions)
     except torch.cuda.OutOfMemoryError:  # one row without recomputation does not fit: the answer is known
         return {"choice": True, "measured": True, "reason": "one row's activations did not fit"}
-    activations = per_row * micro * spec.seq_len / row["input_ids"].numel()
+    activations = per_row * positions / row["input_ids"].numel()
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the measurement's cached blocks are free for training
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -359,8 +363,9 @@ def with_max_steps(spec: TrainSpec, steps: int) -> TrainSpec:
     return replace(spec, max_steps=steps, key=spec._key)
 
 
-def choose_micro_batch(model, spec: TrainSpec, strategy: Strategy) -> int:
-    """micro_batch_size=auto: the largest micro-batch that fits, agreed by all ranks (the minimum)."""
+def choose_micro_batch(model, spec: TrainSpec, strategy: Strategy, objective=None) -> int:
+    """micro_batch_size=auto: the largest micro-batch that fits, agreed by all ranks (the minimum);
+    for an objective, in its units (pairs: two sequences each)."""
     per_rank = batch_layout(spec, strategy.world, micro_batch=1).global_seqs // strategy.world  # validates first
     size = measure_micro_batch(
         model,
@@ -372,8 +377,9 @@ def choose_micro_batch(model, spec: TrainSpec, strategy: Strategy) -> int:
         chunk_tokens=strategy.loss_chunk_tokens,
         checkpointing=spec.activation_checkpointing,
     )
-    size = strategy.min_over_ranks(size)
-    log.info("micro_batch_size=auto: %d sequences per device fit", size)
+    fit = max(1, strategy.min_over_ranks(size) // getattr(objective, "sequences_per_unit", 1))
+    size = max(k for k in range(1, fit + 1) if per_rank % k == 0)  # the layout needs a divisor
+    log.info("micro_batch_size=auto: %d %s per device fit", size, getattr(objective, "unit", "sequences"))
     return size
 
 

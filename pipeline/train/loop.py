@@ -199,7 +199,8 @@ class Trainer:
             batch = {k: v.to(device) for k, v in self.eval_data[min(index, n - 1)].items()}
             with self.strategy.autocast():  # eager: a no-grad graph would be a second compilation
                 batch_sums = eval_sums(self.job.objective, self.model, batch, self.strategy, self.token_bytes)
-            sums = sums + batch_sums * float(index < n)  # a padding pass only keeps the ranks in step
+            if index < n:  # a padding pass only keeps the ranks in step
+                sums = sums + batch_sums
         sums = self.strategy.sum_over_ranks(sums)
         self.model.train()
         if self.choices.budget is not None:

@@ -1,8 +1,8 @@
 """The preference objective (DPO and IPO) for `run_training`: each pair's loss from the summed
 log-probabilities of its chosen and rejected answers under the policy and the reference.
 
-The reference is the policy's own weights with its LoRA adapter switched off (PEFT's
-`disable_adapter`), run without gradients on the same micro-batch: no second copy of the model.
+The reference is the policy's own weights with its LoRA adapter switched off, run without
+gradients on the same micro-batch: no second copy of the model.
 
 A batch holds the pairs' sequences as rows (padded) or packed into rows, with `segments` giving
 each position's sequence (2k: pair k's chosen answer, 2k+1: its rejected one) and `pair_ids`
@@ -47,13 +47,24 @@ def sequence_logps(model, batch: dict, chunk_tokens) -> tuple[torch.Tensor, torc
 
 @contextmanager
 def reference_of(model):
-    """The policy as its reference: its adapter off, no gradients (through the launch's wrapper,
-    so sharded weights are gathered as for any forward)."""
-    peft_model = extract_model_from_parallel(model, keep_torch_compile=False)
-    if not hasattr(peft_model, "disable_adapter"):
+    """The policy as its reference: its adapter layers passed through, no gradients (called
+    through the launch's wrapper, so sharded weights are gathered as for any forward). Only the
+    layers' switch is flipped: PEFT's disable_adapter also sets requires_grad off and on again
+    between the policy's forward and its backward, which FSDP's and ZeRO's flat parameters must
+    not see."""
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
+    layers = [m for m in inner.modules() if hasattr(m, "_disable_adapters")]  # LoRA layers, token/module wrappers
+    if not layers:
         raise PipelineError("preference tuning trains a LoRA adapter; its reference is the model without it.")
-    with torch.no_grad(), peft_model.disable_adapter():
-        yield
+    before = [m._disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m._disable_adapters = True
+        with torch.no_grad():
+            yield
+    finally:
+        for m, was in zip(layers, before):
+            m._disable_adapters = was
 
 
 class PreferenceObjective:
@@ -61,6 +72,7 @@ class PreferenceObjective:
     (per-pair losses, per-pair metrics (pairs x len(METRICS)))."""
 
     metrics = METRICS
+    unit, sequences_per_unit = "pairs", 2  # a step's batch counts pairs, of two sequences each
 
     def __init__(self, beta: float, loss: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0):
         self.beta, self.loss, self.label_smoothing, self.sft_weight = beta, loss, label_smoothing, sft_weight

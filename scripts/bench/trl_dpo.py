@@ -58,6 +58,13 @@ def random_adapter(base: str, out: Path, rank: int) -> None:
     model.save_pretrained(out)
 
 
+def full_scored_ids(ex) -> list[int]:
+    """A shifted example's tokens up to its last trained one (the template's text after the
+    end-of-turn token is not scored)."""
+    last = max(i for i, label in enumerate(ex.labels) if label != -100)
+    return ex.input_ids[: last + 1] + [ex.labels[last]]
+
+
 def pipeline_batch_loss(
     base: str, adapter: Path, pairs: Path, count: int, seq_len: int, beta: float, tokens: Path
 ) -> float:
@@ -80,9 +87,8 @@ def pipeline_batch_loss(
     with torch.no_grad():
         losses, _ = PreferenceObjective(beta)(model.eval(), collate_pairs(rendered, list(range(count)), 0, seq_len))
     rows = []
-    for r in rendered:  # unshift: the full token lists, the prompt's first
-        chosen = r.chosen.input_ids + [r.chosen.labels[-1]]
-        rejected = r.rejected.input_ids + [r.rejected.labels[-1]]
+    for r in rendered:  # the scored tokens only: the prompt, then each answer through its last trained token
+        chosen, rejected = (full_scored_ids(ex) for ex in (r.chosen, r.rejected))
         p = r.prompt_tokens
         rows.append({"prompt_ids": chosen[:p], "chosen_ids": chosen[p:], "rejected_ids": rejected[p:]})
     tokens.write_text(json.dumps(rows))
@@ -164,6 +170,7 @@ def main() -> None:
                     "preference.data.max_val_pairs=8",
                     "preference.merge=false",
                     f"preference.beta={args.beta}",
+                    "preference.sft_weight=0",  # plain DPO, as TRL's default loss
                     f"preference.lora.r={args.rank}",
                     f"preference.lora.alpha={2 * args.rank}",
                     f"preference.train.max_steps={args.steps}",

@@ -53,6 +53,9 @@ def main() -> None:
     if args.first_loss:
         model = PeftModel.from_pretrained(model, args.adapter)
         trainer = DPOTrainer(model=model, args=config, train_dataset=data.select(range(4)), processing_class=tokenizer)
+        # Given a trained adapter, TRL's reference is a frozen copy of it ("ref"); without that copy it is
+        # the base with adapters disabled, as in training a new adapter (and in pipeline's stage).
+        trainer.model.delete_adapter("ref")
         batch = trainer.data_collator(json.loads(open(args.first_loss).read()))
         trainer.model.eval()
         with torch.no_grad():
