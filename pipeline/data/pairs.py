@@ -124,10 +124,10 @@ def render_answer(tokenizer, prompt: list[dict], answer: str, end_of_turn: str |
     """(the prompt and answer tokenized with only the answer's tokens labelled, prompt tokens).
     The prompt is the template's generation prompt, tokenized on its own."""
     messages = [*prompt, {"role": "assistant", "content": answer}]
-    head = _text(tokenizer, prompt, prompt=True)
     text = _text(tokenizer, messages)
     span = _turn_span(tokenizer, messages, len(prompt), text, end_of_turn)
     if span is None:  # the template renders the prompt differently once answered: use generation's
+        head = _text(tokenizer, prompt, prompt=True)
         content = answer.strip()
         at = text.rfind(content)
         end = _answer_end(text, at, content, end_of_turn)
