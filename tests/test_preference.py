@@ -22,7 +22,7 @@ from pipeline.train.choices import prepare_launch
 from pipeline.train.loop import Trainer, TrainingJob
 from pipeline.train.loss import IGNORE
 from pipeline.train.preference import PreferenceObjective
-from tests.trainer_helpers import reset_accelerate
+from tests.trainer_helpers import host_reads, reset_accelerate
 
 VOCAB = 64
 
@@ -277,20 +277,8 @@ def test_the_chain_runs_preference_tuning_only_when_asked():
 
 
 def test_a_preference_step_never_waits_for_the_device(tmp_path, monkeypatch):
-    import sys
-
-    import pipeline
-
     t = preference_trainer(tmp_path)
-    package, reads = os.path.dirname(pipeline.__file__), []
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-
-        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):  # noqa: B008 (bound now)
-            if sys._getframe(1).f_code.co_filename.startswith(package):
-                reads.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    reads = host_reads(monkeypatch)
     pending = [t.step(0), t.step(1)]
     assert reads == []
     back = t.read_back(pending, 2, None)

@@ -1,13 +1,11 @@
 import math
 import os
 import signal
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-import pipeline
 from pipeline.config.train import TrainSpec
 from pipeline.data.windows import PackedWindows, eval_windows
 from pipeline.errors import PipelineError, TrainingStopped
@@ -17,6 +15,7 @@ from pipeline.train.layout import batch_layout
 from pipeline.train.optim import lr_at, make_optimizer
 from pipeline.train.strategy import Strategy
 from tests.trainer_helpers import (
+    host_reads,
     losses,
     make_trainer,
     nan_at,
@@ -189,15 +188,7 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
     """A host read of a device value (.item(), float(), bool() ...) stalls a GPU's queue; the
     pipeline's code makes none inside a step, only when it reads the steps back."""
     t = make_trainer(tmp_path, micro_batch_size=2)  # with accumulation
-    package, reads = os.path.dirname(pipeline.__file__), []
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-
-        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):  # noqa: B008 (bound now)
-            if sys._getframe(1).f_code.co_filename.startswith(package):
-                reads.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    reads = host_reads(monkeypatch)
     pending = [t.step(0), t.step(1)]
     assert reads == []
     loss, grad_norm, tokens, _ = t.read_back(pending, 2, None)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import torch
 from accelerate.state import AcceleratorState, PartialState
 
+import pipeline
 from pipeline.config.model import ModelSpec
 from pipeline.config.train import TrainSpec
 from pipeline.data.shards import TokenShards
@@ -93,6 +97,21 @@ def nan_at(trainer, steps):
         return output
 
     trainer.unwrapped_model.register_forward_hook(hook)
+
+
+def host_reads(monkeypatch) -> list[str]:
+    """A list that records every host read of a tensor's value (.item(), float(), bool() ...) made
+    from pipeline's own code from now on: each would stall a GPU's queue inside a step."""
+    package, reads = os.path.dirname(pipeline.__file__), []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+
+        def spy(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):  # noqa: B008 (bound now)
+            if sys._getframe(1).f_code.co_filename.startswith(package):
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    return reads
 
 
 def autograd_saved_bytes(model, fn) -> int:

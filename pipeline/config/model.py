@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from pipeline.errors import PipelineError
 
@@ -42,11 +42,12 @@ class LoraSpec:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # every linear of the blocks
     modules_to_save: list[str] | None = None  # e.g. [lm_head] to train it fully as well
+    key: InitVar[str] = "finetune.lora"  # where these values live in the config, for error messages
 
-    def __post_init__(self):
+    def __post_init__(self, key: str):
         if self.r <= 0 or self.alpha <= 0:
-            raise PipelineError(f"finetune.lora.r={self.r} and finetune.lora.alpha={self.alpha} must be positive.")
+            raise PipelineError(f"{key}.r={self.r} and {key}.alpha={self.alpha} must be positive.")
         if not 0 <= self.dropout < 1:
-            raise PipelineError(f"finetune.lora.dropout={self.dropout} must be in [0, 1).")
+            raise PipelineError(f"{key}.dropout={self.dropout} must be in [0, 1).")
         if not self.target_modules:
-            raise PipelineError("finetune.lora.target_modules is empty; use [all-linear] or name the modules.")
+            raise PipelineError(f"{key}.target_modules is empty; use [all-linear] or name the modules.")

@@ -231,7 +231,7 @@ def build_specs(cfg: dict) -> RunSpecs:
             **pf,
             "data": PreferenceDataSpec(**pf["data"]),
             "pairs": PairsSpec(**pf["pairs"]),
-            "lora": LoraSpec(**pf["lora"]),
+            "lora": LoraSpec(**pf["lora"], key="preference.lora"),
             "train": TrainSpec(**pf["train"], key="preference.train"),
         }
     )

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from datasets import load_dataset
 from peft import LoraConfig, PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
+from trl_timing import train_timed
 
 
 def main() -> None:
@@ -66,38 +66,8 @@ def main() -> None:
     lora = LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    seen = {"tokens": 0}
-    marks, first_loss = [], []
-
-    class Counting(DPOTrainer):
-        def compute_loss(self, model, inputs, *a, **kw):
-            seen["tokens"] += int(inputs["attention_mask"].sum())
-            loss = super().compute_loss(model, inputs, *a, **kw)
-            if not first_loss:
-                first_loss.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
-            return loss
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **kw):
-            marks.append((time.perf_counter(), seen["tokens"]))
-
-    trainer = Counting(
-        model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora, callbacks=[Clock()]
-    )
-    trainer.train()
-    (t0, n0), (t1, n1) = marks[args.warmup - 1], marks[-1]
-    print(
-        json.dumps(
-            {
-                "tokens_per_s": round((n1 - n0) / (t1 - t0), 1),
-                "steps": len(marks),
-                "first_loss": round(first_loss[0], 4),
-                "activation_checkpointing": config.gradient_checkpointing,
-                "threads": torch.get_num_threads(),
-                "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-            }
-        )
-    )
+    kwargs = dict(model=model, args=config, train_dataset=data, processing_class=tokenizer, peft_config=lora)
+    train_timed(DPOTrainer, args.warmup, **kwargs)
 
 
 if __name__ == "__main__":
