@@ -147,7 +147,7 @@ def test_eval_stage_runs_answers_only_when_opted_in(tmp_path, monkeypatch):
             assert facts["model"]["stdlib"]["pass_at_1"] is None
         else:
             assert {"rlimits", "python guard"} <= set(facts["sandbox"]["layers"])  # what confined them, probed
-    assert len(runs) == 2 + sum(bool(t.doctests) for t in answer_quality.held_out_tasks(specs.data, 0.05, 400, 2))
+    assert len(runs) == 2 + sum(bool(t.doctests) for t in held_out_tasks(specs.data, 0.05, 400, 2))
 
 
 @pytest.mark.slow
