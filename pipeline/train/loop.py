@@ -95,7 +95,7 @@ class StepStats(NamedTuple):
     trained_tokens: torch.Tensor  # trained units
     input_tokens: torch.Tensor
     overflow: torch.Tensor  # 1 if fp16 loss scaling skipped the update
-    metrics: torch.Tensor | tuple = ()  # the objective's metrics, means per unit
+    metrics: torch.Tensor  # the objective's metrics, means per unit (empty for next-token prediction)
 
 
 class ReadBack(NamedTuple):

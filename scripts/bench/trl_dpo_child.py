@@ -6,7 +6,6 @@ rendering of the same pairs) through TRL's own collator and loss, under that ada
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
@@ -14,17 +13,12 @@ from datasets import load_dataset
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
-from trl_timing import train_timed
+from trl_timing import train_timed, trainer_settings, trl_parser
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    for flag in ("--base", "--data", "--out", "--precision"):
-        p.add_argument(flag, required=True)
-    for flag in ("--steps", "--warmup", "--seq-len", "--micro-batch", "--rank"):
-        p.add_argument(flag, type=int, required=True)
+    p = trl_parser(__doc__, lr=5e-4)  # the lr pipeline's side is given too
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--first-loss", help="JSON of [{prompt_ids, chosen_ids, rejected_ids}]: score it and stop")
     p.add_argument("--adapter", help="with --first-loss: the LoRA adapter to score under")
     args = p.parse_args()
@@ -33,22 +27,8 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
     data = load_dataset("json", data_files=args.data, split="train")
     config = DPOConfig(
-        output_dir=args.out,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=1,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=2,
-        max_length=args.seq_len,
+        **trainer_settings(args),
         beta=args.beta,
-        bf16=args.precision == "bf16",
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        seed=1337,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
     )
     if args.first_loss:
         model = PeftModel.from_pretrained(model, args.adapter)
