@@ -221,6 +221,26 @@ def test_auto_activation_checkpointing_follows_the_memory_free(tmp_path, monkeyp
     assert explicit.choices.checkpointing == {"choice": False, "measured": False}
 
 
+def test_auto_activation_checkpointing_recomputes_only_the_blocks_memory_needs(tmp_path, monkeypatch):
+    roomy = make_trainer(tmp_path / "roomy", activation_checkpointing="auto")
+    roomy.fit()
+    row = roomy.job.train_batch(0, 1)
+    measured = autotune.saved_activation_bytes(roomy.model, row, 0, 32) * roomy.spec.micro_batch_size  # as auto does
+    trainable = sum(p.numel() for p in roomy.model.parameters())
+    room = 0.9 * measured  # one of the two blocks recomputed frees more than a tenth
+    monkeypatch.setattr(
+        choices, "free_memory", lambda device: int(room / autotune.ACTIVATION_SHARE["cpu"]) + 12 * trainable
+    )
+    tight = make_trainer(tmp_path / "tight", activation_checkpointing="auto")
+    facts = tight.choices.checkpointing
+    assert facts["choice"] and (facts["recomputed_blocks"], facts["blocks"]) == (1, 2)
+    assert [b.gradient_checkpointing for b in autotune.checkpointed_blocks(tight.model)] == [True, False]
+    kept = autotune.saved_activation_bytes(tight.model, row, 0, 32) * tight.spec.micro_batch_size
+    assert kept <= room < measured  # what the choice keeps fits where everything would not
+    tight.fit()
+    np.testing.assert_allclose(losses(tight), losses(roomy), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_freed_buffers_are_kept_only_where_activations_are_not_recomputed(tmp_path, monkeypatch, checkpointing):
     entered = []

@@ -24,6 +24,7 @@ from contextlib import nullcontext
 
 import psutil
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from pipeline.device import SCREEN_SLOWER, bf16_speedup, half_precision, model_matmul_shapes
 from pipeline.train.loss import auto_chunk_tokens, token_losses
@@ -78,6 +79,21 @@ def saved_activation_bytes(model, batch: dict, chunk_tokens, micro_positions: in
     finally:
         model.train(was_training)
     return sum(saved.values())
+
+
+def checkpointed_blocks(model) -> list[torch.nn.Module]:
+    """The blocks whose activations transformers can recompute in backward, in order."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def recompute_activations(model, blocks: int | None = None) -> None:
+    """Recompute the activations of the first `blocks` blocks in backward (None: of all of them).
+    A recomputed block keeps only its input and costs one more forward of itself, so recomputing
+    only as many blocks as memory needs keeps the rest of the step's speed."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if blocks is not None:
+        for block in checkpointed_blocks(model)[blocks:]:
+            block.gradient_checkpointing = False
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -286,8 +302,9 @@ class TimeBudget:
     per step over the first few steps (the first one, with its warm-up, excluded), the time of an
     evaluation, and the time spent since the trainer started. The learning-rate schedule is still
     in warmup then, so the decay spans exactly the steps decided; they are stored with checkpoints.
-    Afterwards `repace` re-estimates the count from the pace since deciding (evaluations and
-    checkpoints included), for a schedule that can still move its decay (wsd before its cooldown)."""
+    Checkpoints count from the first one timed. Afterwards `repace` re-estimates the count from the
+    pace since deciding (evaluations and checkpoints included), for a schedule that can still move
+    its decay (wsd before its cooldown)."""
 
     REPACE_AFTER = 20  # steps timed since deciding before the pace is trusted
     REPACE_CHANGE = 0.02  # a new count must differ by this share (and 2 steps) to be taken
@@ -301,14 +318,16 @@ class TimeBudget:
         start_step: int = 0,
         constant_lr: bool = False,
         eval_seconds: float = 0.0,
+        ckpt_every: int = 0,
     ):
         """`started` is when the budget began (earlier than now for a run resumed before deciding)."""
-        self.seconds, self.started, self.eval_every = seconds, started, eval_every
+        self.seconds, self.started, self.eval_every, self.ckpt_every = seconds, started, eval_every, ckpt_every
         # Steps timed before deciding: every step taken by then (indices start_step .. start_step +
         # decide_after) is still in warmup, whose learning rate does not depend on max_steps.
         room = warmup_steps - 1 - start_step
         self.decide_after = 10 if constant_lr else max(1, min(room, 10))
         self.eval_seconds = eval_seconds  # set by each evaluation
+        self.save_seconds = 0.0  # set by each checkpoint
         self.first: tuple[int, float] | None = None
         self.decided: tuple[int, float] | None = None  # (step, time) when the count was fixed
         self.facts: dict = {}
@@ -323,12 +342,14 @@ class TimeBudget:
             return None
         per_step = (now - self.first[1]) / timed
         evals = self.eval_seconds / self.eval_every if self.eval_every else 0.0
+        saves = self.save_seconds / self.ckpt_every if self.ckpt_every else 0.0  # once one was timed
         left = self.seconds - (now - self.started) - self.eval_seconds  # the final evaluation included
-        total = min(cap, step + max(0, int(left // (per_step + evals))))
+        total = min(cap, step + max(0, int(left // (per_step + evals + saves))))
         self.facts = {
             "seconds": self.seconds,
             "step_seconds": round(per_step, 4),
             "eval_seconds": round(self.eval_seconds, 2),
+            "save_seconds": round(self.save_seconds, 2),
             "decided_at_step": step,
             "steps": total,
         }

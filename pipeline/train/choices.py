@@ -31,10 +31,12 @@ from pipeline.train.autotune import (
     TimeBudget,
     autocast_for,
     candidates,
+    checkpointed_blocks,
     free_memory,
     measure_compile,
     measure_micro_batch,
     measure_precision,
+    recompute_activations,
     saved_activation_bytes,
 )
 from pipeline.train.layout import batch_layout
@@ -183,7 +185,7 @@ def prepare_launch(job, allocator: ExitStack | None = None) -> Launch:
     checkpointing = measured(choose_checkpointing, job)
     spec = replace(spec, activation_checkpointing=checkpointing["choice"], key=spec._key)
     if spec.activation_checkpointing:  # first: the measurements below then run as training will
-        job.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        recompute_activations(job.model, checkpointing.get("recomputed_blocks"))
     elif allocator is not None and process_info().device.type == "cpu":
         allocator.enter_context(freed_memory_kept())  # before measuring: it changes timings
     precision = measured(choose_precision, job, kept.get("precision"))
@@ -202,11 +204,11 @@ def prepare_launch(job, allocator: ExitStack | None = None) -> Launch:
     )
     if spent[0] >= 0.1:
         log.info("start-of-run measurements took %.1fs", spent[0])
-    _log_launch(job, spec, strategy, model, is_compiled(loss))
+    _log_launch(job, spec, strategy, model, is_compiled(loss), recomputed_share(checkpointing))
     return Launch(spec, strategy, model, optimizer, loss, choices)
 
 
-def _log_launch(job, spec: TrainSpec, strategy: Strategy, model, compiled: bool) -> None:
+def _log_launch(job, spec: TrainSpec, strategy: Strategy, model, compiled: bool, recomputed: float) -> None:
     """The batch layout and the pre-flight estimates of the prepared launch."""
     layout = strategy.layout
     unit = getattr(job.objective, "unit", None)  # an objective's unit (pairs), else sequences of seq_len tokens
@@ -219,7 +221,9 @@ def _log_launch(job, spec: TrainSpec, strategy: Strategy, model, compiled: bool)
     )  # fmt: skip
     peak = peak_flops(strategy.device, strategy.precision)
     config = strategy.unwrap(model).config
-    log_preflight(model, config, job.flops_per_token, spec, layout.micro, strategy.world, strategy.precision, peak)
+    log_preflight(
+        model, config, job.flops_per_token, spec, layout.micro, strategy.world, strategy.precision, peak, recomputed
+    )
 
 
 def choose_muon_dtype(spec: TrainSpec, model, strategy: Strategy, stored: str | None) -> str | None:
@@ -258,15 +262,27 @@ def choose_checkpointing(job) -> dict:
     if "reason" in result:
         log.info("activation checkpointing: %s (%s)", "on" if result["choice"] else "off", result["reason"])
     else:
+        share = recomputed_share(result)
         log.info(
             "activation checkpointing: %s (a micro-batch's activations measure %.2f GB, %s the %.2f GB they may "
             "take here); set train.activation_checkpointing to choose",
-            "on" if result["choice"] else "off",
+            "off"
+            if not share
+            else "on"
+            if share == 1
+            else f"on for {result['recomputed_blocks']} of {result['blocks']} blocks",
             result["activations_gb"],
             "over" if result["choice"] else "within",
             result["room_gb"],
         )
     return result
+
+
+def recomputed_share(checkpointing: dict) -> float:
+    """The share of the model's blocks whose activations a checkpointing choice recomputes."""
+    if not checkpointing["choice"]:
+        return 0.0
+    return checkpointing.get("recomputed_blocks", 1) / checkpointing.get("blocks", 1)
 
 
 def _measure_checkpointing(job, device: torch.device, world: int, rank: int) -> dict:
@@ -289,12 +305,20 @@ def _measure_checkpointing(job, device: torch.device, world: int, rank: int) -> 
         torch.cuda.empty_cache()  # the measurement's cached blocks are free for training
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     room = max(0.0, ACTIVATION_SHARE.get(device.type, 0.75) * (free_memory(device) - 12 * trainable))  # grads, AdamW
-    return {
-        "choice": activations > room,
-        "measured": True,
-        "activations_gb": round(activations / 1e9, 3),
-        "room_gb": round(room / 1e9, 3),
-    }
+    result = {"choice": activations > room, "measured": True}
+    result.update(activations_gb=round(activations / 1e9, 3), room_gb=round(room / 1e9, 3))
+    blocks = len(checkpointed_blocks(model))
+    if result["choice"] and blocks > 1:  # how many blocks must recompute: each one recomputed frees its share
+        recompute_activations(model)
+        try:
+            with autocast_for(device, precision):
+                recomputed = saved_activation_bytes(model, row, spec.loss_chunk_tokens, positions)
+        finally:
+            model.gradient_checkpointing_disable()
+        per_block = (per_row - recomputed) * positions / row["input_ids"].numel() / blocks
+        needed = math.ceil((activations - room) / per_block) if per_block > 0 else blocks
+        result.update(recomputed_blocks=min(needed, blocks), blocks=blocks)
+    return result
 
 
 def choose_precision(job, stored: str | None) -> dict:
@@ -354,6 +378,7 @@ def choose_step_count(
             stored.get("step", 0),
             spec.decay == "constant",
             stored.get("eval_seconds", 0.0),
+            spec.ckpt_every,
         )
         return spec, budget, None
     return spec, None, None

@@ -8,7 +8,7 @@ Memory model (bytes), P parameters of which T trainable, N processes:
   activations per device ~ layers x tokens x d_model x 34 bytes in 16-bit (Korthikanti et al.
   2022, with SDPA/flash so no s^2 term; x2 in fp32), plus logits: tokens x vocab x 10 bytes
   (16-bit logits, their fp32 copy for the loss, and its gradient). Activation checkpointing
-  keeps one layer input per layer (2 bytes x d_model per token) and one layer's full set.
+  keeps one layer input per recomputed layer (2 bytes x d_model per token) and one layer's full set.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ log = logging.getLogger("pipeline")
 GB = 1e9
 
 
-def activation_bytes(n_layer: int, d_model: int, vocab: int, tokens: int, half: bool, checkpointing: bool) -> float:
+def activation_bytes(n_layer: int, d_model: int, vocab: int, tokens: int, half: bool, checkpointing: float) -> float:
+    """`checkpointing`: the share of layers whose activations are recomputed (True: all)."""
     per_layer = 34 * d_model * tokens * (1 if half else 2)
-    layers = (n_layer * 2 * d_model * tokens + per_layer) if checkpointing else n_layer * per_layer
-    return layers + 10 * vocab * tokens
+    kept = n_layer * per_layer * (1 - checkpointing)
+    recomputed = n_layer * checkpointing * 2 * d_model * tokens + (per_layer if checkpointing else 0)
+    return kept + recomputed + 10 * vocab * tokens
 
 
 def memory_table(params: int, trainable: int, n_layer: int, world: int, act: float) -> dict[str, float]:
@@ -51,7 +53,7 @@ def preflight_lines(
     micro_tokens: int,
     world: int,
     half: bool,
-    checkpointing: bool,
+    checkpointing: float,
     budget_tokens: int | None,
     peak_flops: float | None,
     mfu: float = 0.4,
@@ -75,9 +77,18 @@ def preflight_lines(
 
 
 def log_preflight(
-    model, config, flops_per_token: float | None, spec, micro: int, world: int, precision: str, peak_flops: float | None
+    model,
+    config,
+    flops_per_token: float | None,
+    spec,
+    micro: int,
+    world: int,
+    precision: str,
+    peak_flops: float | None,
+    recomputed: float,
 ) -> None:
-    """Log the pre-flight lines of a prepared model (`config`: the unwrapped model's)."""
+    """Log the pre-flight lines of a prepared model (`config`: the unwrapped model's; `recomputed`:
+    the share of its layers whose activations are recomputed)."""
     for line in preflight_lines(
         params=count_params(model),
         trainable=count_params(model, trainable_only=True),
@@ -88,7 +99,7 @@ def log_preflight(
         micro_tokens=micro * spec.seq_len,
         world=world,
         half=precision in ("bf16", "fp16"),
-        checkpointing=spec.activation_checkpointing,
+        checkpointing=recomputed,
         budget_tokens=None if spec.time_budget else spec.max_steps * spec.batch_tokens,
         peak_flops=peak_flops,
     ):
