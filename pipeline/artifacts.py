@@ -60,14 +60,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def list_files(root: Path, untracked: tuple[str, ...] = ()) -> dict:
+def list_files(root: Path, untracked: tuple[str, ...] = (), hash_limit: float = float("inf")) -> dict:
     """{relative path: {"size", "sha256"}} for the artifact's files (not the manifest, not
-    work folders such as checkpoints/ that change after publishing)."""
+    work folders such as checkpoints/ that change after publishing); files above `hash_limit`
+    bytes get no sha256 (where only the size will be checked, as verify_files does above
+    FULL_HASH_LIMIT)."""
     files = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
         if p.is_file() and p.name != MANIFEST and rel.parts[0] not in untracked and not rel.parts[0].startswith("."):
-            files[rel.as_posix()] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+            size = p.stat().st_size
+            files[rel.as_posix()] = {"size": size, "sha256": file_sha256(p) if size <= hash_limit else None}
     return files
 
 

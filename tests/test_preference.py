@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.config.train import TrainSpec
@@ -243,6 +244,9 @@ def test_training_raises_the_margin_and_resumes_exactly_after_sigterm(tmp_path):
     with pytest.raises(TrainingStopped) as stopped:
         t.fit()
     assert stopped.value.step == 2
+    saved = safe_open(str(stopped.value.checkpoint / "model.safetensors"), "pt").keys()
+    trained = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert set(saved) == trained and all("lora_" in k for k in saved)  # the adapter, not the frozen base
     resumed = preference_trainer(tmp_path / "run")
     assert resumed.fit()["start_step"] == 2
     np.testing.assert_allclose([r["loss"] for r in _rows(resumed)], [r["loss"] for r in rows], rtol=0, atol=1e-6)

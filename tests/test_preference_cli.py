@@ -1,11 +1,15 @@
 """The preference stage through the CLI on a tiny local model and JSONL pairs: its artifact,
-metrics and curves, a 2-process launch with the 1-process losses, generation from it, and a bad
-pair line refused in one line."""
+metrics and curves, a 2-process launch with the 1-process losses that resumes exactly from its
+adapter-only checkpoints, generation from it, and a bad pair line refused in one line."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from tests.conftest import assert_clear_error, launch_two_processes, manifest_facts, run_cli
 from tests.test_finetune_generate import make_base
@@ -66,15 +70,30 @@ def test_preference_stage_trains_publishes_and_generates(setup):
 
 
 @pytest.mark.distributed
-def test_two_processes_give_the_one_process_losses(setup):
+def test_two_processes_give_the_one_process_losses_and_resume_from_adapter_checkpoints(setup):
     root, base = setup
     if not (root / "runs/one/preference/metrics.jsonl").exists():
         run_cli(*args(root, base, "one"), cwd=root)
-    proc = launch_two_processes(*args(root, base, "two"), cwd=root)
+    two_args = args(root, base, "two", "preference.train.ckpt_every=3")
+    proc = launch_two_processes(*two_args, cwd=root)
     assert proc.stderr.count("preference: val loss") == 1
-    one, two = (train_rows(root / f"runs/{n}/preference") for n in ("one", "two"))
+    stage = root / "runs/two/preference"
+    one, two = train_rows(root / "runs/one/preference"), train_rows(stage)
     for key in ("loss", *METRICS):
         np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-4, atol=1e-5)
+
+    # The checkpoints hold the adapter, not the frozen base; a crash after step 3 resumes from it exactly.
+    with safe_open(str(stage / "checkpoints/step_000003/model.safetensors"), "pt") as f:
+        assert f.keys() and all("lora_" in k for k in f.keys())
+    finished = load_file(stage / "adapter/adapter_model.safetensors")
+    for lost in ("checkpoints/step_000006", "adapter", "merged", "manifest.json"):
+        path = stage / lost
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    launch_two_processes(*two_args, cwd=root)
+    assert manifest_facts(stage)["resumed_from_step"] == 3
+    resumed = load_file(stage / "adapter/adapter_model.safetensors")
+    for k, v in finished.items():
+        torch.testing.assert_close(resumed[k], v, rtol=0, atol=1e-6, msg=k)
 
 
 def test_a_bad_pair_line_is_refused_in_one_line(setup):

@@ -1,6 +1,6 @@
 """FSDP2 and DeepSpeed ZeRO-2/3 in a real 2-process CPU launch (via tests/cpu_sharding.py): the
-checkpoints are sharded, a run resumes from them, and the consolidated HF model, LoRA adapter and
-merged model match a 1-process run with the same global batch."""
+checkpoints are sharded, pretraining and LoRA fine-tuning resume from them, and the consolidated HF
+model, LoRA adapter and merged model match a 1-process run with the same global batch."""
 
 import json
 import os
@@ -33,6 +33,7 @@ ARGS = [
     "train.micro_batch_size=2",
     "train.log_every=1",
     "finetune.train.max_steps=4",
+    "finetune.train.ckpt_every=2",
     "finetune.train.seq_len=64",
     "finetune.train.batch_tokens=512",
     "finetune.train.micro_batch_size=2",
@@ -132,6 +133,18 @@ def test_sharded_run_matches_one_process_and_resumes(reference, config, shard_ma
         ref / "finetune/adapter/adapter_model.safetensors", run / "finetune/adapter/adapter_model.safetensors"
     )
     assert_same_tensors(ref / "finetune/merged/model.safetensors", run / "finetune/merged/model.safetensors")
+
+    # A crash after the step-2 checkpoint of the LoRA fine-tune: the rerun resumes from it, same
+    # adapter (DeepSpeed writes its checkpoints without the frozen base; FSDP writes them whole).
+    finished = load_file(run / "finetune/adapter/adapter_model.safetensors")
+    for lost in ("checkpoints/step_000004", "adapter", "merged", "manifest.json"):
+        path = run / "finetune" / lost
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    launch(root, args, config, config, reuse=())
+    assert manifest_facts(run / "finetune")["resumed_from_step"] == 2
+    resumed = load_file(run / "finetune/adapter/adapter_model.safetensors")
+    for k, v in finished.items():
+        torch.testing.assert_close(resumed[k], v, rtol=0, atol=1e-6, msg=k)
 
     # A crash after the step-3 checkpoint: the rerun resumes from the sharded state, same result.
     finished = load_file(run / "pretrain/model/model.safetensors")

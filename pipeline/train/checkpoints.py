@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.artifacts import list_files, verify_files, write_json_atomic
+from pipeline.artifacts import FULL_HASH_LIMIT, list_files, verify_files, write_json_atomic
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -69,7 +69,7 @@ def set_aside(ckpts: list[Path], why: str) -> None:
 
 def seal(tmp: Path, final: Path, state: dict, keep: int) -> None:
     """Main process, after every rank has saved into `tmp`: checksum, publish, prune old ones."""
-    state = dict(state, files=list_files(tmp))
+    state = dict(state, files=list_files(tmp, hash_limit=FULL_HASH_LIMIT))  # only what a resume verifies
     write_json_atomic(tmp / STATE_FILE, state)
     if final.exists():
         shutil.rmtree(final)
@@ -83,6 +83,11 @@ def seal(tmp: Path, final: Path, state: dict, keep: int) -> None:
     prunable = [c for c in mine if c not in pinned]
     for old in prunable[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def size_of(ckpt: Path) -> int:
+    """Bytes of a checkpoint's files."""
+    return sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
 
 
 def state_of(ckpt: Path) -> dict:

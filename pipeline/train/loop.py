@@ -373,8 +373,14 @@ class Trainer:
                 **self.choices.for_checkpoint(self.spec, self.strategy, is_compiled(self.loss)),
                 "cooldown_start": self.spec.decay == "wsd" and step == decay_start(self.spec),
             }
+            t0 = time.time()
             run.last_ckpt = checkpoints.save(self.strategy, self.ckpt_root, state, spec.keep_checkpoints, run.last_ckpt)
-            run.t_last = time.time()
+            run.t_last = time.time()  # a checkpoint is not training time; a time budget counts it
+            if self.choices.budget is not None:
+                self.choices.budget.save_seconds = run.t_last - t0
+            if self.strategy.is_main:
+                mb = checkpoints.size_of(run.last_ckpt) / 1e6
+                log.info("checkpoint %s: %.1f MB in %.1fs", run.last_ckpt, mb, run.t_last - t0)
         if stopping:
             raise TrainingStopped(step, run.last_ckpt)
 

@@ -97,6 +97,8 @@ class Strategy:
         # which calls the output embedding outside it, is off there.
         self.loss_chunk_tokens = 0 if self.sharded else spec.loss_chunk_tokens
         self.layout: BatchLayout | None = None
+        self.trained_only = False  # checkpoints hold only the trained weights (set by setup)
+        self.trained_names: set[str] = set()
         self.warnings: list[str] = []  # launch-specific caveats, also written to the manifest
         if self.deepspeed and spec.skip_nonfinite:
             raise PipelineError(
@@ -168,9 +170,25 @@ class Strategy:
             self.accelerator.gradient_accumulation_steps = self.layout.accum
         optimizer = make_optimizer(model, spec, self.device.type == "cuda", self.sharded, muon_dtype)
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        self._save_trained_only(model)
         self._check_adapter_survived(model)
         self._warn_zero3_tied_lora(model)
         return model, optimizer
+
+    def _save_trained_only(self, model) -> None:
+        """Checkpoints of a partly frozen model (LoRA) hold what is trained, not the frozen base it
+        was loaded from: an 8B LoRA run would otherwise write 16 GB at every checkpoint. DeepSpeed
+        leaves its frozen parameters out itself; FSDP's sharded save keeps them all."""
+        frozen = any(not p.requires_grad for p in model.parameters())
+        self.trained_only = frozen and self.accelerator.distributed_type != DistributedType.FSDP
+        if self.trained_only and not self.deepspeed:
+            unwrapped = self.accelerator.unwrap_model(model)  # DDP's state dict has its module's names
+            self.trained_names = {n for n, p in unwrapped.named_parameters() if p.requires_grad}
+
+            def keep_trained(models, weights, output_dir):
+                weights[:] = [{k: v for k, v in w.items() if k in self.trained_names} for w in weights]
+
+            self.accelerator.register_save_state_pre_hook(keep_trained)
 
     def _check_adapter_survived(self, model) -> None:
         """PEFT must find the LoRA weights in the prepared model's state dict, or the saved adapter
@@ -273,17 +291,35 @@ class Strategy:
 
     # -- state ---------------------------------------------------------------------------------
     def save_state(self, path: Path) -> None:
-        """Every rank writes its part (shards under FSDP/DeepSpeed) of model, optimizer and RNG."""
-        self.accelerator.save_state(str(path))
+        """Every rank writes its part (shards under FSDP/DeepSpeed) of model, optimizer and RNG; of a
+        partly frozen model, only the trained weights."""
+        trained_only = {"exclude_frozen_parameters": True} if self.deepspeed and self.trained_only else {}
+        self.accelerator.save_state(str(path), **trained_only)
 
     def load_state(self, path: Path) -> None:
+        """Load a checkpoint of this run; a partly frozen model keeps the frozen weights it has."""
+        partial = ({"load_module_strict": False} if self.deepspeed else {"strict": False}) if self.trained_only else {}
         try:
-            self.accelerator.load_state(str(path))
+            self.accelerator.load_state(str(path), **partial)
         except pickle.UnpicklingError as e:
             raise PipelineError(
                 f"refused to load {path}: it holds more than plain tensors ({first_line(e, 120)}); "
                 f"only weights_only state is loaded. Delete that checkpoint if you did not write it."
             ) from None
+        if partial and not self.deepspeed:
+            self._check_trained_loaded(path)
+
+    def _check_trained_loaded(self, path: Path) -> None:
+        """A non-strict load must still have found every trained weight."""
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            missing = sorted(self.trained_names - set(f.keys()))
+        if missing:
+            raise PipelineError(
+                f"checkpoint {path} lacks {len(missing)} trained weights of this model (first: {missing[0]}); "
+                "it was written by another model: move it away, or rerun with resume=never."
+            )
 
     def consolidated_state_dict(self, model) -> dict:
         """The full model state dict on the main process (FSDP and ZeRO-3 shards gathered); every

@@ -6,12 +6,16 @@
 
 Random token rows of full length stand in for packed chat data (every token trained), so
 tokens/s here is the packed-SFT rate; padded batches train fewer real tokens per second.
+
+    python scripts/bench/finetune.py --model 350m --steps 2 --warmup 1 --micro-batch 1 --seq-len 64 \
+        --batch-tokens 64 --checkpoint                      # what one LoRA checkpoint writes, and its time
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ from common import (  # also puts the repo on sys.path
 from pipeline.config.model import LoraSpec
 from pipeline.model.build import build_model, count_params, hf_config
 from pipeline.model.lora import apply_lora
+from pipeline.train import checkpoints
 from pipeline.train.choices import prepare_launch
 from pipeline.train.loop import Trainer, TrainingJob
 from pipeline.train.memory import peak_memory_gb
@@ -34,6 +39,7 @@ from pipeline.train.memory import peak_memory_gb
 def main() -> None:
     p = training_parser(__doc__, steps=20, warmup=4)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--checkpoint", action="store_true", help="also time one checkpoint (written, checksummed, sealed)")
     args = p.parse_args()
 
     spec = train_spec(args, lr=1e-3)
@@ -50,6 +56,13 @@ def main() -> None:
         trainer = Trainer(job, prepare_launch(job))
         trainer.fit()
         tps = timed_tokens_per_s(trainer.metrics.rows(), args.warmup, spec.batch_tokens)
+        saved = {}
+        if args.checkpoint:
+            t0 = time.perf_counter()
+            state = {"step": args.steps, "fingerprint": "bench"}
+            ckpt = checkpoints.save(trainer.strategy, Path(out) / "checkpoints", state, 1, None)
+            saved = {"checkpoint_mb": round(checkpoints.size_of(ckpt) / 1e6, 1)}
+            saved["checkpoint_s"] = round(time.perf_counter() - t0, 2)
     device = trainer.strategy.device
     print(
         json.dumps(
@@ -64,6 +77,7 @@ def main() -> None:
                 "batch_tokens": args.batch_tokens,
                 "lora_tokens_per_s": round(tps, 1),
                 "peak_mem_gb": round(peak_memory_gb(device), 3),
+                **saved,
             }
         )
     )
