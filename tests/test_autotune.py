@@ -74,15 +74,17 @@ def test_a_precision_whose_matmuls_screen_much_slower_is_never_run_at_full_size(
     assert result["measured"] and result["cost_seconds"] < 1
 
 
-def test_time_budget_fits_steps_evaluations_and_time_already_spent():
-    budget = TimeBudget(100.0, started=0.0, warmup_steps=20, eval_every=10)
+@pytest.mark.parametrize("save_seconds", [0.0, 4.0])
+def test_time_budget_fits_steps_evaluations_checkpoints_and_time_already_spent(save_seconds):
+    budget = TimeBudget(100.0, started=0.0, warmup_steps=20, eval_every=10, ckpt_every=20)
     budget.eval_seconds = 2.0
+    budget.save_seconds = save_seconds  # a checkpoint already timed
     now = 10.0
     assert budget.steps(1, now, cap=10**6) is None  # step 0 (warm-up) is not timed
     for step in range(2, 11):
         assert budget.steps(step, now + (step - 1) * 0.5, cap=10**6) is None
-    # 10 timed steps of 0.5 s; 100 - 15.0 s spent - 2 s final eval = 83 s at 0.5 + 2/10 s per step
-    assert budget.steps(11, 15.0, cap=10**6) == 11 + int(83 // 0.7)
+    # 10 timed steps of 0.5 s; 100 - 15.0 s spent - 2 s final eval = 83 s at 0.5 + 2/10 (+ 4/20) s per step
+    assert budget.steps(11, 15.0, cap=10**6) == 11 + int(83 // (0.7 + save_seconds / 20))
     assert TimeBudget(100.0, 0.0, 20, 0).decide_after == 10 and TimeBudget(100.0, 0.0, 5, 0).decide_after == 4
     # resumed at step 5 of an 8-step warmup: steps 5..7 are the last whose learning rate is known
     assert TimeBudget(100.0, 0.0, 8, 0, start_step=5).decide_after == 2

@@ -132,3 +132,22 @@ def test_checkpoints_past_step_999999_are_ordered_by_number(tmp_path):
     path, state = checkpoints.latest(root, "f")
     assert path.name == "step_1001000" and state["step"] == 1_001_000
     assert checkpoints.peek(root, "f")["step"] == 1_001_000
+
+
+def test_a_checkpoint_hashes_only_the_files_a_resume_verifies(tmp_path, monkeypatch):
+    """Files above the size a resume checksums are recorded by size: a 16 GB base is not hashed."""
+    from pipeline import artifacts
+    from pipeline.train import checkpoints
+
+    monkeypatch.setattr(checkpoints, "FULL_HASH_LIMIT", 100)
+    monkeypatch.setattr(artifacts, "FULL_HASH_LIMIT", 100)
+    root, tmp = tmp_path / "checkpoints", tmp_path / "checkpoints/.tmp-step_000004"
+    tmp.mkdir(parents=True)
+    (tmp / "small.bin").write_bytes(b"s" * 10)
+    (tmp / "large.bin").write_bytes(b"l" * 1000)
+    checkpoints.seal(tmp, checkpoints.step_dir(root, 4), {"step": 4, "fingerprint": "f"}, keep=2)
+    files = checkpoints.state_of(root / "step_000004")["files"]
+    assert files["large.bin"] == {"size": 1000, "sha256": None} and len(files["small.bin"]["sha256"]) == 64
+    assert checkpoints.latest(root, "f")[1]["step"] == 4
+    (root / "step_000004/small.bin").write_bytes(b"x" * 10)  # a damaged verified file still fails
+    assert checkpoints.latest(root, "f") is None
