@@ -9,7 +9,9 @@ With run.shared_upstream=true (what `pipeline -m` sets) every artifact a run bui
 `<run.root>/.shared/<stage>-<hash of config and inputs>/` and linked back; another run that needs
 the same artifact (same config, same inputs) links to it instead of rebuilding: a sweep trains
 its tokenizer once. Shared artifacts are never built into: a rebuild replaces the run's link with
-a directory of its own, so no run changes what another run reads.
+a directory of its own, so no run changes what another run reads. Training checkpoints are not
+shared: they stay with the run that wrote them (<run>/.checkpoints/<stage>/) and move back into
+the stage's dir when it is rebuilt, so a sweep rerun with more steps resumes each run.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from pipeline.artifacts import (
     canonical_hash,
     load_artifact,
     read_manifest,
-    replace_dir,
     write_json_atomic,
 )
 from pipeline.config.run import RunSpecs
@@ -46,6 +47,7 @@ from pipeline.train import checkpoints
 STAGES: dict[str, Stage] = {name: import_module(module) for name, module in STAGE_MODULES.items()}
 HISTORY = "history.jsonl"
 SHARED = ".shared"  # with shared_upstream: <run.root>/.shared/<stage>-<hash>/, write-once, linked from runs
+PARKED = ".checkpoints"  # <run>/.checkpoints/<stage>/: the checkpoints of a stage whose artifact is shared
 log = logging.getLogger("pipeline")
 
 
@@ -170,7 +172,7 @@ class Runner:
                 )
                 raise
             if shared is not None:
-                self._share(out, shared, replace=is_forced)
+                self._share(out, shared, forced=is_forced)
             artifact = load_artifact(out, name, f"rerun `pipeline stage={name}`")
             action = f"built ({reason})"
         self._record({"stage": name, "action": action, "seconds": round(time.time() - t0, 2)})
@@ -188,22 +190,50 @@ class Runner:
             os.symlink(os.path.relpath(target, out.parent), out, target_is_directory=True)
         self.state.wait_for_everyone()
 
-    def _share(self, out: Path, shared: Path, replace: bool) -> None:
-        """Move a freshly built artifact into the shared store and link it back. An entry already
-        there is kept (same config and inputs) unless this build was forced."""
+    def _share(self, out: Path, shared: Path, forced: bool) -> None:
+        """Move a freshly built artifact into the shared store and link it back; its training
+        checkpoints stay with the run (parked), so that a rebuild with more steps resumes them. An
+        entry already there is kept (same config and inputs); a forced build makes a new entry
+        beside it, since other runs may link to the old one."""
         if self.state.is_main_process:
             shared.parent.mkdir(parents=True, exist_ok=True)
-            if shared.exists() and not replace:
+            self._park(out)
+            if shared.exists() and forced:
+                shared = shared.with_name(f"{shared.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            if shared.exists():
                 shutil.rmtree(out)
             else:
-                replace_dir(out, shared)
-        self._link(out, shared)
+                os.replace(out, shared)
+        self._link(out, shared)  # the main process's `shared`: only it makes the link
+
+    def _parked(self, out: Path) -> Path:
+        """Where a shared artifact's training checkpoints wait for the run's next rebuild."""
+        return self.run_dir / PARKED / out.name
+
+    def _park(self, out: Path) -> None:
+        if (out / "checkpoints").is_dir():
+            parked = self._parked(out)
+            parked.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(parked, ignore_errors=True)
+            os.replace(out / "checkpoints", parked)
+
+    def _unlink_shared(self, out: Path) -> None:
+        """Replace the run's link into the shared store by a dir of its own holding the run's parked
+        checkpoints and the linked artifact's metrics, so a rebuild resumes as it would unshared."""
+        target = out.resolve()
+        out.unlink()
+        parked = self._parked(out)
+        if parked.is_dir():
+            out.mkdir(parents=True)
+            os.replace(parked, out / "checkpoints")
+            if (target / "metrics.jsonl").is_file():
+                shutil.copy2(target / "metrics.jsonl", out / "metrics.jsonl")
 
     def _build(self, stage: Stage, config: dict, ctx: StageContext, keep_work: bool, keep_checkpoints: bool) -> None:
         out = ctx.out
         if self.state.is_main_process:
             if out.is_symlink():  # a link into the shared store: never build into it
-                out.unlink()
+                self._unlink_shared(out)
             (out / MANIFEST).unlink(missing_ok=True)  # from here on the old artifact is untrusted
             # An interrupted run of a resumable stage keeps its work. A changed config keeps the
             # training checkpoints it can resume (same math: a raised max_steps, other intervals)

@@ -14,7 +14,8 @@ each as its own process (or accelerate launch), with run.shared_upstream=true, s
 the same config and inputs (the tokenizer and token shards of a learning-rate sweep, the
 pretrained model of a fine-tuning sweep) is built once, kept in run.root/.shared/ and linked into
 every run that uses it. A combination whose stages are all up to date is skipped; SIGTERM and
-Ctrl-C reach the running combination, which checkpoints, and the sweep stops after it.
+Ctrl-C reach the running combination, which checkpoints, and the sweep stops after it. Rerun with
+more steps, a sweep resumes each run from its checkpoints. One sweep at a time runs in a sweep dir.
 Compare the runs with `pipeline report runs/NAME`.
 """
 
@@ -34,6 +35,7 @@ from pathlib import Path
 from pipeline.config.compose import CONF_DIR, compose_config
 from pipeline.config.sweep_grammar import expand
 from pipeline.errors import PipelineError
+from pipeline.lock import RunLock
 
 
 @dataclass
@@ -143,6 +145,11 @@ def run_sweep(argv: list[str]) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PipelineError("run the sweep itself with plain `pipeline -m`; each run is launched with sweep.launch.")
     sweep_dir, launch, combos = plan(argv)
+    with RunLock(sweep_dir):  # one sweep at a time: two would race on the shared store
+        return _run_all(argv, sweep_dir, launch, combos)
+
+
+def _run_all(argv: list[str], sweep_dir: Path, launch: str | None, combos: list[Combination]) -> int:
     counts = {"complete": 0, "skipped": 0, "refused": 0, "failed": 0}
     print(f"sweep: {len(combos)} runs under {sweep_dir}", file=sys.stderr)
     for i, combo in enumerate(combos, 1):

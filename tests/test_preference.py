@@ -306,3 +306,28 @@ def test_the_run_dir_resolves_to_preference_only_when_it_follows_the_current_fin
     assert resolve_model(str(tmp_path)).model_dir == str(tmp_path / "preference/merged")
     stage("finetune", {"pretrain": {"manifest_hash": "rebuilt"}})  # a newer fine-tune: preference/ is stale
     assert resolve_model(str(tmp_path)).model_dir == str(tmp_path / "finetune/merged")
+
+
+def test_an_adapter_on_a_base_rebuilt_since_is_refused_in_one_line(tmp_path):
+    """base_model_name_or_path names a path: a rebuilt pretrain/ holds other weights there."""
+    import json
+
+    from pipeline.artifacts import manifest_hash, write_json_atomic
+    from pipeline.model.inference import resolve_model
+
+    pretrain = {"stage": "pretrain", "status": "complete", "config_hash": "a", "inputs": {}, "files": {}}
+    (tmp_path / "pretrain/model").mkdir(parents=True)
+    write_json_atomic(tmp_path / "pretrain/manifest.json", pretrain)
+    (tmp_path / "finetune/adapter").mkdir(parents=True)
+    base = str(tmp_path / "pretrain/model")
+    (tmp_path / "finetune/adapter/adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base}))
+    inputs = {"pretrain": {"manifest_hash": manifest_hash(pretrain)}}
+    write_json_atomic(
+        tmp_path / "finetune/manifest.json", {"stage": "finetune", "status": "complete", "inputs": inputs}
+    )
+    for target in (tmp_path, tmp_path / "finetune/adapter"):
+        assert resolve_model(str(target)).model_dir == base
+    write_json_atomic(tmp_path / "pretrain/manifest.json", dict(pretrain, config_hash="b"))  # rebuilt since
+    for target in (tmp_path, tmp_path / "finetune/adapter"):
+        with pytest.raises(PipelineError, match="earlier build of .* rerun the stage that trained it"):
+            resolve_model(str(target))

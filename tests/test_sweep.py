@@ -172,3 +172,63 @@ def test_sigterm_to_the_sweep_checkpoints_the_running_combination_and_stops_the_
     assert proc.returncode == 1, stderr[-2000:]
     assert list((metrics.parent / "checkpoints").glob("step_*"))  # the run checkpointed before stopping
     assert not (tmp_path / "runs/term/train.lr=0.003").exists()  # and the sweep went no further
+
+
+@pytest.mark.slow
+def test_a_sweep_rerun_with_more_steps_resumes_each_run_and_force_adds_a_shared_entry(tmp_path, text_corpus):
+    args = [
+        "-m",
+        "stage=pretrain",
+        "run.name=ext",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "model=tiny",
+        "train=tiny",
+        "train.decay=wsd",
+        "train.warmup_steps=2",
+        "train.ckpt_every=10",
+        "train.eval_every=10",
+        "train.lr=1e-3,3e-3",
+    ]
+    run_cli(*args, "train.max_steps=20", cwd=tmp_path)
+    sweep = tmp_path / "runs/ext"
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(runs) == 2 and all((r / "pretrain").is_symlink() for r in runs)
+    assert not list((sweep / ".shared").glob("*/checkpoints"))  # only finished artifacts are shared
+    assert all((r / ".checkpoints/pretrain/step_000016").is_dir() for r in runs)  # the cooldown's, kept by the run
+
+    run_cli(*args, "train.max_steps=30", cwd=tmp_path)
+    for r in runs:
+        facts = manifest_facts(r / "pretrain")
+        assert (facts["resumed_from_step"], facts["steps"]) == (16, 30), r.name
+
+    # A forced rebuild of one run's tokenizer makes a new shared entry: the others' stays as it was.
+    shared = (runs[1] / "tokenizer").resolve()
+    files = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
+    run_cli(
+        "stage=tokenizer",
+        f"run.root={sweep}",
+        f"run.name='{runs[0].name}'",
+        "run.shared_upstream=true",
+        "data=text",
+        f"data.paths=[{text_corpus}]",
+        *TINY,
+        "force=true",
+        cwd=tmp_path,
+    )
+    assert (runs[0] / "tokenizer").resolve() != shared and (runs[0] / "tokenizer").resolve().parent == shared.parent
+    assert {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()} == files
+    assert (runs[1] / "tokenizer").resolve() == shared
+
+
+def test_a_second_sweep_on_the_same_sweep_dir_is_refused_in_one_line(tmp_path):
+    import json
+    import socket
+
+    lock = tmp_path / "runs/busy/.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    proc = run_cli("-m", "stage=tokenizer", "run.name=busy", "tokenizer.vocab_size=300,400", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "is in use by pipeline process" in proc.stderr
+    assert not (tmp_path / "runs/busy/tokenizer.vocab_size=300").exists()

@@ -63,16 +63,34 @@ def _complete(stage_dir: Path) -> bool:
     return bool(m) and m.get("status") == "complete"
 
 
-def _follows(stage_dir: Path, upstream_dir: Path) -> bool:
-    """Whether stage_dir's artifact was built from upstream_dir's current one."""
+def _built_from(stage_dir: Path, upstream_dir: Path) -> bool | None:
+    """Whether stage_dir's artifact was built from upstream_dir's current one (None: either one
+    is no artifact of this project, or stage_dir did not take upstream_dir's stage as input)."""
     try:
         mine, theirs = read_manifest(stage_dir), read_manifest(upstream_dir)
     except PipelineError:
-        return False
+        return None
     if not mine or not theirs:
-        return False
-    recorded = mine.get("inputs", {}).get(upstream_dir.name, {}).get("manifest_hash")
-    return recorded == manifest_hash(theirs)
+        return None
+    recorded = mine.get("inputs", {}).get(theirs.get("stage"), {}).get("manifest_hash")
+    return None if recorded is None else recorded == manifest_hash(theirs)
+
+
+def _follows(stage_dir: Path, upstream_dir: Path) -> bool:
+    return bool(_built_from(stage_dir, upstream_dir))
+
+
+def adapter_choice(adapter_dir: Path) -> ModelChoice:
+    """An adapter on the base its adapter_config.json names, refused where that base is an artifact
+    rebuilt since the adapter was trained (the same path then holds other weights)."""
+    base = adapter_base(adapter_dir)
+    if _built_from(adapter_dir.parent, Path(base).parent) is False:
+        raise PipelineError(
+            f"the adapter {adapter_dir} was trained on an earlier build of {base}, which has been rebuilt "
+            f"since; rerun the stage that trained it (pipeline stage={adapter_dir.parent.name} ...) or use its "
+            "merged model."
+        )
+    return ModelChoice(base, str(adapter_dir), "adapter", chat=True)
 
 
 def trained_model(stage_dir: Path) -> ModelChoice | None:
@@ -80,7 +98,7 @@ def trained_model(stage_dir: Path) -> ModelChoice | None:
     if (stage_dir / "merged").is_dir():
         return ModelChoice(str(stage_dir / "merged"), None, "merged", chat=True)
     if (stage_dir / "adapter").is_dir():
-        return ModelChoice(adapter_base(stage_dir / "adapter"), str(stage_dir / "adapter"), "adapter", chat=True)
+        return adapter_choice(stage_dir / "adapter")
     return None
 
 
@@ -112,7 +130,7 @@ def resolve_model(target: str, adapter: str | None = None) -> ModelChoice:
         check_adapter_base(str(p), adapter)
         return ModelChoice(str(p), adapter, "adapter", chat=True)
     if (p / "adapter_config.json").is_file():
-        return ModelChoice(adapter_base(p), str(p), "adapter", chat=True)
+        return adapter_choice(p)
     if (p / "config.json").is_file():  # a chat model (its own template) is chatted with; a base completes
         return ModelChoice(str(p), None, "model", chat=has_chat_template(p) and not pretrained_here(p))
     if p.is_dir():
