@@ -83,7 +83,8 @@ def weights(trainer: Trainer) -> dict:
 
 
 def nan_at(trainer, steps):
-    """Make the forward pass return NaN logits on the given (0-based) steps."""
+    """Make the forward pass return NaN logits (and hidden states, which the loss may project
+    itself) on the given (0-based) steps."""
     calls = {"n": 0}
     per_step = trainer.layout.accum
 
@@ -94,6 +95,8 @@ def nan_at(trainer, steps):
         calls["n"] += 1
         if step in steps:
             output.logits = output.logits * float("nan")
+            if output.hidden_states is not None:
+                output.hidden_states = tuple(h if h is None else h * float("nan") for h in output.hidden_states)
         return output
 
     trainer.unwrapped_model.register_forward_hook(hook)

@@ -29,11 +29,12 @@ log = logging.getLogger("pipeline")
 
 def token_losses(model, batch: dict, chunk_tokens: int | str = 0) -> torch.Tensor:
     """Per-token cross entropy in fp32 (0 where labels are IGNORE). chunk_tokens: positions per
-    chunk of the chunked path; 0: the plain path; "auto": chunked only when a micro batch's fp32
-    logits would exceed AUTO_CHUNK_BYTES (recomputing the logits costs time where memory is no issue)."""
+    chunk of the chunked path; 0: the plain path; "auto": chunked only when the fp32 logits of the
+    positions projected would exceed AUTO_CHUNK_BYTES (recomputing them costs time where memory is
+    no issue), else one chunk."""
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     labels = batch["labels"]
-    head, chunk = _chunking(model, chunk_tokens, labels.numel())
+    head, vocab = _output_head(model, chunk_tokens)
     if head is None:
         logits = model(**inputs, use_cache=False).logits  # no cache: packed position ids then split attention
         return _cross_entropy(logits.flatten(0, 1), labels.flatten()).view_as(labels)
@@ -41,11 +42,27 @@ def token_losses(model, batch: dict, chunk_tokens: int | str = 0) -> torch.Tenso
     # one position (so the head stays in the outputs' graph, where DDP's find_unused_parameters looks);
     # output_hidden_states=-1 keeps only the last hidden state, which transformers returns after the final norm.
     hidden = model(**inputs, use_cache=False, logits_to_keep=1, output_hidden_states=-1).hidden_states[-1]
-    losses = [
-        checkpoint(_head_cross_entropy, head, h, y, use_reentrant=False)
-        for h, y in zip(hidden.flatten(0, 1).split(chunk), labels.flatten().split(chunk))
-    ]
-    return torch.cat(losses).view_as(labels)
+    hidden, flat = hidden.flatten(0, 1), labels.flatten()
+    trained = None
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Only trained positions meet the head: a chat batch's prompts and padding are 40-60% of it,
+        # and the head and its softmax a quarter of a small model's step. A GPU would wait for their
+        # count, and a compiled graph recompile for it, so there every position is projected.
+        trained = (flat != IGNORE).nonzero().squeeze(1)
+        hidden, flat = hidden[trained], flat[trained]
+    chunk = auto_chunk_tokens(len(flat), vocab) if chunk_tokens == "auto" else int(chunk_tokens)
+    if chunk >= len(flat) or not chunk:  # one chunk: its logits are the only ones, nothing to recompute
+        losses = _head_cross_entropy(head, hidden, flat)
+    else:
+        losses = torch.cat(
+            [
+                checkpoint(_head_cross_entropy, head, h, y, use_reentrant=False)
+                for h, y in zip(hidden.split(chunk), flat.split(chunk))
+            ]
+        )
+    if trained is not None:
+        losses = losses.new_zeros(labels.numel()).index_copy(0, trained, losses)
+    return losses.view_as(labels)
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -57,9 +74,10 @@ def _head_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, labels: tor
     return _cross_entropy(head(hidden), labels)
 
 
-def _chunking(model, chunk_tokens: int | str, positions: int) -> tuple[torch.nn.Module | None, int]:
-    """(output embedding, positions per chunk) for the chunked path, or (None, 0) for the plain one.
-    The caller passes 0 where parameters live sharded outside the forward (FSDP, DeepSpeed)."""
+def _output_head(model, chunk_tokens: int | str) -> tuple[torch.nn.Module | None, int]:
+    """(output embedding, vocabulary size) for the path through the hidden states, or (None, 0) for
+    the plain one. The caller passes 0 where parameters live sharded outside the forward (FSDP,
+    DeepSpeed)."""
     if not chunk_tokens:
         return None, 0
     inner = extract_model_from_parallel(model, keep_torch_compile=False)  # DDP's .module, compile's _orig_mod
@@ -68,13 +86,12 @@ def _chunking(model, chunk_tokens: int | str, positions: int) -> tuple[torch.nn.
         getattr(config, k, None) is not None for k in LOGIT_MODIFIERS
     ):
         return None, 0
-    chunk = auto_chunk_tokens(positions, config.vocab_size) if chunk_tokens == "auto" else int(chunk_tokens)
-    return (inner.get_output_embeddings(), chunk) if chunk else (None, 0)
+    return inner.get_output_embeddings(), config.vocab_size
 
 
 def auto_chunk_tokens(positions: int, vocab: int) -> int:
     """loss_chunk_tokens=auto: positions per chunk whose fp32 logits fit AUTO_CHUNK_BYTES, or 0
-    (the plain path, faster) where all `positions` fit in one chunk."""
+    (one chunk, nothing recomputed) where all `positions` fit in one."""
     chunk = max(1, AUTO_CHUNK_BYTES // (4 * vocab))
     return chunk if positions > chunk else 0
 
