@@ -185,6 +185,7 @@ class Runner:
             if out.is_symlink():
                 out.unlink()
             elif out.exists():
+                self._park(out)  # a run's own checkpoints outlive its dir
                 shutil.rmtree(out)
             out.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(os.path.relpath(target, out.parent), out, target_is_directory=True)

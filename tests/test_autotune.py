@@ -14,6 +14,7 @@ from pipeline.errors import PipelineError
 from pipeline.train import autotune, checkpoints, choices
 from pipeline.train.autotune import TimeBudget, measure_compile, measure_precision
 from pipeline.train.loss import CompiledOrEager, token_losses
+from pipeline.train.strategy import to_device
 from tests.trainer_helpers import autograd_saved_bytes, losses, make_trainer, tiny_model
 
 
@@ -78,13 +79,16 @@ def test_a_precision_whose_matmuls_screen_much_slower_is_never_run_at_full_size(
 def test_time_budget_fits_steps_evaluations_checkpoints_and_time_already_spent(save_seconds):
     budget = TimeBudget(100.0, started=0.0, warmup_steps=20, eval_every=10, ckpt_every=20)
     budget.eval_seconds = 2.0
-    budget.save_seconds = save_seconds  # a checkpoint already timed
     now = 10.0
     assert budget.steps(1, now, cap=10**6) is None  # step 0 (warm-up) is not timed
     for step in range(2, 11):
+        if step == 5 and save_seconds:  # a checkpoint among the timed steps: its time is not a step's
+            budget.saved(save_seconds)
+            now += save_seconds
         assert budget.steps(step, now + (step - 1) * 0.5, cap=10**6) is None
-    # 10 timed steps of 0.5 s; 100 - 15.0 s spent - 2 s final eval = 83 s at 0.5 + 2/10 (+ 4/20) s per step
-    assert budget.steps(11, 15.0, cap=10**6) == 11 + int(83 // (0.7 + save_seconds / 20))
+    # 10 timed steps of 0.5 s; 100 - 15 s (+ 4 s) spent - 2 s final eval = 83 s (79 s) at 0.5 + 2/10 (+ 4/20) s/step
+    left = 83 - save_seconds
+    assert budget.steps(11, now + 5.0, cap=10**6) == 11 + int(left // (0.7 + save_seconds / 20))
     assert TimeBudget(100.0, 0.0, 20, 0).decide_after == 10 and TimeBudget(100.0, 0.0, 5, 0).decide_after == 4
     # resumed at step 5 of an 8-step warmup: steps 5..7 are the last whose learning rate is known
     assert TimeBudget(100.0, 0.0, 8, 0, start_step=5).decide_after == 2
@@ -226,13 +230,13 @@ def test_auto_activation_checkpointing_follows_the_memory_free(tmp_path, monkeyp
 def test_auto_activation_checkpointing_recomputes_only_the_blocks_memory_needs(tmp_path, monkeypatch):
     roomy = make_trainer(tmp_path / "roomy", activation_checkpointing="auto")
     roomy.fit()
-    row = roomy.job.train_batch(0, 1)
+    device = roomy.strategy.device
+    row = to_device(roomy.job.train_batch(0, 1), device)
     measured = autotune.saved_activation_bytes(roomy.model, row, 0, 32) * roomy.spec.micro_batch_size  # as auto does
     trainable = sum(p.numel() for p in roomy.model.parameters())
     room = 0.9 * measured  # one of the two blocks recomputed frees more than a tenth
-    monkeypatch.setattr(
-        choices, "free_memory", lambda device: int(room / autotune.ACTIVATION_SHARE["cpu"]) + 12 * trainable
-    )
+    share = autotune.ACTIVATION_SHARE[device.type]
+    monkeypatch.setattr(choices, "free_memory", lambda device: int(room / share) + 12 * trainable)
     tight = make_trainer(tmp_path / "tight", activation_checkpointing="auto")
     facts = tight.choices.checkpointing
     assert facts["choice"] and (facts["recomputed_blocks"], facts["blocks"]) == (1, 2)

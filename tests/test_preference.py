@@ -329,5 +329,7 @@ def test_an_adapter_on_a_base_rebuilt_since_is_refused_in_one_line(tmp_path):
         assert resolve_model(str(target)).model_dir == base
     write_json_atomic(tmp_path / "pretrain/manifest.json", dict(pretrain, config_hash="b"))  # rebuilt since
     for target in (tmp_path, tmp_path / "finetune/adapter"):
-        with pytest.raises(PipelineError, match="earlier build of .* rerun the stage that trained it"):
+        with pytest.raises(
+            PipelineError, match="earlier build of .* retrain it: pipeline stage=finetune .* force=\\[finetune\\]"
+        ):
             resolve_model(str(target))

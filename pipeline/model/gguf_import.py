@@ -32,14 +32,20 @@ def is_gguf(path: str | None) -> bool:
 
 def external_inputs(spec) -> dict:
     """What a fine-tuning spec reads besides its config, for its config hash: an external base (a
-    GGUF file's content hash, a directory's file names and sizes) and an edited chat template."""
+    GGUF file's content hash, a directory's file names, sizes and modification times: LoRA
+    checkpoints hold no base, so a base saved anew under the same name must not be resumed on) and
+    an edited chat template."""
     out = {}
     if spec.base:
         p = Path(spec.base).expanduser()
         if is_gguf(spec.base) and p.is_file():  # one file: its content hash (remembered)
             out["base"] = {"path": str(p.resolve()), "sha256": file_digest(p)}
         else:
-            files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()} if p.is_dir() else {}
+            files = (
+                {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(p.iterdir()) if f.is_file()}
+                if p.is_dir()
+                else {}
+            )
             out["base"] = {"path": str(p.resolve()) if p.is_dir() else spec.base, "files": files}
     template = Path(spec.chat_template or "").expanduser()
     if template.is_file():  # an edited template renders different examples

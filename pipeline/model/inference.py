@@ -85,10 +85,11 @@ def adapter_choice(adapter_dir: Path) -> ModelChoice:
     rebuilt since the adapter was trained (the same path then holds other weights)."""
     base = adapter_base(adapter_dir)
     if _built_from(adapter_dir.parent, Path(base).parent) is False:
+        run, stage = adapter_dir.parent.parent, adapter_dir.parent.name
         raise PipelineError(
             f"the adapter {adapter_dir} was trained on an earlier build of {base}, which has been rebuilt "
-            f"since; rerun the stage that trained it (pipeline stage={adapter_dir.parent.name} ...) or use its "
-            "merged model."
+            f"since; retrain it: pipeline stage={stage} run.root={run.parent} run.name={run.name} "
+            f"force=[{stage}] (with that run's other settings)."
         )
     return ModelChoice(base, str(adapter_dir), "adapter", chat=True)
 

@@ -59,8 +59,8 @@ def saved_activation_bytes(model, batch: dict, chunk_tokens, micro_positions: in
     aside), the losses computed as training computes them for a micro-batch of `micro_positions`
     (train.loss_chunk_tokens=auto decides on the micro-batch's logits, not this batch's). The graph
     is dropped unused; dropout draws from a forked RNG, so training's random stream is unchanged."""
-    if chunk_tokens == "auto":
-        chunk_tokens = auto_chunk_tokens(micro_positions, model.config.vocab_size)
+    if chunk_tokens == "auto":  # the micro-batch's logits, every position trained, decide on chunking
+        chunk_tokens = auto_chunk_tokens(micro_positions, model.config.vocab_size) or "auto"
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -302,9 +302,9 @@ class TimeBudget:
     per step over the first few steps (the first one, with its warm-up, excluded), the time of an
     evaluation, and the time spent since the trainer started. The learning-rate schedule is still
     in warmup then, so the decay spans exactly the steps decided; they are stored with checkpoints.
-    Checkpoints count from the first one timed. Afterwards `repace` re-estimates the count from the
-    pace since deciding (evaluations and checkpoints included), for a schedule that can still move
-    its decay (wsd before its cooldown)."""
+    A checkpoint written before deciding counts as its time every ckpt_every steps. Afterwards
+    `repace` re-estimates the count from the pace since deciding (evaluations and checkpoints
+    included), for a schedule that can still move its decay (wsd before its cooldown)."""
 
     REPACE_AFTER = 20  # steps timed since deciding before the pace is trusted
     REPACE_CHANGE = 0.02  # a new count must differ by this share (and 2 steps) to be taken
@@ -327,7 +327,8 @@ class TimeBudget:
         room = warmup_steps - 1 - start_step
         self.decide_after = 10 if constant_lr else max(1, min(room, 10))
         self.eval_seconds = eval_seconds  # set by each evaluation
-        self.save_seconds = 0.0  # set by each checkpoint
+        self.save_seconds = 0.0  # of the last checkpoint (saved())
+        self.saves_timed = 0.0  # seconds of checkpoints inside the steps timed so far
         self.first: tuple[int, float] | None = None
         self.decided: tuple[int, float] | None = None  # (step, time) when the count was fixed
         self.facts: dict = {}
@@ -340,7 +341,7 @@ class TimeBudget:
         timed = step - self.first[0]
         if timed < self.decide_after:
             return None
-        per_step = (now - self.first[1]) / timed
+        per_step = (now - self.first[1] - self.saves_timed) / timed
         evals = self.eval_seconds / self.eval_every if self.eval_every else 0.0
         saves = self.save_seconds / self.ckpt_every if self.ckpt_every else 0.0  # once one was timed
         left = self.seconds - (now - self.started) - self.eval_seconds  # the final evaluation included
@@ -355,6 +356,12 @@ class TimeBudget:
         }
         self.decided = (step, now)
         return total
+
+    def saved(self, seconds: float) -> None:
+        """A checkpoint took `seconds`: the ones to come are counted, and the steps timed exclude it."""
+        self.save_seconds = seconds
+        if self.first is not None and self.decided is None:
+            self.saves_timed += seconds
 
     def repace(self, step: int, now: float, cap: int, floor: int) -> int | None:
         """A new step count (between `floor` and `cap`) when the pace since deciding says the run

@@ -377,7 +377,7 @@ class Trainer:
             run.last_ckpt = checkpoints.save(self.strategy, self.ckpt_root, state, spec.keep_checkpoints, run.last_ckpt)
             run.t_last = time.time()  # a checkpoint is not training time; a time budget counts it
             if self.choices.budget is not None:
-                self.choices.budget.save_seconds = run.t_last - t0
+                self.choices.budget.saved(run.t_last - t0)
             if self.strategy.is_main:
                 mb = checkpoints.size_of(run.last_ckpt) / 1e6
                 log.info("checkpoint %s: %.1f MB in %.1fs", run.last_ckpt, mb, run.t_last - t0)

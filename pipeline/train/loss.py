@@ -29,9 +29,9 @@ log = logging.getLogger("pipeline")
 
 def token_losses(model, batch: dict, chunk_tokens: int | str = 0) -> torch.Tensor:
     """Per-token cross entropy in fp32 (0 where labels are IGNORE). chunk_tokens: positions per
-    chunk of the chunked path; 0: the plain path; "auto": chunked only when the fp32 logits of the
-    positions projected would exceed AUTO_CHUNK_BYTES (recomputing them costs time where memory is
-    no issue), else one chunk."""
+    chunk of the chunked path, each chunk's logits recomputed in backward; 0: the plain path;
+    "auto": chunked only when the fp32 logits of the positions projected would exceed
+    AUTO_CHUNK_BYTES (recomputing them costs time where memory is no issue), else one chunk kept."""
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     labels = batch["labels"]
     head, vocab = _output_head(model, chunk_tokens)
@@ -51,7 +51,7 @@ def token_losses(model, batch: dict, chunk_tokens: int | str = 0) -> torch.Tenso
         trained = (flat != IGNORE).nonzero().squeeze(1)
         hidden, flat = hidden[trained], flat[trained]
     chunk = auto_chunk_tokens(len(flat), vocab) if chunk_tokens == "auto" else int(chunk_tokens)
-    if chunk >= len(flat) or not chunk:  # one chunk: its logits are the only ones, nothing to recompute
+    if not chunk:  # auto, and the logits fit AUTO_CHUNK_BYTES: one chunk, kept, nothing recomputed
         losses = _head_cross_entropy(head, hidden, flat)
     else:
         losses = torch.cat(
