@@ -69,9 +69,10 @@ def stream_answer(
     """Generate in a thread and print tokens as they arrive; returns (text, tokens, seconds,
     interrupted). Ctrl-C stops the generation itself, so the next turn never runs beside it; an
     error inside generation is raised here instead of leaving the stream waiting."""
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens(tokenizer, chat)).to(
-        model.device
-    )
+    special = add_special_tokens(tokenizer, chat)
+    # No token_type_ids: generate in transformers < 4.57 refuses them for causal LMs.
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=special, return_token_type_ids=False)
+    enc = enc.to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = Event()
     torch.manual_seed(sampling.seed)

@@ -2,6 +2,7 @@
 completion mode, and the start-up version check."""
 
 import importlib.util
+import re
 import threading
 
 import pytest
@@ -14,7 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.model.build import build_model, hf_config
 from pipeline.model.inference import add_special_tokens, format_prompt
 from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
-from pipeline.requirements import check_versions
+from pipeline.requirements import check_versions, floors
 from tests.conftest import REPO, make_documents
 
 
@@ -95,9 +96,14 @@ def test_completion_mode_starts_with_bos_where_the_tokenizer_adds_one(tiny_chat_
     assert not add_special_tokens(adds_eos_too, chat=False)  # never an EOS after the prompt
 
 
-def test_too_old_transformers_is_refused_with_the_fix():
-    with pytest.raises(
-        PipelineError, match=r"transformers 4\.50\.1 is installed .* pip install -U 'transformers>=4\.56'"
-    ):
-        check_versions(lambda package: "4.50.1")
-    check_versions(lambda package: "4.56.0")
+def test_every_floor_of_pyproject_is_checked_with_the_fix():
+    required = floors()  # from the installed metadata, i.e. pyproject.toml
+    assert {"torch", "transformers", "peft", "accelerate", "datasets"} <= set(required)
+    assert floors(["torch>=2.9", "deepspeed>=0.16; extra == 'deepspeed'", "numpy"]) == {"torch": "2.9"}
+    check_versions()  # this environment satisfies them
+    for package, lowest in required.items():
+        older = {**required, package: "0.0.1"}
+        fix = re.escape(f"pip install -U '{package}>={lowest}'")
+        with pytest.raises(PipelineError, match=rf"{package} 0\.0\.1 is installed .* {fix}"):
+            check_versions(lambda name, older=older: older[name], required)
+    check_versions(lambda name: "2.13.0+cpu", {"torch": "2.13"})  # a local build tag still satisfies

@@ -257,7 +257,9 @@ def add_special_tokens(tokenizer, chat: bool) -> bool:
 def generate_batch(model, tokenizer, texts: list[str], sampling: Sampling, chat: bool = True) -> list[dict]:
     """Left-padded batched generation with the KV cache; one record per formatted prompt."""
     special = add_special_tokens(tokenizer, chat)
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)
+    enc = tokenizer(  # no token_type_ids: generate in transformers < 4.57 refuses them for causal LMs
+        texts, return_tensors="pt", padding=True, add_special_tokens=special, return_token_type_ids=False
+    ).to(model.device)
     stops = stop_ids(tokenizer, model)
     torch.manual_seed(sampling.seed)
     t0 = time.perf_counter()
