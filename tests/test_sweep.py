@@ -75,21 +75,30 @@ def test_a_2x2_sweep_builds_upstream_once_skips_when_complete_and_reports(tmp_pa
 
     # One run changes its tokenizer: it gets its own; what the other runs read is untouched.
     shared = (runs[0] / "tokenizer").resolve()
-    files = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
+    files = file_bytes(shared)
+    rebuild_tokenizer(runs[0], text_corpus, "tokenizer.vocab_size=300")
+    assert not (runs[0] / "tokenizer").is_symlink() or (runs[0] / "tokenizer").resolve() != shared
+    assert file_bytes(shared) == files
+    assert all((r / "tokenizer").resolve() == shared for r in runs[1:])
+
+
+def file_bytes(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def rebuild_tokenizer(run, text_corpus, override: str) -> None:
+    """Rebuild one sweep run's tokenizer on its own, as a user would after the sweep."""
     run_cli(
         "stage=tokenizer",
-        f"run.root={sweep}",
-        f"run.name='{runs[0].name}'",
+        f"run.root={run.parent}",
+        f"run.name='{run.name}'",
         "run.shared_upstream=true",
         "data=text",
         f"data.paths=[{text_corpus}]",
         *TINY,
-        "tokenizer.vocab_size=300",
-        cwd=tmp_path,
+        override,
+        cwd=run.parent.parent.parent,
     )
-    assert not (runs[0] / "tokenizer").is_symlink() or (runs[0] / "tokenizer").resolve() != shared
-    assert {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()} == files
-    assert all((r / "tokenizer").resolve() == shared for r in runs[1:])
 
 
 @pytest.mark.slow
@@ -205,20 +214,10 @@ def test_a_sweep_rerun_with_more_steps_resumes_each_run_and_force_adds_a_shared_
 
     # A forced rebuild of one run's tokenizer makes a new shared entry: the others' stays as it was.
     shared = (runs[1] / "tokenizer").resolve()
-    files = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
-    run_cli(
-        "stage=tokenizer",
-        f"run.root={sweep}",
-        f"run.name='{runs[0].name}'",
-        "run.shared_upstream=true",
-        "data=text",
-        f"data.paths=[{text_corpus}]",
-        *TINY,
-        "force=true",
-        cwd=tmp_path,
-    )
+    files = file_bytes(shared)
+    rebuild_tokenizer(runs[0], text_corpus, "force=true")
     assert (runs[0] / "tokenizer").resolve() != shared and (runs[0] / "tokenizer").resolve().parent == shared.parent
-    assert {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()} == files
+    assert file_bytes(shared) == files
     assert (runs[1] / "tokenizer").resolve() == shared
 
 

@@ -49,7 +49,10 @@ def token_losses(model, batch: dict, chunk_tokens: int | str = 0) -> torch.Tenso
         # and the head and its softmax a quarter of a small model's step. A GPU would wait for their
         # count, and a compiled graph recompile for it, so there every position is projected.
         trained = (flat != IGNORE).nonzero().squeeze(1)
-        hidden, flat = hidden[trained], flat[trained]
+        if len(trained) < len(flat):
+            hidden, flat = hidden[trained], flat[trained]
+        else:  # pretraining: every position is trained, nothing to gather
+            trained = None
     chunk = auto_chunk_tokens(len(flat), vocab) if chunk_tokens == "auto" else int(chunk_tokens)
     if not chunk:  # auto, and the logits fit AUTO_CHUNK_BYTES: one chunk, kept, nothing recomputed
         losses = _head_cross_entropy(head, hidden, flat)
