@@ -311,7 +311,7 @@ def test_the_real_measurement_times_the_compiled_loss_in_training_mode(tmp_path,
         return real(model, batch, chunk)
 
     monkeypatch.setattr(choices, "token_losses", spy)
-    trainer = make_trainer(tmp_path, max_steps=8)
+    trainer = make_trainer(tmp_path, max_steps=10_000)  # long enough that the other measurements leave room
     trainer.model.eval()  # as a from_pretrained base comes
     choice, _ = choices.choose_compile(trainer.job, trainer.spec, trainer.strategy, trainer.model, None)
     # Each measurement: 2 eager warm-up/first passes, the compile, 3 x (compiled + eager); once in

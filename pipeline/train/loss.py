@@ -12,7 +12,6 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import extract_model_from_parallel
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.errors import first_line
@@ -83,13 +82,23 @@ def _output_head(model, chunk_tokens: int | str) -> tuple[torch.nn.Module | None
     DeepSpeed)."""
     if not chunk_tokens:
         return None, 0
-    inner = extract_model_from_parallel(model, keep_torch_compile=False)  # DDP's .module, compile's _orig_mod
+    inner = unwrapped(model)
     config = inner.config
     if config.model_type not in CHUNKABLE_MODEL_TYPES or any(
         getattr(config, k, None) is not None for k in LOGIT_MODIFIERS
     ):
         return None, 0
     return inner.get_output_embeddings(), config.vocab_size
+
+
+def unwrapped(model) -> torch.nn.Module:
+    """The model inside torch.compile's and DDP's wrappers (sharded launches never project outside
+    the forward). accelerate's extract_model_from_parallel would do it, but it imports DeepSpeed
+    where installed: seconds, charged to the first measurement that calls it."""
+    model = getattr(model, "_orig_mod", model)
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = getattr(model.module, "_orig_mod", model.module)
+    return model
 
 
 def auto_chunk_tokens(positions: int, vocab: int) -> int:
