@@ -52,7 +52,7 @@ def set_aside(ckpts: list[Path], why: str) -> None:
         while dest.exists():
             dest = dest.with_name(dest.name + "+")
         os.replace(c, dest)
-    gb = sum(f.stat().st_size for f in aside.rglob("*") if f.is_file()) / 1e9
+    gb = size_of(aside) / 1e9
     log.warning(
         "kept %s (%s) in %s (%.2f GB there): `rm -r %s` frees the space; moving one back into %s "
         "(without its .%s suffix) with the earlier settings resumes it. resume=never or force=true "
