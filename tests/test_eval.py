@@ -165,7 +165,7 @@ def test_no_eval_task_is_in_a_training_split_with_other_fractions_and_a_separato
     tasks = held_out_tasks(corpus, chat.val_fraction, chat.max_code_chars, 1000)
     assert len(tasks) >= 5  # few: a file is held out only when every one of its parts is
     digest = lambda text: hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()  # noqa: E731
-    trained_on = {digest(doc) for val, doc in labelled_documents(corpus) if not val}
+    trained_on = {digest(doc) for val, doc, _ in labelled_documents(corpus) if not val}
     asked = {t.messages[0]["content"] for t in tasks}
     files = {text for text, (user, _) in stdlib_conversations_by_file(chat.max_code_chars) if user["content"] in asked}
     for text in files:

@@ -13,7 +13,7 @@ import pytest
 from pipeline.config.data import CorpusSpec
 from pipeline.data.encode import Chunks, encode_chunks, encode_documents, pieces
 from pipeline.data.shards import collect, open_split
-from pipeline.data.sources import iter_documents, take_bytes
+from pipeline.data.sources import iter_documents, labelled_documents, take_bytes
 from pipeline.model.tokenizer import EOS, train_bpe
 from tests.conftest import (
     TINY,
@@ -26,11 +26,11 @@ from tests.conftest import (
 
 
 def test_chunks_cut_the_stream_the_same_way_for_every_rank():
-    labelled = [(i % 5 == 0, d) for i, d in enumerate(make_documents(60))]  # ~40 KB
+    labelled = [(i % 5 == 0, d, True) for i, d in enumerate(make_documents(60))]  # ~40 KB
 
     def chunk_docs(world, rank):
         chunks = Chunks(iter(labelled), 4000, 1500, lambda c: c % world == rank)
-        return {(c, doc) for c, batch in chunks for _, doc in batch}, chunks.count
+        return {(c, doc) for c, batch in chunks for _, doc, _ in batch}, chunks.count
 
     alone, count = chunk_docs(1, 0)
     assert count > 5 and {c for c, _ in alone} == set(range(count))
@@ -43,16 +43,18 @@ def test_one_pass_writes_both_splits_with_the_tokens_of_each_document(tmp_path):
     docs = make_documents(50)
     tok = train_bpe(docs, 300)
     eos, dtype = tok.token_to_id(EOS), np.dtype(np.uint16)
-    labelled = [(i % 4 == 0, d) for i, d in enumerate(docs)]
+    labelled = [(i % 4 == 0, d, True) for i, d in enumerate(docs)]
     chunks = Chunks(iter(labelled), 6000, 2000, lambda c: True)  # an iterator: it can be read once only
     assert encode_chunks(tok, chunks, tmp_path, dtype, eos, "fp") == list(range(chunks.count)) and chunks.count > 1
     splits, totals = collect(tmp_path, chunks.count, "fp")
     (tmp_path / "index.json").write_text(json.dumps({"dtype": "uint16", "splits": splits}))
     for split, is_val in (("train", False), ("val", True)):
-        expected = [t for v, d in labelled if v == is_val for t in tok.encode(d, add_special_tokens=False).ids + [eos]]
+        expected = [
+            t for v, d, _ in labelled if v == is_val for t in tok.encode(d, add_special_tokens=False).ids + [eos]
+        ]
         got = np.concatenate(open_split(tmp_path, split).arrays)
         assert got.tolist() == expected
-        assert totals[split]["docs"] == sum(v == is_val for v, _ in labelled) and totals[split]["tokens"] == len(got)
+        assert totals[split]["docs"] == sum(v == is_val for v, _, _ in labelled) and totals[split]["tokens"] == len(got)
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -68,6 +70,30 @@ def test_a_long_document_encoded_in_pieces_gives_the_tokens_of_the_whole():
     crlf = doc[:300_000].replace("\n", "\r\n")  # Windows line ends are cut too
     parts = encode_documents(tok.encode_batch_fast, [crlf], np.dtype(np.uint16), 10_000)[0]
     assert len(parts) > 20 and np.concatenate(parts).tolist() == tok.encode(crlf, add_special_tokens=False).ids
+
+
+def test_a_long_document_is_prepared_across_chunks_with_the_tokens_of_its_two_parts(tmp_path, monkeypatch):
+    import pipeline.data.sources as sources
+
+    text = "".join(take_bytes(iter_documents(CorpusSpec()), 300_000))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus/book.txt").write_text(text, encoding="utf-8", newline="")
+    monkeypatch.setattr(sources, "LONG_DOCUMENT_BYTES", 100_000)
+    monkeypatch.setattr(sources, "READ_BLOCK", 10_000)
+    spec = CorpusSpec(source="text", paths=[str(tmp_path / "corpus")], val_fraction=0.2)
+    tok = train_bpe([text[i : i + 5000] for i in range(0, len(text), 5000)], 500)
+    eos = tok.token_to_id(EOS)
+    chunks = Chunks(labelled_documents(spec), 40_000, 8_000, lambda c: True)
+    out = tmp_path / "data"
+    out.mkdir()
+    encode_chunks(tok, chunks, out, np.dtype(np.uint16), eos, "fp")
+    splits, totals = collect(out, chunks.count, "fp")
+    (out / "index.json").write_text(json.dumps({"dtype": "uint16", "splits": splits}))
+    assert chunks.count > 5 and totals["train"]["docs"] == totals["val"]["docs"] == 1
+    train, val = ("".join(t for v, t, _ in labelled_documents(spec) if v == want) for want in (False, True))
+    for split, part in (("train", train), ("val", val)):
+        expected = tok.encode(part, add_special_tokens=False).ids + [eos]  # as if encoded whole
+        assert np.concatenate(open_split(out, split).arrays).tolist() == expected
 
 
 def shard_bytes(data_dir):
@@ -136,3 +162,28 @@ def test_two_processes_each_tokenize_their_chunks_into_the_same_shards(tmp_path,
         json.loads((two / "manifest.json").read_text())["files"]
         == json.loads((one / "manifest.json").read_text())["files"]
     )
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_prepare_a_file_larger_than_a_chunk_into_the_same_shards(tmp_path):
+    """A single text file above sources.LONG_DOCUMENT_BYTES, without a separator: every rank
+    reads it in segments and tokenizes only its chunks; the shards are those of one process."""
+    from pipeline.data.sources import LONG_DOCUMENT_BYTES, READ_BLOCK
+
+    text = "".join(take_bytes(iter_documents(CorpusSpec()), 4_000_000))
+    book = tmp_path / "book.txt"
+    with open(book, "w", encoding="utf-8") as f:
+        for copy in range(LONG_DOCUMENT_BYTES // len(text.encode()) + 1):
+            f.write(f"# copy {copy}\n{text}")
+    args = ["stage=prepare", "data=text", f"data.paths=[{book}]", "tokenizer.vocab_size=320"]
+    args += ["tokenizer.max_train_bytes=1000000", "prepare.shard_bytes=8000000"]
+    run_cli(*args, "run.name=one", cwd=tmp_path)
+    launch_two_processes(*args, "run.name=two", cwd=tmp_path)
+    one, two = tmp_path / "runs/one/data", tmp_path / "runs/two/data"
+    assert shard_bytes(two) == shard_bytes(one)
+    facts = manifest_facts(two)
+    assert facts["train"]["docs"] == facts["val"]["docs"] == 1 and facts["chunks"] >= 8
+    assert facts["chunks_by_rank"] == [(facts["chunks"] + 1) // 2, facts["chunks"] // 2]
+    assert facts["train"]["bytes"] + facts["val"]["bytes"] == book.stat().st_size
+    assert 1_000_000 <= manifest_facts(tmp_path / "runs/one/tokenizer")["train_bytes"] <= 1_000_000 + 2 * READ_BLOCK

@@ -6,8 +6,10 @@ from pipeline.data.sources import (
     CorpusSpec,
     is_val,
     iter_documents,
+    labelled_documents,
     split_documents,
     stdlib_files,
+    take_bytes,
 )
 from pipeline.errors import PipelineError
 
@@ -143,3 +145,47 @@ def test_reading_in_blocks_splits_exactly_like_the_whole_text(tmp_path, monkeypa
         stats = {}
         assert list(sources.read_separated(path, sep, stats)) == text.split(sep)
         assert stats == {}  # a real U+FFFD cut between blocks is not a decoding error
+
+
+@pytest.fixture
+def long_document(tmp_path, monkeypatch):
+    """A 600 KB text file of real text, read as a long document in 20 KB blocks."""
+    import pipeline.data.sources as sources
+
+    text = "".join(take_bytes(iter_documents(CorpusSpec()), 600_000)) + "\u00e9t\u00e9 \u4e2d\u6587\r\n" * 3000
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    monkeypatch.setattr(sources, "LONG_DOCUMENT_BYTES", 100_000)
+    monkeypatch.setattr(sources, "READ_BLOCK", 20_000)
+    return path, text
+
+
+def test_a_long_document_is_read_in_segments_and_cut_into_train_and_val(long_document):
+    path, text = long_document
+    items = list(labelled_documents(CorpusSpec(source="text", paths=[str(path)], val_fraction=0.1)))
+    train, val = ([t for v, t, _ in items if v == want] for want in (False, True))
+    assert "".join(train) + "".join(val) == text  # every character once, in order
+    assert len(train) > 20 and len(val) > 2 and max(len(t.encode()) for t in train + val) <= 40_000
+    assert [ends for _, _, ends in items] == [*[False] * (len(train) - 1), True, *[False] * (len(val) - 1), True]
+    cut = len("".join(train).encode())
+    assert text.encode()[cut - 1 : cut] == b"\n" and 0.09 < 1 - cut / len(text.encode()) < 0.11
+
+
+def test_a_long_document_keeps_its_bytes_across_blocks_and_repairs_bad_ones(tmp_path, monkeypatch):
+    import pipeline.data.sources as sources
+
+    monkeypatch.setattr(sources, "LONG_DOCUMENT_BYTES", 100)
+    monkeypatch.setattr(sources, "READ_BLOCK", 7)  # multi-byte characters straddle blocks; no line break for a while
+    path = tmp_path / "book.txt"
+    good = "caf\u00e9 \u4e2d\u6587 " * 40 + "\n".join(f"line {i}" for i in range(100))
+    path.write_bytes(good.encode() + b"\nbad \xff byte\n" + good.encode())
+    stats = {}
+    items = list(labelled_documents(CorpusSpec(source="text", paths=[str(path)]), stats))
+    assert "".join(t for _, t, _ in items) == good + "\nbad \ufffd byte\n" + good
+    assert stats == {"non_utf8_replaced": 1}
+
+
+def test_the_tokenizer_budget_stops_inside_a_long_document(long_document):
+    path, text = long_document
+    taken = list(take_bytes(split_documents(CorpusSpec(source="text", paths=[str(path)]), "train"), 50_000))
+    assert 50_000 <= sum(len(t.encode()) for t in taken) < 50_000 + 40_000 and text.startswith("".join(taken))

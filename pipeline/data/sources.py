@@ -1,7 +1,10 @@
 """Where documents come from: the embedded stdlib corpus, text/JSONL/Parquet files, or a hub dataset.
 
 Every source yields plain `str` documents in a deterministic order. The train/val split is a
-hash of the document's text, so it does not depend on file order, seeds or the source type.
+hash of the document's text, so it does not depend on file order, seeds or the source type. A text
+file read whole that is larger than LONG_DOCUMENT_BYTES is never held in memory: it is a
+`LongDocument`, read in segments cut where byte-level BPE splits anyway, and cut into train and
+validation like a single-document corpus.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config.data import CorpusSpec
@@ -21,7 +25,9 @@ from pipeline.data.jsonl import read_jsonl
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
-READ_BLOCK = 16 * 2**20  # text files with a separator are read in blocks of this many bytes
+READ_BLOCK = 2 * 2**20  # text files with a separator, and long documents, are read in blocks of this many bytes
+LONG_DOCUMENT_BYTES = 64 * 2**20  # a file read whole that is larger is read in segments (prepare's default chunk)
+VAL_CUT_WINDOW = 10_000  # a single document's validation part starts at the first line break this close
 
 # Folders of the stdlib that are test suites or vendored packages, not the library itself.
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -33,14 +39,15 @@ def is_val(text: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-def labelled_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[tuple[bool, str]]:
-    """(is validation, document) for every document, in one pass over the corpus. A corpus of a
-    single document (one book, one text file) is cut instead: validation is its last val_fraction,
-    from a line break on (nanoGPT's convention)."""
+def labelled_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[tuple[bool, str, bool]]:
+    """(is validation, text, ends a document) for every document or segment of one, in one pass
+    over the corpus. A corpus of a single document (one book, one text file), and any long
+    document, is cut instead: validation is its last val_fraction, from a line break on (nanoGPT's
+    convention)."""
     docs = iter_documents(spec, stats)
     first = next(docs)  # the corpus has at least one document (iter_documents says so otherwise)
-    second = next(docs, None)
-    if second is None:
+    second = None if isinstance(first, LongDocument) else next(docs, None)
+    if second is None and isinstance(first, str):
         cut = _val_cut(first, spec.val_fraction)
         log.info(
             "data: the corpus is one document of %d characters; validation is its last %.0f%% (from character %d)",
@@ -48,16 +55,19 @@ def labelled_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[
             100 * spec.val_fraction,
             cut,
         )
-        yield from ((False, first[:cut]), (True, first[cut:]))
+        yield from ((False, first[:cut], True), (True, first[cut:], True))
         return
-    for doc in itertools.chain([first, second], docs):
-        yield is_val(doc, spec.val_fraction), doc
+    for doc in itertools.chain([first], [] if second is None else [second], docs):
+        if isinstance(doc, LongDocument):
+            yield from doc.labelled(spec.val_fraction)
+        else:
+            yield is_val(doc, spec.val_fraction), doc, True
 
 
 def split_documents(spec: CorpusSpec, split: str, stats: dict | None = None) -> Iterator[str]:
     """The documents of one split (see labelled_documents)."""
     want_val = split == "val"
-    return (doc for val, doc in labelled_documents(spec, stats) if val == want_val)
+    return (text for val, text, _ in labelled_documents(spec, stats) if val == want_val)
 
 
 def corpus_bytes(spec: CorpusSpec) -> int | None:
@@ -74,7 +84,7 @@ def corpus_bytes(spec: CorpusSpec) -> int | None:
 def _val_cut(text: str, val_fraction: float) -> int:
     """Where validation starts in a single document: the first line break after the nominal point."""
     nominal = int(len(text) * (1 - val_fraction))
-    newline = text.find("\n", nominal, nominal + 10_000)
+    newline = text.find("\n", nominal, nominal + VAL_CUT_WINDOW)
     return newline + 1 if newline >= 0 and newline + 1 < len(text) else nominal
 
 
@@ -209,16 +219,110 @@ def read_separated(path: Path, separator: str, stats: dict | None = None) -> Ite
         _repaired(path, stats)
 
 
-def _text_documents(spec: CorpusSpec, files: list[Path], stats: dict) -> Iterator[str]:
+def bpe_cut(text: str, start: int) -> int:
+    """The first place in text from `start` on to cut without changing its byte-level BPE tokens,
+    or -1: just before a line break (LF or CRLF) that follows a non-space character, where the
+    pre-tokenizer always splits."""
+    newline = text.find("\n", start)
+    while newline != -1:
+        cut = newline - 1 if text[newline - 1] == "\r" else newline
+        if cut > 0 and not text[cut - 1].isspace():
+            return cut
+        newline = text.find("\n", newline + 1)
+    return -1
+
+
+@dataclass
+class LongDocument:
+    """A text file too large to hold as one document. `labelled` reads it in segments of about
+    READ_BLOCK bytes, each cut where byte-level BPE splits (so the segments' tokens are the file's),
+    and cuts it into train and validation at a line break. Memory holds a block and a segment."""
+
+    path: Path
+    size: int
+    stats: dict
+
+    def labelled(self, val_fraction: float) -> Iterator[tuple[bool, str, bool]]:
+        cut = self._val_cut(val_fraction)
+        log.info(
+            "data: %s is one document of %.1f MB, read in segments; validation is its last %.0f%% (from byte %d)",
+            self.path,
+            self.size / 1e6,
+            100 * val_fraction,
+            cut,
+        )
+        replaced_before = _replaced[0]
+        for val, (start, end) in ((False, (0, cut)), (True, (cut, self.size))):
+            yield from ((val, text, ends) for text, ends in self._segments(start, end))
+        if _replaced[0] > replaced_before:
+            _repaired(self.path, self.stats)
+
+    def _val_cut(self, val_fraction: float) -> int:
+        """The byte where validation starts: after the first line break past the nominal point, or
+        at the nominal point, moved back to the start of a character."""
+        nominal = int(self.size * (1 - val_fraction))
+        with open(self.path, "rb") as f:
+            f.seek(nominal)
+            window = f.read(VAL_CUT_WINDOW)
+            newline = window.find(b"\n")
+            if newline >= 0 and nominal + newline + 1 < self.size:
+                return nominal + newline + 1
+            while nominal > 0 and 0x80 <= window[0] < 0xC0:  # a UTF-8 continuation byte
+                nominal -= 1
+                f.seek(nominal)
+                window = f.read(1)
+            return nominal
+
+    def _segments(self, start: int, end: int) -> Iterator[tuple[str, bool]]:
+        """(text, is the last) for bytes start..end of the file, one segment per block read."""
+        decoder = codecs.getincrementaldecoder("utf-8")("pipeline-count-replace")
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            pending, left, ended = "", end - start, False
+            while left:
+                block = f.read(min(READ_BLOCK, left))
+                if not block:  # the file shrank while being read
+                    break
+                left -= len(block)
+                text = pending + decoder.decode(block, final=not left)
+                cut = -1 if not left else bpe_cut(text, max(1, len(text) - len(block) // 2))
+                if cut == -1 and left and len(text) < 4 * READ_BLOCK:
+                    pending = text  # no safe cut in this block's second half: read on
+                    continue
+                cut = len(text) if cut == -1 else cut  # 4 blocks without a line break: cut anyway
+                pending, ended = text[cut:], not left and cut == len(text)
+                yield text[:cut], ended
+            if not ended:  # the file shrank while being read
+                yield pending, True
+
+
+def _text_documents(spec: CorpusSpec, files: list[Path], stats: dict) -> Iterator[str | LongDocument]:
     for path in files:
         if spec.separator:
             docs = read_separated(path, spec.separator, stats)
+        elif (size := _size(path)) > LONG_DOCUMENT_BYTES:
+            docs = [] if _is_binary(path, _head(path), stats) else [LongDocument(path, size, stats)]
         else:
             text = read_text(path, stats)
             docs = [text] if text is not None else []
         for doc in docs:
-            if doc.strip():
+            if isinstance(doc, LongDocument) or doc.strip():
                 yield doc
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise _open_error(path, e) from None
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(8192)
+    except OSError as e:
+        raise _open_error(path, e) from None
 
 
 def _jsonl_documents(spec: CorpusSpec, files: list[Path]) -> Iterator[str]:
@@ -274,8 +378,9 @@ def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
             yield text
 
 
-def iter_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[str]:
-    """All non-empty documents of the corpus, in a fixed order; errors if there are none.
+def iter_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[str | LongDocument]:
+    """All non-empty documents of the corpus, in a fixed order; errors if there are none. Text
+    files read whole that are larger than LONG_DOCUMENT_BYTES come as a LongDocument.
     `stats` (optional) collects counts of skipped binary and repaired non-UTF-8 files."""
     stats = stats if stats is not None else {}
     if spec.source == "stdlib":
@@ -302,7 +407,8 @@ def iter_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[str]
                 "data: stopped reading the corpus at data.%s=%d (%d documents)", limit, getattr(spec, limit), count
             )
             return
-        count, size = count + 1, size + (utf8_len(doc) if spec.max_bytes else 0)
+        length = doc.size if isinstance(doc, LongDocument) else utf8_len(doc) if spec.max_bytes else 0
+        count, size = count + 1, size + length
         yield doc
     if count == 0:
         where = ", ".join(spec.paths) or spec.name or spec.source

@@ -10,6 +10,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from pipeline.data.encode import pieces
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -41,7 +42,11 @@ TEMPLATE_VARS = {"date_string": "26 Jul 2024"}
 
 
 def train_bpe(docs: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Byte-level BPE: every byte is in the base alphabet, so any text round-trips exactly."""
+    """Byte-level BPE: every byte is in the base alphabet, so any text round-trips exactly.
+
+    Documents are fed in pieces cut where the pre-tokenizer splits anyway, so the words counted,
+    and the merges learned, are those of the whole documents: `tokenizers` reads 256 texts ahead,
+    which for documents of many MB would hold GBs."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -53,7 +58,7 @@ def train_bpe(docs: Iterable[str], vocab_size: int, min_frequency: int = 2) -> T
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(docs, trainer=trainer)
+    tok.train_from_iterator((piece for doc in docs for piece in pieces(doc)), trainer=trainer)
     return tok
 
 

@@ -30,6 +30,7 @@ from pipeline.data.sources import corpus_bytes, labelled_documents
 from pipeline.errors import PipelineError
 from pipeline.model.tokenizer import EOS
 from pipeline.stages.context import StageContext
+from pipeline.train.memory import peak_rss_gb
 
 NAME = "prepare"
 DIR = "data"  # runs/<name>/data/
@@ -71,13 +72,14 @@ def _summary(
         **totals,
         "chunks": n_chunks,
         "chunks_kept": len(reused),
-        "chunks_by_rank": by_rank,
+        "chunks_by_rank": [chunks for chunks, _ in by_rank],
+        "peak_rss_gb_by_rank": [rss for _, rss in by_rank],
         "processes": world,
         "seconds": round(secs, 2),
     }
     log.info(
         "prepare: %d train / %d val docs -> %.2fM / %.2fM tokens (%s, %d chunks, %d processes) in %.1fs "
-        "(%.1f MB/s) -> %s",
+        "(%.1f MB/s, peak RSS %.2f GB per process) -> %s",
         totals["train"]["docs"],
         totals["val"]["docs"],
         totals["train"]["tokens"] / 1e6,
@@ -87,6 +89,7 @@ def _summary(
         world,
         secs,
         new_bytes / 1e6 / secs,
+        max(facts["peak_rss_gb_by_rank"]),
         out,
     )
     return facts
@@ -120,7 +123,8 @@ def run(ctx: StageContext) -> dict | None:
             check_kept,
         )
         written = encode_chunks(tok, chunks, ctx.out, dtype, eos_id, fp)
-    by_rank = gather_object([len(written)]) if world > 1 else [len(written)]
+    mine = (len(written), round(peak_rss_gb(), 3))
+    by_rank = gather_object([mine]) if world > 1 else [mine]
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

@@ -6,12 +6,15 @@ import logging
 import time
 from dataclasses import asdict
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.data.encode import encode_documents
 from pipeline.data.sources import split_documents, take_bytes, utf8_len
 from pipeline.errors import PipelineError
 from pipeline.model.tokenizer import to_hf_tokenizer, train_bpe
 from pipeline.stages.context import StageContext
+from pipeline.train.memory import peak_rss_gb
 
 NAME = "tokenizer"
 DIR = "tokenizer"  # runs/<name>/tokenizer/
@@ -59,7 +62,7 @@ def run(ctx: StageContext) -> dict:
 
     val_docs = list(take_bytes(split_documents(data, "val"), VAL_SAMPLE_BYTES))
     val_bytes = sum(utf8_len(d) for d in val_docs)
-    val_tokens = sum(len(e.ids) for e in tok.encode_batch(val_docs))
+    val_tokens = sum(len(a) for ids in encode_documents(tok.encode_batch_fast, val_docs, np.uint32) for a in ids)
     secs = time.time() - t0
     facts = {
         "vocab_size": tok.get_vocab_size(),
@@ -67,15 +70,18 @@ def run(ctx: StageContext) -> dict:
         "train_bytes": stats["bytes"],
         "val_bytes_per_token": round(val_bytes / val_tokens, 4) if val_tokens else None,
         "seconds": round(secs, 2),
+        "peak_rss_gb": round(peak_rss_gb(), 3),
         **files,  # binary_skipped / non_utf8_replaced, when any
     }
     log.info(
-        "tokenizer: %d-token BPE from %.1f MB of %d docs in %.1fs (%.1f MB/s), %s bytes/token on val -> %s",
+        "tokenizer: %d-token BPE from %.1f MB of %d docs in %.1fs (%.1f MB/s, peak RSS %.2f GB), %s bytes/token "
+        "on val -> %s",
         facts["vocab_size"],
         stats["bytes"] / 1e6,
         stats["docs"],
         secs,
         stats["bytes"] / 1e6 / secs,
+        facts["peak_rss_gb"],
         facts["val_bytes_per_token"],
         ctx.out,
     )

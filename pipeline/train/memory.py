@@ -15,8 +15,11 @@ import torch
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated GPU memory, or the process' peak resident memory on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else peak_rss_gb()
+
+
+def peak_rss_gb() -> float:
+    """This process' peak resident memory."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (1e9 if sys.platform == "darwin" else 1e6)
 
