@@ -39,6 +39,18 @@ def test_chunks_cut_the_stream_the_same_way_for_every_rank():
     assert all(c % 3 == r for r, (s, _) in enumerate(shares) for c, _ in s)
 
 
+def test_the_stream_hash_of_whole_documents_is_that_of_earlier_prepares():
+    """A prepare killed before this version resumes: the hash of a chunk of whole documents is
+    still b"T" or b"V", the document's UTF-8, then a NUL byte, per document."""
+    import hashlib
+
+    labelled = [(False, "caf\u00e9", True), (True, "two", True), (False, "thr", False), (False, "ee", True)]
+    expected = hashlib.sha1(b"Tcaf\xc3\xa9\x00Vtwo\x00Tthree\x00").hexdigest()
+    chunks = Chunks(iter(labelled), 2**20, 2**20, lambda c: True)
+    list(chunks)
+    assert chunks.ends == {0: expected}
+
+
 def test_one_pass_writes_both_splits_with_the_tokens_of_each_document(tmp_path):
     docs = make_documents(50)
     tok = train_bpe(docs, 300)

@@ -189,3 +189,41 @@ def test_the_tokenizer_budget_stops_inside_a_long_document(long_document):
     path, text = long_document
     taken = list(take_bytes(split_documents(CorpusSpec(source="text", paths=[str(path)]), "train"), 50_000))
     assert 50_000 <= sum(len(t.encode()) for t in taken) < 50_000 + 40_000 and text.startswith("".join(taken))
+
+
+def test_a_long_document_without_line_breaks_is_cut_before_spaces_with_the_same_tokens(tmp_path, monkeypatch):
+    import pipeline.data.sources as sources
+    from pipeline.model.tokenizer import train_bpe
+
+    words = "".join(take_bytes(iter_documents(CorpusSpec()), 40_000)).split()
+    monkeypatch.setattr(sources, "LONG_DOCUMENT_BYTES", 100)
+    monkeypatch.setattr(sources, "READ_BLOCK", 50)
+    text = "\r".join(" ".join(words[i : i + 30]) + "  \t" for i in range(0, len(words), 30))  # old-Mac line ends
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    stats = {}
+    items = list(labelled_documents(CorpusSpec(source="text", paths=[str(path)]), stats))
+    assert len(items) > 100 and "".join(t for _, t, _ in items) == text and "hard_cuts" not in stats
+    tok = train_bpe([text], 400)
+    for want in (False, True):
+        part = "".join(t for v, t, _ in items if v == want)
+        segments = [i for t in (t for v, t, _ in items if v == want) for i in tok.encode(t).ids]
+        assert segments == tok.encode(part).ids
+
+    path.write_text("x" * 1000)  # nowhere to cut: cut anyway, and say so
+    stats = {}
+    items = list(labelled_documents(CorpusSpec(source="text", paths=[str(path)]), stats))
+    assert "".join(t for _, t, _ in items) == "x" * 1000 and stats["hard_cuts"] > 0
+
+
+def test_a_long_document_is_cut_into_val_at_a_character_without_a_line_break_near(tmp_path, monkeypatch):
+    import pipeline.data.sources as sources
+
+    monkeypatch.setattr(sources, "LONG_DOCUMENT_BYTES", 100)
+    monkeypatch.setattr(sources, "VAL_CUT_WINDOW", 10)
+    path = tmp_path / "book.txt"
+    for text in ("\u4e2d" * 3001, "\U0001f600" * 2500 + "ab"):  # 3- and 4-byte characters
+        path.write_text(text, encoding="utf-8")
+        items = list(labelled_documents(CorpusSpec(source="text", paths=[str(path)], val_fraction=0.1)))
+        train, val = ("".join(t for v, t, _ in items if v == want) for want in (False, True))
+        assert train + val == text and 0.08 < len(val) / len(text) < 0.12

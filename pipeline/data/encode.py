@@ -94,7 +94,7 @@ def pieces(doc: str, size: int = PIECE_CHARS) -> list[str]:
     """A long document cut into pieces of about `size` characters, where byte-level BPE splits
     anyway (sources.bpe_cut), so the pieces' tokens, concatenated, are the document's tokens."""
     out, start = [], 0
-    while len(doc) - start > size and (cut := bpe_cut(doc, start + size)) != -1:
+    while len(doc) - start > size and (cut := bpe_cut(doc, start + max(size, 2))) != -1:  # cut > start
         out.append(doc[start:cut])
         start = cut
     out.append(doc[start:])

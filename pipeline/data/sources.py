@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -232,6 +233,17 @@ def bpe_cut(text: str, start: int) -> int:
     return -1
 
 
+# A space or tab after a character that is not whitespace: GPT-2's pre-tokenizer splits there too
+# (no pre-token takes a character and the whitespace after it), for text without line breaks.
+_SPACE_CUT = re.compile(r"(?<=\S)[ \t]")
+
+
+def space_cut(text: str, start: int) -> int:
+    """Like bpe_cut, before a space or tab: for text without a usable line break."""
+    found = _SPACE_CUT.search(text, max(1, start))
+    return found.start() if found else -1
+
+
 @dataclass
 class LongDocument:
     """A text file too large to hold as one document. `labelled` reads it in segments of about
@@ -257,43 +269,63 @@ class LongDocument:
         if _replaced[0] > replaced_before:
             _repaired(self.path, self.stats)
 
+    def _open(self):
+        try:
+            return open(self.path, "rb")  # noqa: SIM115 (closed by the caller's with)
+        except OSError as e:
+            raise _open_error(self.path, e) from None
+
     def _val_cut(self, val_fraction: float) -> int:
         """The byte where validation starts: after the first line break past the nominal point, or
         at the nominal point, moved back to the start of a character."""
-        nominal = int(self.size * (1 - val_fraction))
-        with open(self.path, "rb") as f:
+        nominal = min(int(self.size * (1 - val_fraction)), self.size - 1)
+        with self._open() as f:
             f.seek(nominal)
             window = f.read(VAL_CUT_WINDOW)
             newline = window.find(b"\n")
             if newline >= 0 and nominal + newline + 1 < self.size:
                 return nominal + newline + 1
-            while nominal > 0 and 0x80 <= window[0] < 0xC0:  # a UTF-8 continuation byte
-                nominal -= 1
-                f.seek(nominal)
-                window = f.read(1)
-            return nominal
+            f.seek(max(0, nominal - 3))
+            before = f.read(min(3, nominal) + 1)  # a character's lead byte is at most 3 bytes back
+        back = 0
+        while back < len(before) - 1 and 0x80 <= before[-1 - back] < 0xC0:  # a UTF-8 continuation byte
+            back += 1
+        return nominal - back
 
     def _segments(self, start: int, end: int) -> Iterator[tuple[str, bool]]:
         """(text, is the last) for bytes start..end of the file, one segment per block read."""
         decoder = codecs.getincrementaldecoder("utf-8")("pipeline-count-replace")
-        with open(self.path, "rb") as f:
+        with self._open() as f:
             f.seek(start)
-            pending, left, ended = "", end - start, False
+            pending, left, ended, searched = "", end - start, False, 0
             while left:
                 block = f.read(min(READ_BLOCK, left))
                 if not block:  # the file shrank while being read
                     break
                 left -= len(block)
                 text = pending + decoder.decode(block, final=not left)
-                cut = -1 if not left else bpe_cut(text, max(1, len(text) - len(block) // 2))
-                if cut == -1 and left and len(text) < 4 * READ_BLOCK:
-                    pending = text  # no safe cut in this block's second half: read on
+                cut = len(text) if not left else self._cut(text, searched, len(text) - len(block) // 2)
+                if cut == -1:
+                    pending, searched = text, len(text) - 1  # no cut yet: read on, and search on from here
                     continue
-                cut = len(text) if cut == -1 else cut  # 4 blocks without a line break: cut anyway
-                pending, ended = text[cut:], not left and cut == len(text)
+                pending, ended, searched = text[cut:], not left and cut == len(text), 0
                 yield text[:cut], ended
             if not ended:  # the file shrank while being read
                 yield pending, True
+
+    def _cut(self, text: str, searched: int, middle: int) -> int:
+        """Where to end a segment: at a line break in the new block's second half (or past what an
+        earlier search saw); in text of 4 blocks without one, before a space; failing both, at
+        the end, with a warning: the tokens there may differ from the whole file's."""
+        cut = bpe_cut(text, max(1, searched or middle))
+        if cut != -1 or len(text) < 4 * READ_BLOCK:
+            return cut
+        cut = max(space_cut(text, len(text) // 2), space_cut(text, 1))
+        if cut != -1:
+            return cut
+        log.warning("%s has %d characters without a space or line break; cut there", self.path, len(text))
+        self.stats["hard_cuts"] = self.stats.get("hard_cuts", 0) + 1
+        return len(text)
 
 
 def _text_documents(spec: CorpusSpec, files: list[Path], stats: dict) -> Iterator[str | LongDocument]:
