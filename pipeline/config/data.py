@@ -24,6 +24,7 @@ class CorpusSpec:
     val_fraction: float = 0.05
     max_bytes: int | None = None  # stop reading the corpus after about this much text (null: all of it)
     max_docs: int | None = None  # ... or after this many documents
+    long_document_bytes: int | None = None  # a file read whole above this is read in segments (null: 64 MiB)
 
     def __post_init__(self):
         if self.separator:  # the command line passes `\n` as two characters
@@ -31,7 +32,7 @@ class CorpusSpec:
             self.separator = re.sub(r"\\([ntr\\])", lambda m: escapes[m.group(1)], self.separator)
         if self.source not in SOURCES:
             raise PipelineError(f"data.source={self.source!r} is unknown; use one of {', '.join(SOURCES)}.")
-        for key in ("max_bytes", "max_docs"):
+        for key in ("max_bytes", "max_docs", "long_document_bytes"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise PipelineError(f"data.{key}={value!r} must be a positive whole number, or null for no limit.")

@@ -2,7 +2,7 @@
 
 Every source yields plain `str` documents in a deterministic order. The train/val split is a
 hash of the document's text, so it does not depend on file order, seeds or the source type. A text
-file read whole that is larger than LONG_DOCUMENT_BYTES is never held in memory: it is a
+file read whole that is larger than data.long_document_bytes is never held in memory: it is a
 `LongDocument`, read in segments cut where byte-level BPE splits anyway, and cut into train and
 validation like a single-document corpus.
 """
@@ -27,7 +27,7 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 READ_BLOCK = 2 * 2**20  # text files with a separator, and long documents, are read in blocks of this many bytes
-LONG_DOCUMENT_BYTES = 64 * 2**20  # a file read whole that is larger is read in segments (prepare's default chunk)
+LONG_DOCUMENT_BYTES = 64 * 2**20  # data.long_document_bytes's default: prepare's default chunk
 VAL_CUT_WINDOW = 10_000  # a single document's validation part starts at the first line break this close
 
 # Folders of the stdlib that are test suites or vendored packages, not the library itself.
@@ -332,7 +332,7 @@ def _text_documents(spec: CorpusSpec, files: list[Path], stats: dict) -> Iterato
     for path in files:
         if spec.separator:
             docs = read_separated(path, spec.separator, stats)
-        elif (size := _size(path)) > LONG_DOCUMENT_BYTES:
+        elif (size := _size(path)) > (spec.long_document_bytes or LONG_DOCUMENT_BYTES):
             docs = [] if _is_binary(path, _head(path), stats) else [LongDocument(path, size, stats)]
         else:
             text = read_text(path, stats)
@@ -412,7 +412,7 @@ def _hf_documents(spec: CorpusSpec) -> Iterator[str]:
 
 def iter_documents(spec: CorpusSpec, stats: dict | None = None) -> Iterator[str | LongDocument]:
     """All non-empty documents of the corpus, in a fixed order; errors if there are none. Text
-    files read whole that are larger than LONG_DOCUMENT_BYTES come as a LongDocument.
+    files read whole that are larger than data.long_document_bytes come as a LongDocument.
     `stats` (optional) collects counts of skipped binary and repaired non-UTF-8 files."""
     stats = stats if stats is not None else {}
     if spec.source == "stdlib":

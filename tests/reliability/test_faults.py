@@ -100,7 +100,8 @@ def test_kill_9_while_publishing_the_model_is_recovered(tmp_path, text_corpus):
     assert proc.returncode == -9
     stage = tmp_path / "runs/k/pretrain"
     assert not (stage / "model").exists() and not (stage / "manifest.json").exists()
-    run_cli("stage=finetune", *args[1:], cwd=tmp_path, check=False)  # a later stage does not trust it
+    finetune = ["stage=finetune", "finetune.train.max_steps=1", "finetune.data.max_examples=32"]
+    run_cli(*finetune, *args[1:], cwd=tmp_path, check=False)  # a later stage does not trust it
     assert last_actions(tmp_path / "runs/k", 5)["pretrain"] == "built (incomplete)"
     got = load_file(stage / "model/model.safetensors")
     ref = load_file(tmp_path / "runs/ref/pretrain/model/model.safetensors")

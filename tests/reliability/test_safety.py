@@ -50,6 +50,8 @@ def test_nothing_is_written_outside_the_run_root(tmp_path, text_corpus):
         "finetune.data.max_examples=60",
         "finetune.data.max_val_examples=8",
         "generate.max_new_tokens=4",
+        "eval.max_prompts=2",
+        "eval.max_new_tokens=4",
         "logger=wandb",
         cwd=work,
         env={"HOME": str(home)},
