@@ -1,7 +1,7 @@
 """The `pipeline` command: compose the Hydra config, then build the requested stage(s).
 
-    pipeline recipe=quickstart                  # every stage, offline, CPU (plain `pipeline`: the same,
-                                                # except that the eval does not run the answers)
+    pipeline recipe=quickstart                  # every stage, offline, CPU (plain `pipeline`: the same
+                                                # stages, a larger model, LoRA, answers not run)
     pipeline stage=prepare run.name=t           # tokenizer + token shards only
     pipeline recipe=gpt2_124m data=text data.paths='[corpus/]'
     accelerate launch --num_processes 8 -m pipeline recipe=gpt2_124m

@@ -60,3 +60,14 @@ def test_a_typo_in_a_late_stage_fails_before_the_first_stage_runs(tmp_path):
     proc = run_cli("stage=all", "run.name=typo", "train.decay=cosin", cwd=tmp_path, check=False)
     assert_clear_error(proc, "train.decay='cosin'", "cosine")
     assert not (tmp_path / "runs").exists()  # no tokenizer trained, no corpus read
+
+
+def test_a_full_fine_tune_of_a_given_base_at_the_quickstart_lr_is_warned(caplog):
+    _, specs = compose_config(["recipe=quickstart"])
+    assert specs.finetune.method == "full" and specs.model.d_model == 128  # the chain's own small model
+    assert not [r for r in caplog.records if "would overwrite" in r.getMessage()]
+    compose_config(["recipe=quickstart", "finetune.base=/models/llama"])
+    assert any("finetune.train.lr=2e-5 or a LoRA recipe" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    compose_config(["recipe=quickstart", "finetune.base=/models/llama", "finetune.train.lr=2e-5"])
+    assert not caplog.records

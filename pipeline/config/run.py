@@ -8,6 +8,7 @@ tokenizer or the corpus is touched. This module stays light (no torch, no transf
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields
 
 from pipeline.config.data import ChatDataSpec, CorpusSpec, PrepareSpec, TokenizerSpec
@@ -15,7 +16,9 @@ from pipeline.config.model import LoraSpec, ModelSpec
 from pipeline.config.train import TrainSpec
 from pipeline.errors import PipelineError
 
+log = logging.getLogger("pipeline")
 RESUME_CHOICES = ("auto", "never")
+FULL_LR_FOR_A_GIVEN_BASE = 1e-4  # above it, a full fine-tune of a pretrained model erases it: warned
 
 
 @dataclass
@@ -67,6 +70,13 @@ class FinetuneSpec:
         if self.quantize and self.method != "lora":
             raise PipelineError(
                 "finetune.quantize=4bit trains LoRA adapters on a frozen 4-bit base; set finetune.method=lora."
+            )
+        if self.base and self.method == "full" and self.train.lr > FULL_LR_FOR_A_GIVEN_BASE:
+            log.warning(
+                "finetune: a full fine-tune of %s at lr %g would overwrite what it learned (the quickstart's lr "
+                "is for the chain's own small model); use finetune.train.lr=2e-5 or a LoRA recipe",
+                self.base,
+                self.train.lr,
             )
 
 

@@ -1,6 +1,6 @@
 """LoRA fine-tuning throughput and peak memory of the pipeline's Trainer, as JSON.
 
-    python scripts/bench/finetune.py                         # the CPU quickstart shape (5.3M model)
+    python scripts/bench/finetune.py                         # model=small (5.3M), the earlier quickstart shape
     python scripts/bench/finetune.py --model gpt2_124m --vocab 50304 --seq-len 1024 --micro-batch 8 \
         --batch-tokens 65536 --precision bf16                # one GPU
 
