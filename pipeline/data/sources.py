@@ -142,6 +142,14 @@ def _open_error(path: Path, e: OSError) -> PipelineError:
     return PipelineError(f"{path} cannot be read ({e.strerror or e}); fix its permissions or leave it out.")
 
 
+def _open_bytes(path: Path):
+    """The file opened for reading bytes (the caller closes it), or the one-line error."""
+    try:
+        return open(path, "rb")  # noqa: SIM115
+    except OSError as e:
+        raise _open_error(path, e) from None
+
+
 def _is_binary(path: Path, head: bytes, stats: dict) -> bool:
     """A NUL byte early on: the file is skipped, with a warning, and counted."""
     if b"\x00" not in head[:8192]:
@@ -188,10 +196,7 @@ def read_separated(path: Path, separator: str, stats: dict | None = None) -> Ite
     """The parts of a text file cut at `separator`, read in blocks, so memory holds a block and one
     part, not the file. Binary files and bad UTF-8 are handled as in read_text."""
     stats = stats if stats is not None else {}
-    try:
-        f = open(path, "rb")  # noqa: SIM115 (a generator: closed by the with below)
-    except OSError as e:
-        raise _open_error(path, e) from None
+    f = _open_bytes(path)  # (a generator: closed by the with below)
     keep = len(separator) - 1  # a separator may straddle two blocks
     replaced_before = _replaced[0]
     with f:
@@ -269,17 +274,11 @@ class LongDocument:
         if _replaced[0] > replaced_before:
             _repaired(self.path, self.stats)
 
-    def _open(self):
-        try:
-            return open(self.path, "rb")  # noqa: SIM115 (closed by the caller's with)
-        except OSError as e:
-            raise _open_error(self.path, e) from None
-
     def _val_cut(self, val_fraction: float) -> int:
         """The byte where validation starts: after the first line break past the nominal point, or
         at the nominal point, moved back to the start of a character."""
         nominal = min(int(self.size * (1 - val_fraction)), self.size - 1)
-        with self._open() as f:
+        with _open_bytes(self.path) as f:
             f.seek(nominal)
             window = f.read(VAL_CUT_WINDOW)
             newline = window.find(b"\n")
@@ -295,7 +294,7 @@ class LongDocument:
     def _segments(self, start: int, end: int) -> Iterator[tuple[str, bool]]:
         """(text, is the last) for bytes start..end of the file, one segment per block read."""
         decoder = codecs.getincrementaldecoder("utf-8")("pipeline-count-replace")
-        with self._open() as f:
+        with _open_bytes(self.path) as f:
             f.seek(start)
             pending, left, ended, searched = "", end - start, False, 0
             while left:

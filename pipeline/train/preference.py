@@ -25,10 +25,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import extract_model_from_parallel
 
 from pipeline.errors import PipelineError
-from pipeline.train.loss import IGNORE, token_losses
+from pipeline.train.loss import IGNORE, token_losses, unwrapped
 
 LOSSES = ("sigmoid", "ipo")
 METRICS = ("chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy")
@@ -52,7 +51,7 @@ def reference_of(model):
     layers' switch is flipped: PEFT's disable_adapter also sets requires_grad off and on again
     between the policy's forward and its backward, which FSDP's and ZeRO's flat parameters must
     not see."""
-    inner = extract_model_from_parallel(model, keep_torch_compile=False)
+    inner = unwrapped(model)  # a sharded engine's modules() reach the LoRA layers too
     layers = [m for m in inner.modules() if hasattr(m, "_disable_adapters")]  # LoRA layers, token/module wrappers
     if not layers:
         raise PipelineError("preference tuning trains a LoRA adapter; its reference is the model without it.")
